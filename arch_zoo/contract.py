@@ -1,0 +1,75 @@
+"""The token-mixer contract every mixer (built-in or plugin) follows.
+
+A mixer maps ``x: [batch, time, d_model]`` to ``y`` of the same shape, causally:
+
+* ``forward(x, state=None, return_state=True) -> (y, state)``. With ``state=None`` the whole sequence is
+  processed in the mixer's training form (parallel, chunkwise, FFT...). With a state returned by an earlier call
+  it *continues* that sequence (one token or many), so that running a sequence in pieces gives the same output
+  as running it whole. ``return_state=False`` lets training skip building the state; the second element is then
+  ``None``.
+* ``state_size(seq_len) -> int``: how many numbers one sequence's decoding state holds after ``seq_len`` tokens
+  (constant for recurrent mixers, growing for attention's KV cache). It is logged with every run.
+
+Parameters that need their own optimiser settings (SSM and filter parameters in H3/Hyena, decays) carry them as
+an attribute ``param._optim = {"lr": ..., "weight_decay": ...}``; the training loop turns these into parameter
+groups. Nothing outside a mixer's own file branches on the mixer's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built; the message says how to fix it."""
+
+
+@dataclass
+class MixerConfig:
+    """Base of every mixer config. ``name`` is the registry name; the registry fills it in."""
+
+    name: str = ""
+
+    def check(self, d_model: int) -> None:
+        """Raise :class:`ConfigError` when this config cannot be built at width ``d_model``."""
+
+    @classmethod
+    def small(cls) -> MixerConfig:
+        """A config that builds at ``d_model=64`` (contract tests, tiny CPU runs); the defaults unless overridden."""
+        return cls()
+
+
+def set_optim(param: nn.Parameter, **settings: float) -> nn.Parameter:
+    """Attach per-parameter optimiser settings (e.g. ``lr=1e-3, weight_decay=0.0``) to ``param``."""
+    param._optim = dict(settings)  # type: ignore[attr-defined]
+    return param
+
+
+class TokenMixer(nn.Module):
+    """Base class of token mixers. Subclasses set ``config_class`` and implement ``forward``/``state_size``."""
+
+    config_class: ClassVar[type[MixerConfig]] = MixerConfig
+
+    def __init__(self, d_model: int, config: MixerConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        config.check(d_model)
+        self.d_model = d_model
+        self.config = config
+        self.layer_idx = layer_idx
+
+    def forward(
+        self, x: torch.Tensor, state: Any = None, return_state: bool = True
+    ) -> tuple[torch.Tensor, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_size(self, seq_len: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def config_fields(cls: type[MixerConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,141 @@
+"""Parts shared by the model and the mixers: norms and the block's feed-forward network (FFN).
+
+FFN kinds live in a small registry so that a mixer file can contribute the FFN of its paper (RWKV's channel mix)
+without the model knowing about it. An FFN follows the same state contract as a mixer, because some (RWKV's
+channel mix) look at the previous token: ``forward(x, state=None, return_state=True) -> (y, state)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch_zoo.contract import ConfigError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with an optional affine weight, computed in float32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y.to(dtype)
+        return y * self.weight if self.weight is not None else y
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ConfigError(f"unknown norm {kind!r}; choose layernorm or rmsnorm")
+
+
+@dataclass
+class FFNConfig:
+    """The block's channel mixer. ``mult`` sets the hidden width as a multiple of d_model.
+
+    kinds: ``gelu`` (2 matrices, the RetNet paper's FFN), ``relu``, ``swiglu``/``geglu`` (3 matrices),
+    ``none`` (no FFN), plus kinds registered by mixers (e.g. ``rwkv_channel``).
+    """
+
+    kind: str = "gelu"
+    mult: float = 2.0
+    bias: bool = False
+    dropout: float = 0.0
+
+    def hidden(self, d_model: int) -> int:
+        return max(1, int(round(self.mult * d_model)))
+
+
+FFNFactory = Callable[[int, FFNConfig, int], nn.Module]
+_FFN_KINDS: dict[str, FFNFactory] = {}
+
+
+def register_ffn(kind: str) -> Callable[[FFNFactory], FFNFactory]:
+    def decorate(factory: FFNFactory) -> FFNFactory:
+        _FFN_KINDS[kind] = factory
+        return factory
+
+    return decorate
+
+
+def ffn_kinds() -> list[str]:
+    import arch_zoo.mixers  # noqa: F401  - mixers may contribute FFN kinds
+
+    return sorted(_FFN_KINDS)
+
+
+def build_ffn(config: FFNConfig, d_model: int, layer_idx: int = 0) -> nn.Module | None:
+    if config.kind == "none":
+        return None
+    kinds = ffn_kinds()
+    if config.kind not in _FFN_KINDS:
+        raise ConfigError(f"unknown FFN kind {config.kind!r}; registered kinds: {', '.join(kinds + ['none'])}")
+    return _FFN_KINDS[config.kind](d_model, config, layer_idx)
+
+
+class MLP(nn.Module):
+    """Position-wise FFN: ``W2 act(W1 x)``, or the gated ``W2 (act(W1 x) * W3 x)``."""
+
+    def __init__(self, d_model: int, config: FFNConfig, act: Callable[[torch.Tensor], torch.Tensor], gated: bool):
+        super().__init__()
+        hidden = config.hidden(d_model)
+        self.act = act
+        self.fc1 = nn.Linear(d_model, hidden, bias=config.bias)
+        self.gate = nn.Linear(d_model, hidden, bias=config.bias) if gated else None
+        self.fc2 = nn.Linear(hidden, d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
+        h = self.act(self.fc1(x))
+        if self.gate is not None:
+            h = h * self.gate(x)
+        return self.fc2(self.dropout(h)), None
+
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+for _kind, _act, _gated in [
+    ("gelu", F.gelu, False),
+    ("relu", F.relu, False),
+    ("relu2", _relu2, False),
+    ("swiglu", F.silu, True),
+    ("geglu", F.gelu, True),
+]:
+    register_ffn(_kind)(lambda d, c, i, _a=_act, _g=_gated: MLP(d, c, _a, _g))
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate pairs of channels of ``x [..., T, D]`` by the angles whose cos/sin are ``[T, D/2]``.
+
+    ``interleaved`` pairs (x0, x1), (x2, x3), ... (GPT-J / torchscale); otherwise the halves (x_i, x_{i+D/2})
+    (GPT-NeoX / RoPE). Either way ``q_n . k_m`` depends on positions only through ``n - m``.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotary_cos_sin(
+    inv_freq: torch.Tensor, start: int, length: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[length, D/2]`` for positions ``start .. start+length-1`` (angles computed in float64)."""
+    pos = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float64)
+    angles = pos[:, None] * inv_freq.double()[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)

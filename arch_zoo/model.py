@@ -1,0 +1,167 @@
+"""A language model assembled from registered token mixers.
+
+embedding -> N x [x + mixer(norm(x)), x + ffn(norm(x))] -> norm -> head. The mixer of each layer comes from the
+registry (so plugins work everywhere); a hybrid model replaces the mixer of chosen layers with another one.
+``step``/``generate`` decode through the mixers' states, so recurrent mixers decode in O(1) per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch_zoo.layers import FFNConfig, build_ffn, make_norm
+from arch_zoo.contract import ConfigError
+from arch_zoo.registry import build_mixer, make_config
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. ``mixer`` is a mixer name, a dict with a ``name`` field, or a config instance."""
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    mixer: Any = "retnet"
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # hybrid models: these layers (0-based) use ``hybrid_mixer`` instead of ``mixer``; ``hybrid_every=k`` adds
+    # every k-th layer (k-1, 2k-1, ...), so ``hybrid_every=2`` alternates.
+    hybrid_mixer: Any = None
+    hybrid_layers: list[int] = field(default_factory=list)
+    hybrid_every: int = 0
+
+    def hybrid_layer_set(self) -> set[int]:
+        layers = set(self.hybrid_layers)
+        if self.hybrid_every > 0:
+            layers |= set(range(self.hybrid_every - 1, self.n_layers, self.hybrid_every))
+        return layers
+
+    def check(self) -> None:
+        """Fail early, with the fix in the message, before any weight is allocated."""
+        if self.d_model <= 0 or self.n_layers <= 0 or self.vocab_size <= 0:
+            raise ConfigError("model.d_model, model.n_layers and model.vocab_size must be positive")
+        mixer = make_config(self.mixer)
+        mixer.check(self.d_model)
+        hybrid = self.hybrid_layer_set()
+        if hybrid:
+            if self.hybrid_mixer is None:
+                raise ConfigError("model.hybrid_layers/hybrid_every is set but model.hybrid_mixer is not")
+            bad = sorted(i for i in hybrid if not 0 <= i < self.n_layers)
+            if bad:
+                raise ConfigError(f"model.hybrid_layers {bad} are outside 0..{self.n_layers - 1}")
+            make_config(self.hybrid_mixer).check(self.d_model)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, mixer_spec: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.mixer_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.mixer = build_mixer(mixer_spec, config.d_model, layer_idx)
+        self.ffn = build_ffn(config.ffn, config.d_model, layer_idx)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps) if self.ffn is not None else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False) -> tuple[torch.Tensor, Any]:
+        mixer_state, ffn_state = state if state is not None else (None, None)
+        y, mixer_state = self.mixer(self.mixer_norm(x), mixer_state, return_state=return_state)
+        x = x + self.dropout(y)
+        if self.ffn is not None:
+            y, ffn_state = self.ffn(self.ffn_norm(x), ffn_state, return_state=return_state)
+            x = x + self.dropout(y)
+        return x, (mixer_state, ffn_state) if return_state else None
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.check()
+        self.config = config
+        hybrid = config.hybrid_layer_set()
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            Block(config, config.hybrid_mixer if i in hybrid else config.mixer, i) for i in range(config.n_layers)
+        )
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.head.weight = self.embedding.weight
+
+    def _init_weights(self) -> None:
+        # Mixers initialise themselves (their papers differ); the model owns embedding, FFNs and head.
+        std = self.config.init_std
+        nn.init.normal_(self.embedding.weight, std=std)
+        nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            if block.ffn is None:
+                continue
+            for name, module in block.ffn.named_modules():
+                if isinstance(module, nn.Linear) and getattr(module, "_keep_init", False) is False:
+                    # output projections scaled down with depth (GPT-2 style) keep the residual stream stable
+                    scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith("fc2") else 1.0
+                    nn.init.normal_(module.weight, std=std * scale)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+
+    def forward(
+        self, tokens: torch.Tensor, states: list[Any] | None = None, return_states: bool = False
+    ) -> tuple[torch.Tensor, list[Any] | None]:
+        """``tokens: [B, T]`` -> logits ``[B, T, vocab]``; with ``states`` it continues those sequences."""
+        x = self.embedding(tokens)
+        new_states: list[Any] = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, states[i] if states is not None else None, return_state=return_states)
+            new_states.append(s)
+        return self.head(self.norm(x)), (new_states if return_states else None)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, _ = self(tokens)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode ``max_new_tokens`` after ``prompt: [B, T]`` through the mixers' states (greedy at temperature 0)."""
+        logits, states = self(prompt, return_states=True)
+        out = [prompt]
+        for i in range(max_new_tokens):
+            next_logits = logits[:, -1].float()
+            if temperature <= 0:
+                token = next_logits.argmax(-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(next_logits, min(top_k, next_logits.size(-1))).values[:, -1:]
+                    next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
+                token = torch.multinomial(F.softmax(next_logits, -1), 1, generator=generator)
+            out.append(token)
+            if i + 1 < max_new_tokens:
+                logits, states = self(token, states, return_states=True)
+        return torch.cat(out, dim=1)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}
+        if non_embedding:
+            params.pop(id(self.embedding.weight), None)
+            params.pop(id(self.head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def state_size(self, seq_len: int) -> int:
+        """Numbers in one sequence's decoding state after ``seq_len`` tokens, summed over layers."""
+        return sum(block.mixer.state_size(seq_len) for block in self.blocks)

@@ -1,0 +1,140 @@
+"""Name -> (mixer class, config dataclass).
+
+Built-in mixers register themselves with :func:`register_mixer` when ``arch_zoo.mixers`` is imported.
+Third-party packages plug in through the entry-point group ``arch_zoo.mixers``; each entry point names a module or
+a mixer class, and loading it registers the mixer (by the decorator, or under the entry point's name). Plugins are
+discovered lazily: only when a name is not found among the loaded mixers, or when the full list is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
+
+ENTRY_POINT_GROUP = "arch_zoo.mixers"
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    mixer_class: type[TokenMixer]
+    config_class: type[MixerConfig]
+    source: str  # "builtin" or the plugin's distribution / entry point
+
+
+_MIXERS: dict[str, MixerSpec] = {}
+_plugins_loaded = False
+_builtins_loaded = False
+_loading_source = "builtin"
+
+
+class UnknownMixerError(ConfigError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def register_mixer(name: str, config_class: type[MixerConfig] | None = None) -> Callable[[type], type]:
+    """Class decorator: bind ``name`` to a :class:`TokenMixer` subclass and its config dataclass.
+
+    The config class defaults to the mixer's ``config_class`` attribute.
+    """
+
+    def decorate(mixer_class: type[TokenMixer]) -> type[TokenMixer]:
+        cfg = config_class or getattr(mixer_class, "config_class", None)
+        if cfg is None or not (dataclasses.is_dataclass(cfg) and issubclass(cfg, MixerConfig)):
+            raise TypeError(f"mixer {name!r}: config class must be a dataclass subclassing MixerConfig")
+        if name in _MIXERS and _MIXERS[name].mixer_class is not mixer_class:
+            raise ValueError(f"mixer name {name!r} is already registered by {_MIXERS[name].mixer_class}")
+        mixer_class.config_class = cfg
+        _MIXERS[name] = MixerSpec(name, mixer_class, cfg, _loading_source)
+        return mixer_class
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        importlib.import_module("arch_zoo.mixers")
+
+
+def load_plugins(force: bool = False) -> None:
+    """Import every entry point of the group ``arch_zoo.mixers`` (once, unless ``force``)."""
+    global _plugins_loaded, _loading_source
+    if _plugins_loaded and not force:
+        return
+    _plugins_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _MIXERS and not force:
+            continue
+        _loading_source = f"plugin {ep.value}"
+        try:
+            obj = ep.load()
+        except Exception as err:  # a broken plugin must not hide the others
+            raise ConfigError(f"mixer plugin {ep.name!r} ({ep.value}) failed to import: {err}") from err
+        finally:
+            _loading_source = "builtin"
+        if ep.name not in _MIXERS and isinstance(obj, type) and issubclass(obj, TokenMixer):
+            _MIXERS[ep.name] = MixerSpec(ep.name, obj, obj.config_class, f"plugin {ep.value}")
+
+
+def available_mixers() -> dict[str, MixerSpec]:
+    """Every registered mixer, plugins included, sorted by name."""
+    _load_builtins()
+    load_plugins()
+    return dict(sorted(_MIXERS.items()))
+
+
+def get_mixer(name: str) -> MixerSpec:
+    _load_builtins()
+    if name not in _MIXERS:
+        load_plugins()
+    if name not in _MIXERS:
+        known = sorted(_MIXERS)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownMixerError(
+            f"unknown mixer {name!r}.{hint} Registered mixers: {', '.join(known)}. "
+            f"Choose one with model/mixer=NAME, or install a plugin that registers {name!r} "
+            f"under the entry-point group {ENTRY_POINT_GROUP!r}."
+        )
+    return _MIXERS[name]
+
+
+def make_config(spec: MixerConfig | Mapping[str, Any] | str) -> MixerConfig:
+    """Turn a mixer name, a dict (e.g. from Hydra) or a config instance into a typed config instance."""
+    if isinstance(spec, MixerConfig):
+        if not spec.name:
+            for entry in available_mixers().values():
+                if type(spec) is entry.config_class:
+                    return dataclasses.replace(spec, name=entry.name)
+            raise ConfigError(f"{type(spec).__name__} is not the config class of any registered mixer")
+        get_mixer(spec.name)
+        return spec
+    if isinstance(spec, str):
+        return get_mixer(spec).config_class(name=spec)
+    values = dict(spec)
+    name = values.get("name")
+    if not name:
+        raise ConfigError("a mixer config needs a 'name' field; choose one with model/mixer=NAME")
+    entry = get_mixer(name)
+    valid = {f.name for f in dataclasses.fields(entry.config_class)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(
+            f"mixer {name!r} has no field(s) {', '.join(unknown)}; its fields are: {', '.join(sorted(valid))}"
+        )
+    return entry.config_class(**values)
+
+
+def build_mixer(spec: MixerConfig | Mapping[str, Any] | str, d_model: int, layer_idx: int = 0) -> TokenMixer:
+    config = make_config(spec)
+    return get_mixer(config.name).mixer_class(d_model, config, layer_idx)

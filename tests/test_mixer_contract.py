@@ -1,0 +1,88 @@
+"""The token-mixer contract, checked for every registered mixer (plugins included)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from arch_zoo import LanguageModel, ModelConfig, available_mixers, build_mixer
+
+D_MODEL = 64
+NAMES = list(available_mixers())
+
+
+def small_config(name: str):
+    spec = available_mixers()[name]
+    return dataclasses.replace(spec.config_class.small(), name=name)
+
+
+def make_mixer(name: str, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_mixer(small_config(name), D_MODEL).to(dtype).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_and_finite(name):
+    mixer = make_mixer(name, torch.float32)
+    x = torch.randn(2, 37, D_MODEL)
+    y, state = mixer(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    y2, none = mixer(x, return_state=False)
+    assert none is None
+    torch.testing.assert_close(y2, y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_causal(name):
+    mixer = make_mixer(name)
+    x = torch.randn(2, 40, D_MODEL, dtype=torch.float64)
+    y, _ = mixer(x, return_state=False)
+    t = 23
+    x2 = x.clone()
+    x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :]) * 3
+    y2, _ = mixer(x2, return_state=False)
+    assert rel_err(y2[:, : t + 1], y[:, : t + 1]) < 1e-10, "output before t changed when only inputs after t did"
+    assert rel_err(y2[:, t + 1 :], y[:, t + 1 :]) > 1e-6, "output ignores its inputs"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_continuation_matches_full_sequence(name):
+    mixer = make_mixer(name)
+    x = torch.randn(2, 45, D_MODEL, dtype=torch.float64)
+    full, _ = mixer(x)
+    pieces, state = [], None
+    for lo, hi in [(0, 17), (17, 18), (18, 19), (19, 45)]:  # a prompt, two single tokens, then a chunk
+        y, state = mixer(x[:, lo:hi], state)
+        pieces.append(y)
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-8
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_size(name):
+    mixer = make_mixer(name)
+    sizes = [mixer.state_size(n) for n in (1, 128, 4096)]
+    assert all(isinstance(s, int) and s > 0 for s in sizes)
+    assert sizes == sorted(sizes), "a state never shrinks as the sequence grows"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_step_lowers_loss(name):
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=32, d_model=D_MODEL, n_layers=2, mixer=small_config(name)))
+    tokens = torch.randint(0, 32, (4, 33))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = model.loss(inputs, targets)
+    before.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    with torch.no_grad():
+        after = model.loss(inputs, targets)
+    assert after < before
