@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_zoo.layers import FFNConfig, build_ffn, make_norm
 from arch_zoo.contract import ConfigError
+from arch_zoo.layers import FFNConfig, build_ffn, make_norm
 from arch_zoo.registry import build_mixer, make_config
 
 
@@ -24,7 +24,7 @@ from arch_zoo.registry import build_mixer, make_config
 class ModelConfig:
     """Shape of the network. ``mixer`` is a mixer name, a dict with a ``name`` field, or a config instance."""
 
-    vocab_size: int = 256
+    vocab_size: int | None = 256  # None: set from the data's tokeniser by the training entry point
     d_model: int = 256
     n_layers: int = 4
     mixer: Any = "retnet"
@@ -48,6 +48,8 @@ class ModelConfig:
 
     def check(self) -> None:
         """Fail early, with the fix in the message, before any weight is allocated."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set; set it, or let the training entry point take the data's")
         if self.d_model <= 0 or self.n_layers <= 0 or self.vocab_size <= 0:
             raise ConfigError("model.d_model, model.n_layers and model.vocab_size must be positive")
         mixer = make_config(self.mixer)
@@ -163,5 +165,11 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in params.values())
 
     def state_size(self, seq_len: int) -> int:
-        """Numbers in one sequence's decoding state after ``seq_len`` tokens, summed over layers."""
-        return sum(block.mixer.state_size(seq_len) for block in self.blocks)
+        """Numbers in one sequence's decoding state after ``seq_len`` tokens, summed over layers (mixers and any FFN
+        with a state of its own, such as RWKV's channel mix)."""
+        total = 0
+        for block in self.blocks:
+            total += block.mixer.state_size(seq_len)
+            if block.ffn is not None and hasattr(block.ffn, "state_size"):
+                total += block.ffn.state_size(seq_len)
+        return total

@@ -1,7 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+# A third-party mixer package, found through its entry point like an installed plugin (see test_registry.py).
+PLUGIN_PATH = TESTS / "plugin_fixture"
+sys.path.insert(0, str(PLUGIN_PATH))
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -14,3 +21,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One packed-data cache for the whole session (tokenising the default corpus takes seconds)."""
+    return Path(os.environ.get("ARCH_ZOO_TEST_CACHE") or tmp_path_factory.mktemp("arch_zoo_cache"))

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_zoo.layers import rotary_cos_sin, rotate_pairs
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
+from arch_zoo.layers import rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
 
@@ -50,9 +50,7 @@ class Attention(TokenMixer):
         inv_freq = config.rotary_base ** (-torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(
-        self, x: torch.Tensor, state: Any = None, return_state: bool = True
-    ) -> tuple[torch.Tensor, Any]:
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         start = 0 if state is None else state["k"].shape[2]

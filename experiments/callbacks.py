@@ -1,0 +1,62 @@
+"""Callbacks that measure cost: training tokens per second and peak memory, logged as metrics."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA; the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class Throughput(L.Callback):
+    """Tokens per second over each logging window (excluding validation), and overall at the end of training."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._tokens = 0
+        self._seconds = 0.0
+        self._total_tokens = 0
+        self._total_seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self._start
+        tokens = batch[0].numel() * trainer.world_size
+        self._tokens += tokens
+        self._seconds += elapsed
+        self._total_tokens += tokens
+        self._total_seconds += elapsed
+        if trainer.global_step % self.window == 0 and self._seconds > 0:
+            pl_module.log("perf/tokens_per_sec", self._tokens / self._seconds, on_step=True, on_epoch=False)
+            pl_module.log("perf/peak_mem_mb", peak_memory_mb(pl_module.device), on_step=True, on_epoch=False)
+            self._tokens, self._seconds = 0, 0.0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._total_seconds > 0 and trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {
+                    "perf/train_tokens_per_sec": self._total_tokens / self._total_seconds,
+                    "perf/train_tokens": float(self._total_tokens),
+                    "perf/peak_mem_mb": peak_memory_mb(pl_module.device),
+                },
+                step=trainer.global_step,
+            )
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self._total_tokens / self._total_seconds if self._total_seconds else float("nan")

@@ -1,0 +1,1 @@
+"""Data: corpora through Hugging Face datasets, tokenisers, packing and the Lightning DataModule."""

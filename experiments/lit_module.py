@@ -1,0 +1,101 @@
+"""The LightningModule: next-token loss, perplexity and bits per byte on every evaluation split; AdamW with
+linear warmup and cosine decay; per-parameter optimiser settings declared by the mixers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torchmetrics import SumMetric
+
+from arch_zoo import LanguageModel, ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only (not norms, biases, embeddings' 1-D friends); honour ``param._optim`` overrides."""
+    grouped: dict[tuple, list[torch.nn.Parameter]] = {}
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        settings = {"weight_decay": weight_decay if param.ndim >= 2 else 0.0}
+        settings.update(getattr(param, "_optim", {}))
+        grouped.setdefault(tuple(sorted(settings.items())), []).append(param)
+    return [{"params": params, **dict(key)} for key, params in grouped.items()]
+
+
+class LanguageModelTask(L.LightningModule):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        optim: OptimConfig,
+        total_steps: int,
+        eval_splits: list[str],
+        bytes_per_token: dict[str, float],
+    ) -> None:
+        super().__init__()
+        self.model = LanguageModel(model_config)
+        self.optim = optim
+        self.total_steps = total_steps
+        self.eval_splits = eval_splits
+        self.bytes_per_token = bytes_per_token
+        self.nats = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
+        self.count = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)[0]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = self.model.loss(inputs, targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        inputs, targets = batch
+        logits, _ = self.model(inputs)
+        nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        self.nats[dataloader_idx].update(nats)
+        self.count[dataloader_idx].update(torch.tensor(float(targets.numel()), device=nats.device))
+
+    def on_validation_epoch_end(self) -> None:
+        for i, split in enumerate(self.eval_splits):
+            count = self.count[i].compute()
+            if count == 0:  # sanity check or a split that was not evaluated
+                continue
+            loss = self.nats[i].compute() / count
+            prefix = "val" if split == "val" else f"ood/{split.removeprefix('ood_')}"
+            self.log(f"{prefix}/loss", loss, add_dataloader_idx=False, prog_bar=split == "val")
+            self.log(f"{prefix}/ppl", torch.exp(loss), add_dataloader_idx=False)
+            self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], add_dataloader_idx=False)
+            self.nats[i].reset()
+            self.count[i].reset()
+
+    def configure_optimizers(self):
+        o = self.optim
+        groups = parameter_groups(self.model, o.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # a group's own "lr" is kept as its peak; the schedule scales every group alike
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, o.warmup_steps, self.total_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,171 @@
+"""``zoo-train``: the Hydra entry point that builds data, model, trainer and logger from the config and trains.
+
+Order matters for users: every config is checked (unknown mixer, bad sizes, missing files) before any data is
+tokenised or any weight allocated, and a check failure is one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from arch_zoo import FFNConfig, ModelConfig, make_config
+from arch_zoo.contract import ConfigError
+from experiments.callbacks import Throughput
+from experiments.config_store import register_configs
+from experiments.data.datamodule import DataConfig, TextDataModule
+from experiments.lit_module import LanguageModelTask, OptimConfig
+from experiments.tracking import config_params, git_info, log_hydra_artifacts, make_logger, run_name
+
+log = logging.getLogger("arch_zoo")
+register_configs()
+
+
+def model_config(cfg: DictConfig, vocab_size: int | None) -> ModelConfig:
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    values["ffn"] = FFNConfig(**values["ffn"])
+    values["mixer"] = make_config(values["mixer"])
+    if values.get("hybrid_mixer") is not None:
+        values["hybrid_mixer"] = make_config(values["hybrid_mixer"])
+    if values.get("vocab_size") is None:
+        values["vocab_size"] = vocab_size
+    return ModelConfig(**values)
+
+
+def check(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, OptimConfig]:
+    """Everything that can be wrong with a config, found before anything heavy is built."""
+    model = model_config(cfg, vocab_size=cfg.model.vocab_size or 1)
+    model.check()
+    data: DataConfig = OmegaConf.to_object(cfg.data)
+    data.check()
+    optim: OptimConfig = OmegaConf.to_object(cfg.optim)
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
+        raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
+    return model, data, optim
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    model_cfg, data_cfg, optim_cfg = check(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+
+    data = TextDataModule(data_cfg, seed=cfg.seed)
+    data.prepare_data()
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.model.vocab_size or data.vocab_size)
+    eval_splits = data.eval_split_names
+    task = LanguageModelTask(
+        model_cfg,
+        optim_cfg,
+        total_steps=cfg.trainer.max_steps,
+        eval_splits=eval_splits,
+        bytes_per_token={s: data.splits[s].bytes_per_token for s in eval_splits},
+    )
+    if cfg.compile:
+        task.model = torch.compile(task.model)
+    mixer_name = model_cfg.mixer.name
+    name = cfg.name or run_name(mixer_name, list(hydra_cfg.overrides.task))
+
+    callbacks: list[L.Callback] = [
+        Throughput(window=cfg.trainer.log_every_n_steps),
+        ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0),
+    ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    logger = None
+    if cfg.logger.enabled:
+        tags = {
+            "mixer": mixer_name,
+            "overrides": " ".join(hydra_cfg.overrides.task),
+            "output_dir": str(output_dir),
+            "command": " ".join(sys.argv),
+            **git_info(),
+        }
+        logger = make_logger(cfg, name, tags)
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=logger or False,
+        callbacks=callbacks,
+        default_root_dir=str(output_dir),
+    )
+
+    model = task.model
+    n_params = sum(p.numel() for p in model.parameters())
+    unigram = {s: data.unigram_bits_per_byte(s) for s in eval_splits}
+    summary = {
+        "model.n_params": n_params,
+        "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
+        "data.content_hash": data.meta["content_hash"],
+        "data.vocab_size": data.vocab_size,
+        "data.train_tokens": int(len(data.splits["train"].tokens)),
+        **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
+    }
+    if logger is not None:
+        logger.log_hyperparams({**config_params(cfg), **summary})
+        logger.log_metrics({f"baseline/unigram_bpb.{s}": v for s, v in unigram.items()}, step=0)
+        log_hydra_artifacts(logger, output_dir, cfg)
+    log.info(
+        "model: %s, %.2fM parameters; data: %s tokens of training text",
+        mixer_name,
+        n_params / 1e6,
+        f"{summary['data.train_tokens']:,}",
+    )
+
+    trainer.fit(task, datamodule=data)
+    metrics: dict[str, float] = {}
+    if cfg.final_validate:
+        results = trainer.validate(task, datamodule=data, verbose=False)
+        for result in results:
+            metrics.update({k: float(v) for k, v in result.items()})
+        if logger is not None:
+            logger.finalize("success")
+    report(metrics, unigram, logger, output_dir)
+    return metrics
+
+
+def report(metrics: dict[str, float], unigram: dict[str, float], logger, output_dir: Path) -> None:
+    lines = ["", "run finished"]
+    if "val/bpb" in metrics:
+        lines.append(
+            f"  validation: {metrics['val/bpb']:.3f} bits/byte (loss {metrics['val/loss']:.3f}, "
+            f"ppl {metrics['val/ppl']:.2f}); unigram baseline {unigram['val']:.3f} bits/byte"
+        )
+    for split, base in unigram.items():
+        key = f"ood/{split.removeprefix('ood_')}/bpb"
+        if key in metrics:
+            lines.append(
+                f"  out-of-domain {split.removeprefix('ood_')}: {metrics[key]:.3f} bits/byte; "
+                f"unigram baseline {base:.3f}"
+            )
+    lines.append(f"  outputs and checkpoints: {output_dir}")
+    if logger is not None:
+        uri = logger._tracking_uri
+        lines.append(f"  MLflow run {logger.run_id} in experiment {logger._experiment_name!r}, store {uri}")
+        lines.append(f"  browse it: mlflow ui --backend-store-uri {uri}")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as err:
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()

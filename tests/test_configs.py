@@ -1,0 +1,69 @@
+"""Every config in the tree composes through Hydra and passes the same checks the entry point runs."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from arch_zoo import ConfigError, LanguageModel, available_mixers
+from experiments.train import check, model_config
+
+CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+GROUPS = ["model", "data", "trainer", "optim", "logger", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_with(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_option_composes_and_checks(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "files":
+        overrides.append(f"data.corpus.files=[{__file__}]")
+    cfg = compose_with(overrides)
+    check(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(available_mixers()))
+def test_every_mixer_selects_by_name_and_builds(name):
+    small = available_mixers()[name].config_class.small()  # builds at the tiny model's d_model=64
+    fields = [f"model.mixer.{k}={v}" for k, v in vars(small).items() if k != "name" and not isinstance(v, dict)]
+    cfg = compose_with([f"model/mixer={name}", "model=tiny", *fields])
+    model_cfg = model_config(cfg, vocab_size=257)
+    assert model_cfg.mixer.name == name
+    assert isinstance(LanguageModel(model_cfg), LanguageModel)
+
+
+def test_misspelt_mixer_field_fails_at_compose():
+    with pytest.raises(Exception, match="swish_gaet"):
+        compose_with(["model/mixer=retnet", "model.mixer.swish_gaet=false"])
+
+
+def test_unknown_mixer_lists_the_registered_ones():
+    with pytest.raises(Exception) as err:
+        compose_with(["model/mixer=retnat"])
+    for name in available_mixers():
+        assert name in str(err.value)
+
+
+def test_wrong_type_fails_at_compose():
+    with pytest.raises(Exception, match="n_heads"):
+        compose_with(["model/mixer=transformer", "model.mixer.n_heads=many"])
+
+
+def test_indivisible_heads_fail_the_check_with_the_fix():
+    cfg = compose_with(["model/mixer=transformer", "model.mixer.n_heads=3"])
+    with pytest.raises(ConfigError, match="set model.mixer.n_heads to a divisor of 128"):
+        check(cfg)
+
+
+def test_missing_data_file_fails_the_check():
+    cfg = compose_with(["data=files", "data.corpus.files=[/nonexistent/*.txt]"])
+    with pytest.raises(ConfigError, match="no file matches"):
+        check(cfg)

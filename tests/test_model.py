@@ -1,0 +1,93 @@
+"""The language model: decoding through states, hybrids, FFN kinds, and the optimiser's parameter groups."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from arch_zoo import ConfigError, FFNConfig, LanguageModel, ModelConfig, available_mixers, set_optim
+from arch_zoo.layers import ffn_kinds
+from experiments.lit_module import lr_multiplier, parameter_groups
+
+
+def small(name: str):
+    return dataclasses.replace(available_mixers()[name].config_class.small(), name=name)
+
+
+def tiny_model(mixer, **kw) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=2, mixer=mixer, **kw)).double().eval()
+
+
+@pytest.mark.parametrize("name", sorted(available_mixers()))
+def test_greedy_generation_through_states_matches_reforwarding_the_prefix(name):
+    model = tiny_model(small(name))
+    prompt = torch.randint(0, 50, (2, 5))
+    generated = model.generate(prompt, max_new_tokens=8)
+    tokens = prompt
+    for _ in range(8):  # the slow way: the full forward over the growing prefix
+        logits, _ = model(tokens)
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_hybrid_places_the_second_mixer_in_the_chosen_layers():
+    model = LanguageModel(
+        ModelConfig(
+            vocab_size=50,
+            d_model=64,
+            n_layers=6,
+            mixer=small("retnet"),
+            hybrid_mixer=small("transformer"),
+            hybrid_layers=[0],
+            hybrid_every=3,
+        )
+    )
+    kinds = [block.mixer.config.name for block in model.blocks]
+    assert kinds == ["transformer", "retnet", "transformer", "retnet", "retnet", "transformer"]
+
+
+def test_hybrid_layer_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="outside 0..1"):
+        LanguageModel(
+            ModelConfig(d_model=64, n_layers=2, mixer="transformer", hybrid_mixer="transformer", hybrid_layers=[5])
+        )
+
+
+@pytest.mark.parametrize("kind", ffn_kinds() + ["none"])
+def test_every_ffn_kind_trains(kind):
+    model = tiny_model(small("transformer"), ffn=FFNConfig(kind=kind)).float().train()
+    tokens = torch.randint(0, 50, (2, 17))
+    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_unknown_ffn_kind_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match="registered kinds: .*gelu"):
+        LanguageModel(ModelConfig(d_model=64, mixer="transformer", ffn=FFNConfig(kind="gelo")))
+
+
+def test_parameter_groups_honour_per_parameter_settings():
+    model = tiny_model(small("transformer"))
+    special = model.blocks[0].mixer.qkv.weight
+    set_optim(special, lr=1e-4, weight_decay=0.0)
+    groups = parameter_groups(model, weight_decay=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(special)]["lr"] == 1e-4 and by_param[id(special)]["weight_decay"] == 0.0
+    assert by_param[id(model.blocks[1].mixer.qkv.weight)]["weight_decay"] == 0.1
+    assert by_param[id(model.norm.weight)]["weight_decay"] == 0.0  # norms are not decayed
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    values = [lr_multiplier(s, warmup=10, total=100, min_ratio=0.1) for s in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[100] == pytest.approx(0.1)
+
+
+def test_state_size_sums_the_layers():
+    model = tiny_model(small("transformer"))
+    assert model.state_size(100) == sum(b.mixer.state_size(100) for b in model.blocks)
+    assert model.state_size(200) == 2 * model.state_size(100)  # a KV cache grows linearly
