@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import sys
 import time
 
@@ -60,3 +62,23 @@ class Throughput(L.Callback):
     @property
     def tokens_per_sec(self) -> float:
         return self._total_tokens / self._total_seconds if self._total_seconds else float("nan")
+
+
+class InjectFailure(L.Callback):
+    """Fail on purpose at a given step (``inject_failure={at_step: 5, kind: kill}``), to exercise what users rely
+    on: ``kill`` ends the process abruptly (resume), ``raise`` raises (a failed trial), ``diverge`` makes the loss NaN."""
+
+    def __init__(self, at_step: int, kind: str = "raise") -> None:
+        if kind not in ("kill", "raise", "diverge"):
+            raise ValueError(f"inject_failure.kind={kind!r}; choose kill, raise or diverge")
+        self.at_step, self.kind = at_step, kind
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "raise":
+            raise RuntimeError(f"injected failure at step {self.at_step}")
+        with torch.no_grad():
+            pl_module.model.embedding.weight.fill_(float("nan"))

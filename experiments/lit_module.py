@@ -13,6 +13,10 @@ from torchmetrics import SumMetric
 from arch_zoo import LanguageModel, ModelConfig
 
 
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: the run stops and is marked FAILED with this reason."""
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
@@ -67,6 +71,8 @@ class LanguageModelTask(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         loss = self.model.loss(inputs, targets)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"training loss is {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 

@@ -3,7 +3,9 @@ artifacts, the git commit, and a readable run name."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +66,82 @@ def tracking_uri(configured: str | None) -> str:
     return configured or mlflow.get_tracking_uri()
 
 
-def make_logger(cfg: DictConfig, name: str, tags: dict[str, str]) -> MLFlowLogger:
-    return MLFlowLogger(
+def make_logger(cfg: DictConfig, name: str, tags: dict[str, str], run_id: str | None = None) -> MLFlowLogger:
+    logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=name,
         tracking_uri=tracking_uri(cfg.logger.tracking_uri),
         tags=tags,
         log_model=bool(cfg.logger.log_checkpoint),
+        run_id=run_id,
     )
+    if run_id is not None:  # a resumed run is running again
+        logger.experiment.update_run(run_id, status="RUNNING")
+    return logger
+
+
+IGNORED_IN_RUN_KEY = ("hydra.", "resume", "inject_failure", "trainer.enable_progress_bar", "logger.")
+
+
+def run_key(overrides: list[str]) -> str:
+    """Identity of a run for resuming: its overrides, minus those that do not change what it computes."""
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(IGNORED_IN_RUN_KEY))
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Resumable:
+    run_id: str
+    output_dir: Path
+    checkpoint: Path
+
+
+def find_unfinished_run(cfg: DictConfig, key: str) -> Resumable | None:
+    """The newest run with the same overrides that did not finish and left a checkpoint."""
+    client = mlflow.MlflowClient(tracking_uri(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.run_key = '{key}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    for run in runs:
+        output_dir = Path(run.data.tags.get("output_dir", ""))
+        checkpoint = output_dir / "checkpoints" / "last.ckpt"
+        if checkpoint.is_file():
+            return Resumable(run.info.run_id, output_dir, checkpoint)
+    return None
+
+
+def mark_failed(logger: MLFlowLogger, reason: str) -> None:
+    client, run_id = logger.experiment, logger.run_id
+    client.set_tag(run_id, "failure_reason", reason[:5000])
+    if "Diverged" in reason:
+        client.set_tag(run_id, "diverged", "true")
+    client.set_terminated(run_id, status="FAILED")
+
+
+def sweep_tags(cfg: DictConfig) -> dict[str, str]:
+    """Tags that group a sweep's trials: its name, the row label it gives this trial, and its parent run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    tags = {}
+    if cfg.get("sweep_name"):
+        tags["sweep"] = str(cfg.sweep_name)
+    if cfg.get("variant"):
+        tags["variant"] = str(cfg.variant)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode.name == "MULTIRUN":
+        parent_file = Path(hydra_cfg.sweep.dir) / PARENT_RUN_FILE
+        if parent_file.is_file():
+            tags["mlflow.parentRunId"] = parent_file.read_text().strip()
+    return tags
+
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
 
 
 def log_hydra_artifacts(logger: MLFlowLogger, output_dir: Path, cfg: DictConfig) -> None:
@@ -84,3 +154,18 @@ def log_hydra_artifacts(logger: MLFlowLogger, output_dir: Path, cfg: DictConfig)
     if hydra_dir.is_dir():
         for path in sorted(hydra_dir.glob("*.yaml")):
             client.log_artifact(run_id, str(path), "hydra")
+
+
+def record_failed_trial(cfg: DictConfig, overrides: list[str], reason: str) -> None:
+    """A trial that failed before its run existed (a bad config in a sweep) still gets a FAILED run."""
+    client = mlflow.MlflowClient(tracking_uri(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.logger.experiment_name)
+    tags = {
+        "overrides": " ".join(overrides),
+        "run_key": run_key(overrides),
+        "failure_reason": reason[:5000],
+        **sweep_tags(cfg),
+    }
+    run = client.create_run(experiment_id, run_name="failed: " + " ".join(overrides)[:200], tags=tags)
+    client.set_terminated(run.info.run_id, status="FAILED")

@@ -20,11 +20,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import FFNConfig, ModelConfig, make_config
 from arch_zoo.contract import ConfigError
-from experiments.callbacks import Throughput
+from experiments.callbacks import InjectFailure, Throughput
 from experiments.config_store import register_configs
 from experiments.data.datamodule import DataConfig, TextDataModule
 from experiments.lit_module import LanguageModelTask, OptimConfig
-from experiments.tracking import config_params, git_info, log_hydra_artifacts, make_logger, run_name
+from experiments.tracking import (
+    config_params,
+    find_unfinished_run,
+    git_info,
+    log_hydra_artifacts,
+    make_logger,
+    mark_failed,
+    record_failed_trial,
+    run_key,
+    run_name,
+    sweep_tags,
+)
 
 log = logging.getLogger("arch_zoo")
 register_configs()
@@ -59,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
 
-    data = TextDataModule(data_cfg, seed=cfg.seed)
+    data = TextDataModule(data_cfg, seed=cfg.seed, total_steps=cfg.trainer.max_steps)
     data.prepare_data()
     model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.model.vocab_size or data.vocab_size)
     eval_splits = data.eval_split_names
@@ -73,24 +84,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.compile:
         task.model = torch.compile(task.model)
     mixer_name = model_cfg.mixer.name
-    name = cfg.name or run_name(mixer_name, list(hydra_cfg.overrides.task))
+    overrides = list(hydra_cfg.overrides.task)
+    name = cfg.name or run_name(mixer_name, overrides)
+    key = run_key(overrides)
+    resumed = find_unfinished_run(cfg, key) if cfg.logger.enabled and cfg.resume else None
+    if resumed is not None:
+        output_dir = resumed.output_dir
+        log.info("resuming MLflow run %s from %s", resumed.run_id, resumed.checkpoint)
 
     callbacks: list[L.Callback] = [
         Throughput(window=cfg.trainer.log_every_n_steps),
-        ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0),
+        ModelCheckpoint(
+            dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
+        ),
     ]
+    if cfg.inject_failure is not None:
+        callbacks.append(InjectFailure(**cfg.inject_failure))
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     logger = None
     if cfg.logger.enabled:
         tags = {
             "mixer": mixer_name,
-            "overrides": " ".join(hydra_cfg.overrides.task),
+            "overrides": " ".join(overrides),
+            "run_key": key,
             "output_dir": str(output_dir),
             "command": " ".join(sys.argv),
             **git_info(),
+            **sweep_tags(cfg),
         }
-        logger = make_logger(cfg, name, tags)
+        logger = make_logger(cfg, name, tags, run_id=resumed.run_id if resumed else None)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
@@ -110,7 +133,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "data.train_tokens": int(len(data.splits["train"].tokens)),
         **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
     }
-    if logger is not None:
+    if logger is not None and resumed is None:
         logger.log_hyperparams({**config_params(cfg), **summary})
         logger.log_metrics({f"baseline/unigram_bpb.{s}": v for s, v in unigram.items()}, step=0)
         log_hydra_artifacts(logger, output_dir, cfg)
@@ -121,7 +144,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{summary['data.train_tokens']:,}",
     )
 
-    trainer.fit(task, datamodule=data)
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=str(resumed.checkpoint) if resumed else None)
+    except BaseException as err:
+        if logger is not None:
+            mark_failed(logger, f"{type(err).__name__}: {err}")
+            err.mlflow_run_id = logger.run_id  # type: ignore[attr-defined]
+        raise
     metrics: dict[str, float] = {}
     if cfg.final_validate:
         results = trainer.validate(task, datamodule=data, verbose=False)
@@ -157,13 +186,20 @@ def report(metrics: dict[str, float], unigram: dict[str, float], logger, output_
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         metrics = train(cfg)
-    except ConfigError as err:
-        if HydraConfig.get().mode.name == "MULTIRUN":
+    except Exception as err:
+        if not multirun:
+            if isinstance(err, ConfigError):
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        # one bad trial must not take its siblings down; it is recorded as FAILED, with its reason
+        log.exception("trial failed; the sweep goes on")
+        if cfg.logger.enabled and not hasattr(err, "mlflow_run_id"):
+            record_failed_trial(cfg, list(HydraConfig.get().overrides.task), f"{type(err).__name__}: {err}")
+        return float("nan")
     return metrics.get("val/loss")
 
 

@@ -120,3 +120,73 @@ def test_config_error_is_one_line_naming_the_fix(tmp_path, data_cache):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: transformer: d_model=64 is not divisible")
     assert not (tmp_path / "mlflow.db").exists()  # nothing was built or logged
+
+
+def metric(client, run_id: str, key: str) -> float:
+    return client.get_run(run_id).data.metrics[key]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_into_the_same_mlflow_run_with_the_same_result(tmp_path, data_cache):
+    common = [
+        "model/mixer=transformer",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "checkpoint_every=2",
+        "logger.log_checkpoint=false",
+    ]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir(), broken.mkdir()
+    assert run_train(straight, data_cache, *common).returncode == 0
+    killed = run_train(broken, data_cache, *common, "inject_failure={at_step: 5, kind: kill}")
+    assert killed.returncode != 0
+    client, run = only_run(broken)
+    assert run.info.status == "RUNNING"  # killed: nobody closed it
+    resumed = run_train(broken, data_cache, *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming MLflow run" in resumed.stderr + resumed.stdout
+    client, run = only_run(broken)  # still one run
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert max(steps) == 7
+    _, reference = only_run(straight)
+    assert run.data.metrics["val/loss"] == reference.data.metrics["val/loss"]
+    assert run.data.metrics["ood/pydoc/loss"] == reference.data.metrics["ood/pydoc/loss"]
+
+
+@pytest.mark.slow
+def test_failed_trials_are_marked_and_the_sweep_goes_on(tmp_path, data_cache):
+    env = {**os.environ, "ARCH_ZOO_CACHE": str(data_cache)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = [
+        *TINY,
+        "model/mixer=transformer",
+        "trainer.max_steps=3",
+        "logger.log_checkpoint=false",
+        f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "sweep_name=reliability",
+        "inject_failure=null,{at_step: 1, kind: raise},{at_step: 1, kind: diverge},{at_step: 1, kind: bogus}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("arch-zoo").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 4
+    assert all(r.data.tags["sweep"] == "reliability" for r in children)
+    assert sum(r.info.status == "FINISHED" for r in children) == 1
+    failed = [r for r in children if r.info.status == "FAILED"]
+    reasons = {r.data.tags["failure_reason"].split(":")[0] for r in failed}
+    assert reasons == {"RuntimeError", "DivergedError", "ValueError"}  # a bad trial config is recorded too
+    assert all(r.data.tags.get("diverged") == "true" for r in failed if "Diverged" in r.data.tags["failure_reason"])
+    assert parents[0].data.metrics["sweep/failed_trials"] == 3
