@@ -65,8 +65,9 @@ class Throughput(L.Callback):
 
 
 class InjectFailure(L.Callback):
-    """Fail on purpose at a given step (``inject_failure={at_step: 5, kind: kill}``), to exercise what users rely
-    on: ``kill`` ends the process abruptly (resume), ``raise`` raises (a failed trial), ``diverge`` makes the loss NaN."""
+    """Fail on purpose at a given step (``inject_failure={at_step: 5, kind: kill}``), to exercise what users
+    rely on: ``kill`` ends the process abruptly (resume), ``raise`` raises (a failed trial), ``diverge`` makes the
+    loss NaN."""
 
     def __init__(self, at_step: int, kind: str = "raise") -> None:
         if kind not in ("kill", "raise", "diverge"):
