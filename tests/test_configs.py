@@ -33,7 +33,7 @@ def test_every_config_option_composes_and_checks(group, option):
 @pytest.mark.parametrize("name", sorted(available_mixers()))
 def test_every_mixer_selects_by_name_and_builds(name):
     small = available_mixers()[name].config_class.small()  # builds at the tiny model's d_model=64
-    fields = [f"model.mixer.{k}={v}" for k, v in vars(small).items() if k != "name" and not isinstance(v, dict)]
+    fields = [f"model.mixer.{k}={'null' if v is None else v}" for k, v in vars(small).items() if k != "name"]
     cfg = compose_with([f"model/mixer={name}", "model=tiny", *fields])
     model_cfg = model_config(cfg, vocab_size=257)
     assert model_cfg.mixer.name == name

@@ -1,0 +1,104 @@
+"""Causal convolutions shared by the convolutional mixers (H3, Hyena).
+
+All functions work channels-first, time last: ``u: [..., channels, time]`` and a filter ``k: [..., kernel_len]``
+that broadcasts against ``u`` (one filter per channel), and compute ``y_t = sum_{s <= t} k_{t-s} u_s`` (tap 0
+weighs the current input).
+
+* :func:`fft_causal_conv` is the training form of a long convolution: both signals are zero-padded to
+  ``L + kernel_len`` (``2L`` for a full-length filter, as in H3/Hyena) so that the FFT's circular convolution
+  equals the linear one on the first ``L`` outputs: ``O(L log L)`` instead of ``O(L^2)``.
+* :func:`causal_conv_tail` continues a convolution from the inputs seen so far (a cached history): one new output
+  is a dot product with the reversed filter (``O(history)``, no FFT), several go through the FFT.
+* :class:`ShortCausalConv` is a depthwise ``nn.Conv1d`` (same parameters and init) that pads on the left only and
+  carries its last ``kernel_size - 1`` inputs as a decoding state, so a sequence can be fed in pieces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fft_size(n: int) -> int:
+    """The smallest 5-smooth integer >= ``n``: pocketfft is fast on these, slow on large prime lengths."""
+    size = max(1, n)
+    while True:
+        m = size
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return size
+        size += 1
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # FFTs of half precision are unsupported on the CPU and lossy on GPUs: compute in at least float32.
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def fft_causal_conv(u: torch.Tensor, k: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal convolution of ``u: [..., C, L]`` with ``k: [..., Lk]`` along time, plus ``skip[c] * u`` if given.
+
+    Filter taps beyond ``L`` cannot reach any output and are dropped. The result has ``u``'s dtype.
+    """
+    L = u.shape[-1]
+    k = k[..., :L]
+    n = fft_size(L + k.shape[-1] - 1)
+    dtype = _compute_dtype(u, k)
+    y = torch.fft.irfft(torch.fft.rfft(u.to(dtype), n=n) * torch.fft.rfft(k.to(dtype), n=n), n=n)[..., :L]
+    if skip is not None:
+        y = y + skip.to(dtype)[:, None] * u
+    return y.to(u.dtype)
+
+
+def causal_conv_tail(u: torch.Tensor, k: torch.Tensor, n_out: int, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The last ``n_out`` outputs of ``fft_causal_conv(u, k, skip)``, where ``u`` is history plus new inputs.
+
+    A single new output costs one dot product over ``min(L, Lk)`` past inputs; this is how a long convolution
+    decodes token by token without recomputing the outputs it already produced.
+    """
+    if n_out != 1:
+        return fft_causal_conv(u, k, skip)[..., -n_out:]
+    L = u.shape[-1]
+    k = k[..., :L]
+    dtype = _compute_dtype(u, k)
+    window = u[..., L - k.shape[-1] :].to(dtype)  # u_{t-Lk+1} .. u_t, oldest first
+    y = (window * k.flip(-1).to(dtype)).sum(-1, keepdim=True)
+    if skip is not None:
+        y = y + skip.to(dtype)[:, None] * u[..., -1:]
+    return y.to(u.dtype)
+
+
+def keep_last(u: torch.Tensor, n: int) -> torch.Tensor:
+    """The last ``n`` time steps of ``u: [..., T]``, zero-padded on the left when ``T < n`` (a fresh history)."""
+    if n == 0:
+        return u[..., :0]
+    return F.pad(u, (max(0, n - u.shape[-1]), 0))[..., -n:]
+
+
+class ShortCausalConv(nn.Conv1d):
+    """Depthwise causal convolution over ``x: [B, C, T]`` whose state is its last ``kernel_size - 1`` inputs.
+
+    ``nn.Conv1d(padding=K-1)`` followed by cropping to the first ``T`` outputs (the usual causal trick) gives the
+    same result when there is no history; padding only on the left avoids computing the discarded outputs.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True) -> None:
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=bias)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, history: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x: [B, C, T]`` (and the history a previous call returned) -> ``(y: [B, C, T], new history)``."""
+        K = self.kernel_size[0]
+        if history is None:
+            padded = F.pad(x, (K - 1, 0))
+        else:
+            padded = torch.cat((history.to(x.dtype), x), dim=-1)
+        y = F.conv1d(padded, self.weight, self.bias, groups=self.groups)
+        return y, padded[..., padded.shape[-1] - (K - 1) :]

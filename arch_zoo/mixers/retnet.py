@@ -1,0 +1,470 @@
+"""RetNet's multi-scale retention (MSR; Sun et al. 2023, arXiv 2307.08621), exact in all three paradigms.
+
+Per head, with rotated queries/keys ``q_n, k_n`` (k scaled by ``dk^-1/2``), values ``v_n`` and decay ``gamma``
+(one per head, or one per token and head when the decay is selective), retention is
+
+    S_n = gamma_n S_{n-1} + k_n^T v_n,        o_n = q_n S_n        (= sum_{m<=n} (q_n . k_m) D[n, m] v_m)
+
+with ``D[n, m] = gamma_{m+1} ... gamma_n``. The paper (and torchscale) adds three per-row normalisers:
+
+* decay rows: ``D~[n, m] = D[n, m] / sqrt(r_n)``, ``r_n = sum_{i<=n} D[n, i]`` (closed form for a per-head decay,
+  the recurrence ``r_n = gamma_n r_{n-1} + 1`` for a selective one);
+* retention scores: divided by ``max(|sum_m (q_n . k_m) D~[n, m]|, 1)`` (detached, as in torchscale 0.3.0). The
+  signed sum is ``q_n . z_n / sqrt(r_n)`` for the decayed key-sum ``z_n = gamma_n z_{n-1} + k_n``, which we carry
+  in the state next to ``S`` (as an extra value column of ones), so chunks and decoding steps see the same scalar;
+* a per-head norm ("GroupNorm") over the value channels.
+
+torchscale computes the first two chunk-locally in its chunkwise form and omits the score normaliser when decoding,
+so its three modes agree only after an eps-free per-head norm; here all three compute the same function under every
+switch. The retention *core* (``parallel_retention``, ``chunkwise_retention``, ``recurrent_retention``: unnormalised
+decayed linear attention with an optional initial state) is kept apart from the module so that fast kernels can
+replace it through the config field ``kernel``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
+from arch_zoo.layers import rotary_cos_sin, rotate_pairs
+from arch_zoo.registry import register_mixer
+
+MODES = ("parallel", "chunkwise", "recurrent")
+KERNELS = ("auto", "torch")
+DECAY_SCHEDULES = ("paper", "torchscale")
+GROUP_NORM_KINDS = ("rmsnorm", "layernorm")
+GATE_REALLOCATIONS = ("value", "none")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The retention core. Layout is head-first: q, k [B, H, T, dk]; v [B, H, T, dv]; state [B, H, dk, dv].
+# ``log_decay`` is log(gamma): [H] (one decay per head) or [B, H, T] (per token: selective decay); token t applies
+# its own decay before writing, S_t = gamma_t S_{t-1} + k_t^T v_t. Outputs are unnormalised.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Half-precision inputs run in float32: a decay such as 1 - 1/512 rounds to 1 in bfloat16."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
+def _decay_factors(
+    log_decay: torch.Tensor, length: int, per_token: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay weights of one block of ``length`` tokens that continues from a state.
+
+    ``log_decay`` is ``[..., length]`` when ``per_token``, else ``[...]`` (one value per head). Returns
+    ``mask [..., L, L]`` (D[i, j], token i reading token j), ``q_decay [..., L]`` (decay of the incoming state when
+    token i reads it), ``k_decay [..., L]`` (decay of token i's write at the block end) and ``total [...]``.
+    """
+    device = log_decay.device
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    if per_token:
+        # float64: in float32 a long cumulative sum loses the small differences that the mask is made of
+        cum = log_decay.double().cumsum(-1)
+        diff = cum[..., :, None] - cum[..., None, :]
+        q_log, k_log, total_log = cum, cum[..., -1:] - cum, cum[..., -1]
+    else:
+        # integer distances times log(gamma): exact up to one rounding, however long the block
+        idx = torch.arange(length, device=device, dtype=log_decay.dtype)
+        a = log_decay[..., None]
+        diff = (idx[:, None] - idx[None, :]) * a[..., None]
+        q_log, k_log, total_log = (idx + 1) * a, (length - 1 - idx) * a, length * log_decay
+    mask = diff.masked_fill(~causal, float("-inf")).exp()  # -inf before exp keeps the backward free of inf * 0
+    return mask.to(dtype), q_log.exp().to(dtype), k_log.exp().to(dtype), total_log.exp().to(dtype)
+
+
+def parallel_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``O = (Q K^T * D) V`` (+ the decayed read of ``initial_state``); O(T^2) time, the training form."""
+    out_dtype = v.dtype
+    q, k, v = _at_least_float32(q, k, v)
+    T = q.shape[-2]
+    per_token = log_decay.dim() == 3
+    a = log_decay if per_token else log_decay.view(1, -1)
+    mask, q_decay, k_decay, total = _decay_factors(a, T, per_token, q.dtype)
+    o = (q @ k.transpose(-1, -2) * mask) @ v
+    if initial_state is not None:
+        o = o + (q * q_decay[..., None]) @ initial_state
+    state = None
+    if output_final_state:
+        state = (k * k_decay[..., None]).transpose(-1, -2) @ v
+        if initial_state is not None:
+            state = state + total[..., None, None] * initial_state
+    return o.to(out_dtype), state
+
+
+def chunkwise_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Parallel inside chunks of ``chunk_size`` tokens, the state carried across them; any length.
+
+    Full chunks are processed together (only the [dk, dv] state update loops over chunks); a last partial chunk is
+    one more parallel block continuing from that state, so nothing is padded and the final state is exact.
+    """
+    out_dtype = v.dtype
+    q, k, v = _at_least_float32(q, k, v)
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    per_token = log_decay.dim() == 3
+    C = max(1, min(chunk_size, T))
+    N = T // C
+    full = N * C
+    state = initial_state
+    outputs = []
+    if N:
+        qc, kc = q[..., :full, :].reshape(B, H, N, C, dk), k[..., :full, :].reshape(B, H, N, C, dk)
+        vc = v[..., :full, :].reshape(B, H, N, C, dv)
+        a = log_decay[..., :full].reshape(B, H, N, C) if per_token else log_decay.view(1, -1, 1)
+        mask, q_decay, k_decay, total = _decay_factors(a, C, per_token, q.dtype)
+        o = (qc @ kc.transpose(-1, -2) * mask) @ vc
+        summaries = (kc * k_decay[..., None]).transpose(-1, -2) @ vc  # each chunk's write, decayed to its end
+        total = total.expand(B, H, N)
+        if state is None:
+            state = q.new_zeros(B, H, dk, dv)
+        before = []
+        for n in range(N):
+            before.append(state)
+            state = total[:, :, n, None, None] * state + summaries[:, :, n]
+        o = o + (qc * q_decay[..., None]) @ torch.stack(before, dim=2)
+        outputs.append(o.reshape(B, H, full, dv))
+    if full < T:
+        tail_decay = log_decay[..., full:] if per_token else log_decay
+        o, state = parallel_retention(q[..., full:, :], k[..., full:, :], v[..., full:, :], tail_decay, state)
+        outputs.append(o)
+    return torch.cat(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
+
+
+def recurrent_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``S_t = gamma_t S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, one token at a time: O(1) memory per step."""
+    out_dtype = v.dtype
+    q, k, v = _at_least_float32(q, k, v)
+    B, H, T, dk = q.shape
+    per_token = log_decay.dim() == 3
+    gamma = log_decay.exp().to(q.dtype)
+    state = initial_state if initial_state is not None else q.new_zeros(B, H, dk, v.shape[-1])
+    outputs = []
+    for t in range(T):
+        g = gamma[:, :, t, None, None] if per_token else gamma.view(1, -1, 1, 1)
+        state = g * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outputs.append((q[:, :, t, None, :] @ state).squeeze(-2))
+    return torch.stack(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
+
+
+RetentionCore = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+# backend -> mode -> core; fast kernels register their versions of the same three functions here
+RETENTION_CORES: dict[str, dict[str, RetentionCore]] = {
+    "torch": {"parallel": parallel_retention, "chunkwise": chunkwise_retention, "recurrent": recurrent_retention}
+}
+
+
+def retention_core(kernel: str, mode: str, device: torch.device, chunk_size: int) -> RetentionCore:
+    """The core a mixer calls: ``kernel="auto"`` picks the torch reference on the CPU (the only backend so far)."""
+    backend = "torch" if kernel == "auto" else kernel
+    if backend not in RETENTION_CORES:
+        raise ConfigError(f"retnet: no retention kernel {kernel!r}; available: auto, {', '.join(RETENTION_CORES)}")
+    core = RETENTION_CORES[backend][mode]
+    return partial(core, chunk_size=chunk_size) if mode == "chunkwise" else core
+
+
+def decay_row_sums(log_decay: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``r_n = sum_{i<=n} gamma^(n-i) = (1 - gamma^(n+1)) / (1 - gamma)`` (``n + 1`` at gamma = 1): ``[H, T]``.
+
+    ``positions`` are absolute (a continued sequence keeps counting), which makes the decay-row normaliser the same
+    number in every paradigm and at every chunk boundary.
+    """
+    a = log_decay[:, None]
+    count = (positions + 1).to(log_decay.dtype)[None, :]
+    no_decay = a == 0
+    safe = torch.where(no_decay, torch.full_like(a, -1.0), a)  # keeps 0/0 out of the graph
+    return torch.where(no_decay, count.expand(a.shape[0], -1), torch.expm1(count * safe) / torch.expm1(safe))
+
+
+def decay_schedule(n_heads: int, schedule: str) -> torch.Tensor:
+    """Per-head log(gamma) in float64: torchscale's ``1 - 2^(-5-h)`` or the paper's size-independent schedule."""
+    if schedule == "torchscale":
+        return torch.log1p(-(2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float64))))
+    return torch.log1p(-torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads, dtype=torch.float64)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetNetConfig(MixerConfig):
+    """Multi-scale retention; defaults are the paper's 200M comparison model (head dim 256, value factor 2).
+
+    See docs/retnet.md for every switch and the paper's ablation row it reproduces.
+    """
+
+    mode: str = "parallel"  # parallel | chunkwise | recurrent: the form used for a call (with or without state)
+    chunk_size: int = 512
+    kernel: str = "auto"  # auto | torch: which implementation of the retention core runs
+    n_heads: int = 4  # the paper's 200M model: d_model 1024 / 4 heads = key head dim 256
+    head_dim: int | None = None  # key dim per head; set, it wins over n_heads (n_heads = d_model / head_dim)
+    value_factor: float = 2.0  # value head dim = value_factor * head_dim
+    swish_gate: bool = True
+    gate_realloc: str = "value"  # gate off: "value" widens the values so the size stays equal; "none" drops it
+    group_norm: bool = True
+    group_norm_kind: str = "rmsnorm"  # rmsnorm (torchscale 0.3.0) | layernorm (GroupNorm proper)
+    group_norm_eps: float = 1e-6
+    group_norm_affine: bool = False
+    decay: bool = True  # off: gamma = 1
+    multiscale_decay: bool = True  # off: every head gamma = single_scale_gamma
+    single_scale_gamma: float = 127 / 128
+    decay_schedule: str = "paper"  # paper | torchscale
+    learnable_decay: bool = False  # gamma per head trained, initialised from the schedule
+    selective_decay: bool = False  # gamma_t = sigmoid(x_t W + b) per head, b initialised from the schedule
+    xpos: bool = True  # rotate q and k by e^{i n theta}
+    xpos_base: float = 10000.0
+    decay_norm: bool = True  # divide decay-mask rows by sqrt(row sum)
+    score_norm: bool = True  # divide retention scores by max(|row sum|, 1), detached
+
+    def check(self, d_model: int) -> None:
+        def choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ConfigError(f"retnet: {field}={value!r} is not one of {', '.join(allowed)}")
+
+        choice("mode", self.mode, MODES)
+        choice("kernel", self.kernel, KERNELS)
+        choice("decay_schedule", self.decay_schedule, DECAY_SCHEDULES)
+        choice("group_norm_kind", self.group_norm_kind, GROUP_NORM_KINDS)
+        choice("gate_realloc", self.gate_realloc, GATE_REALLOCATIONS)
+        if self.head_dim is None and (self.n_heads <= 0 or d_model % self.n_heads):
+            raise ConfigError(
+                f"retnet: d_model={d_model} is not divisible by n_heads={self.n_heads}; "
+                f"set model.mixer.n_heads (or model.mixer.head_dim) to a divisor of {d_model}"
+            )
+        if self.head_dim is not None and (self.head_dim <= 0 or d_model % self.head_dim):
+            raise ConfigError(
+                f"retnet: d_model={d_model} is not divisible by head_dim={self.head_dim}; "
+                f"set model.mixer.head_dim to a divisor of {d_model}"
+            )
+        head_dim = self.key_head_dim(d_model)
+        if self.xpos and head_dim % 2:
+            raise ConfigError(f"retnet: xpos rotates pairs of channels, so head_dim={head_dim} must be even")
+        if self.chunk_size < 1:
+            raise ConfigError(f"retnet: chunk_size={self.chunk_size} must be at least 1")
+        self.value_head_dim(d_model)  # raises when the value width is not a whole number
+        if self.group_norm_eps < 0:
+            raise ConfigError(f"retnet: group_norm_eps={self.group_norm_eps} must be >= 0")
+        if not 0 < self.single_scale_gamma <= 1:
+            raise ConfigError(f"retnet: single_scale_gamma={self.single_scale_gamma} must lie in (0, 1]")
+        trained = [n for n in ("learnable_decay", "selective_decay") if getattr(self, n)]
+        if trained and not self.decay:
+            raise ConfigError(f"retnet: {trained[0]}=true needs decay=true (decay=false fixes gamma = 1)")
+        if len(trained) == 2:
+            raise ConfigError("retnet: choose one of learnable_decay and selective_decay (selective is trained too)")
+        if trained and not self.multiscale_decay and self.single_scale_gamma >= 1:
+            raise ConfigError("retnet: a trained decay starts from gamma < 1; lower single_scale_gamma")
+
+    def key_head_dim(self, d_model: int) -> int:
+        return self.head_dim if self.head_dim is not None else d_model // self.n_heads
+
+    def value_head_dim(self, d_model: int) -> int:
+        """Value dim per head; without the gate, ``gate_realloc="value"`` gives its weights to wider values."""
+        width = self.value_factor * self.key_head_dim(d_model)
+        if not self.swish_gate and self.gate_realloc == "value":
+            width *= 1.5  # q, k: 2 d^2; v, g, out: 3 d V  ->  v, out: 2 d (1.5 V)
+        if width < 1 or abs(width - round(width)) > 1e-9:
+            hint = " (x1.5 without the gate; or gate_realloc=none)" if not self.swish_gate else ""
+            raise ConfigError(
+                f"retnet: the value head dim value_factor*head_dim={width:g}{hint} must be a positive whole number; "
+                "change value_factor or head_dim"
+            )
+        return int(round(width))
+
+    @classmethod
+    def small(cls) -> RetNetConfig:
+        return cls(head_dim=16, mode="chunkwise", chunk_size=16)
+
+
+class HeadNorm(nn.Module):
+    """The per-head "GroupNorm": RMS- or layer-normalise each head's value channels (float32 for half inputs)."""
+
+    def __init__(self, n_heads: int, head_dim: int, kind: str, eps: float, affine: bool) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(n_heads, 1, head_dim)) if affine and kind == "layernorm" else None
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:  # [B, H, T, dv]
+        x = o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(o.dtype)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+@register_mixer("retnet")
+class RetNet(TokenMixer):
+    """Multi-scale retention. ``forward`` runs the paradigm that ``form`` picks; every paradigm is the same function.
+
+    The state is ``{"kv": [B, H, dk, dv], "z": [B, H, dk] | None, "r": [B, H] | None, "offset": int}``: the
+    decayed key-value sum, the decayed key sum (score normaliser), the decay-row sum (only for a selective decay;
+    a per-head decay has it in closed form) and the number of tokens seen (positions for the rotation).
+    """
+
+    config_class = RetNetConfig
+
+    def __init__(self, d_model: int, config: RetNetConfig, layer_idx: int = 0) -> None:
+        super().__init__(d_model, config, layer_idx)
+        self.key_dim = config.key_head_dim(d_model)
+        self.n_heads = d_model // self.key_dim
+        self.value_dim = config.value_head_dim(d_model)
+        H, dv = self.n_heads, self.value_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, H * dv, bias=False)
+        self.g_proj = nn.Linear(d_model, H * dv, bias=False) if config.swish_gate else None
+        self.out_proj = nn.Linear(H * dv, d_model, bias=False)
+        self.group_norm = (
+            HeadNorm(H, dv, config.group_norm_kind, config.group_norm_eps, config.group_norm_affine)
+            if config.group_norm
+            else None
+        )
+        self.decay_logit = None
+        self.decay_proj = None
+        if config.learnable_decay:  # gamma = sigmoid(logit) stays in (0, 1)
+            self.decay_logit = set_optim(nn.Parameter(torch.empty(H)), weight_decay=0.0)
+        if config.selective_decay:
+            self.decay_proj = nn.Linear(d_model, H, bias=True)
+            set_optim(self.decay_proj.bias, weight_decay=0.0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchscale's initialisation: xavier with gain 2^-2.5 for q, k, v, g; gain 1 for the output (0.3.0)."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            if proj is not None:
+                nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        if self.decay_logit is not None:
+            with torch.no_grad():
+                self.decay_logit.copy_(_logit_from_log(self._initial_log_decay()))
+        if self.decay_proj is not None:
+            nn.init.xavier_uniform_(self.decay_proj.weight, gain=2**-2.5)
+            with torch.no_grad():
+                self.decay_proj.bias.copy_(_logit_from_log(self._initial_log_decay()))
+
+    def _initial_log_decay(self) -> torch.Tensor:
+        """Fixed (or initial) per-head log(gamma), float64."""
+        c = self.config
+        if not c.decay:
+            return torch.zeros(self.n_heads, dtype=torch.float64)
+        if not c.multiscale_decay:
+            return torch.full((self.n_heads,), math.log(c.single_scale_gamma), dtype=torch.float64)
+        return decay_schedule(self.n_heads, c.decay_schedule)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """log(gamma): ``[H]`` for a per-head decay, ``[B, H, T]`` for a selective one."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # never half: see _at_least_float32
+        if self.decay_proj is not None:
+            return F.logsigmoid(self.decay_proj(x).to(dtype)).transpose(1, 2)
+        if self.decay_logit is not None:
+            return F.logsigmoid(self.decay_logit).to(dtype)
+        # computed, not stored: a float32 buffer would carry its rounding into float64 runs
+        return self._initial_log_decay().to(device=x.device, dtype=dtype)
+
+    def form(self, n_tokens: int, continued: bool) -> str:
+        """The paradigm of a call: ``mode`` for a fresh sequence; a continued one steps recurrently through a
+        single token and runs chunkwise over several (memory bounded by the chunk), unless ``mode`` is recurrent."""
+        mode = self.config.mode
+        if mode == "recurrent" or (continued and n_tokens == 1):
+            return "recurrent"
+        return "chunkwise" if continued else mode
+
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
+        c = self.config
+        B, T, _ = x.shape
+        H, dk, dv = self.n_heads, self.key_dim, self.value_dim
+        offset = 0 if state is None else state["offset"]
+        q = self.q_proj(x).view(B, T, H, dk).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, H, dk).transpose(1, 2) * dk**-0.5
+        v = self.v_proj(x).view(B, T, H, dv).transpose(1, 2)
+        if c.xpos:
+            inv_freq = c.xpos_base ** -torch.linspace(0, 1, dk // 2, dtype=torch.float64, device=x.device)
+            cos, sin = rotary_cos_sin(inv_freq, offset, T, x.dtype)
+            q, k = rotate_pairs(q, cos, sin, True), rotate_pairs(k, cos, sin, True)
+        log_decay = self.log_decay(x)
+        core = retention_core(c.kernel, self.form(T, state is not None), x.device, c.chunk_size)
+
+        # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
+        kv0 = None if state is None else state["kv"]
+        if c.score_norm:
+            v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
+            kv0 = None if state is None else torch.cat((state["kv"], state["z"][..., None]), dim=-1)
+        o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
+        if c.score_norm:
+            o, score_sum = o[..., :dv], o[..., dv:]
+        r_last = None
+        if c.decay_norm:
+            if log_decay.dim() == 1:
+                positions = torch.arange(offset, offset + T, device=x.device)
+                inv_sqrt_r = decay_row_sums(log_decay, positions).rsqrt()[None, :, :, None]
+            else:  # a selective decay has no closed form: the same core on ones gives r_n = gamma_n r_{n-1} + 1
+                ones = log_decay.new_ones(B, H, T, 1)
+                r0 = None if state is None else state["r"][..., None, None]
+                r, r_last = core(ones, ones, ones, log_decay, r0, output_final_state=return_state)
+                inv_sqrt_r = r.rsqrt()
+            o = o * inv_sqrt_r
+        if c.score_norm:
+            if c.decay_norm:
+                score_sum = score_sum * inv_sqrt_r
+            o = o / score_sum.detach().abs().clamp(min=1)
+        o = o.to(x.dtype)
+        if self.group_norm is not None:
+            o = self.group_norm(o)
+        y = o.transpose(1, 2).reshape(B, T, H * dv)
+        if self.g_proj is not None:
+            y = F.silu(self.g_proj(x)) * y
+        y = self.out_proj(y)
+        if not return_state:
+            return y, None
+        new_state = {
+            "kv": kv[..., :dv] if c.score_norm else kv,
+            "z": kv[..., dv] if c.score_norm else None,
+            "r": r_last[..., 0, 0] if r_last is not None else None,
+            "offset": offset + T,
+        }
+        return y, new_state
+
+    def state_size(self, seq_len: int) -> int:
+        """Constant in length: S, z (score norm), r (selective decay with the decay norm) and the position."""
+        H, dk, dv = self.n_heads, self.key_dim, self.value_dim
+        c = self.config
+        return H * dk * dv + (H * dk if c.score_norm else 0) + (H if c.selective_decay and c.decay_norm else 0) + 1
+
+
+def _logit_from_log(log_gamma: torch.Tensor) -> torch.Tensor:
+    """logit(gamma) from log(gamma), so that logsigmoid(logit) = log(gamma): log(gamma) - log(1 - gamma)."""
+    return log_gamma - torch.log(-torch.expm1(log_gamma))

@@ -1,0 +1,445 @@
+"""RetNet's multi-scale retention: the three paradigms compute one function under every switch.
+
+* a float64 O(T^2) brute force of the paper's equations (explicit decay products, complex rotation, direct row sums)
+  is the strictest oracle, outputs and gradients;
+* the equivalence grid: parallel vs chunkwise vs recurrent (outputs) and parallel vs chunkwise (gradients w.r.t.
+  inputs and every weight) over the switch grid, float64 tight and float32 <= 1e-5 relative;
+* partial last chunks, continuation from a state over several tokens, constant state size, parameter counts,
+  config errors, and greedy decoding through the recurrent form.
+
+Weights are drawn larger than at initialisation so that the score normaliser max(|.|, 1) is active on some rows
+and not on others (``test_score_normaliser_is_exercised`` checks it), and selective decays vary per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arch_zoo import ConfigError, LanguageModel, ModelConfig, build_mixer
+from arch_zoo.mixers.retnet import (
+    RetNet,
+    RetNetConfig,
+    chunkwise_retention,
+    decay_row_sums,
+    parallel_retention,
+    recurrent_retention,
+)
+
+D_MODEL, HEAD_DIM, T, CHUNK = 32, 8, 13, 4  # 4 heads; 13 tokens = 3 full chunks of 4 and a partial one
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make(dtype: torch.dtype = torch.float64, seed: int = 0, d_model: int = D_MODEL, **switches) -> RetNet:
+    """A mixer with random weights (larger than the init, so every normaliser branch is taken)."""
+    config = RetNetConfig(name="retnet", **{"head_dim": HEAD_DIM, "chunk_size": CHUNK, **switches})
+    torch.manual_seed(seed)
+    mixer = build_mixer(config, d_model)
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            if name in ("q_proj.weight", "k_proj.weight"):
+                p.normal_(0, 2.5 / math.sqrt(p.shape[1]))
+            elif name.endswith("proj.weight"):
+                p.normal_(0, 1 / math.sqrt(p.shape[1]))
+            elif name == "decay_proj.bias" or name == "decay_logit":
+                p.add_(torch.randn_like(p) * 0.3)
+            elif name.startswith("group_norm"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return mixer.to(dtype)
+
+
+def run(mixer: RetNet, x: torch.Tensor, mode: str, state=None, return_state: bool = True):
+    mixer.config = dataclasses.replace(mixer.config, mode=mode)
+    return mixer(x, state, return_state=return_state)
+
+
+def inputs(dtype: torch.dtype, batch: int = 2, length: int = T, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, D_MODEL, generator=g, dtype=torch.float64).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------- brute force
+def paper_gammas(mixer: RetNet, x: torch.Tensor) -> torch.Tensor:
+    """gamma [B, H, T] from the paper's formulas, written out independently of the module."""
+    c, H = mixer.config, mixer.n_heads
+    B, L, _ = x.shape
+    if c.selective_decay:
+        return torch.sigmoid(x @ mixer.decay_proj.weight.T + mixer.decay_proj.bias).transpose(1, 2)
+    if c.learnable_decay:
+        per_head = torch.sigmoid(mixer.decay_logit)
+    elif not c.decay:
+        per_head = torch.ones(H, dtype=x.dtype)
+    elif not c.multiscale_decay:
+        per_head = torch.full((H,), c.single_scale_gamma, dtype=x.dtype)
+    elif c.decay_schedule == "torchscale":
+        per_head = torch.tensor([1 - 2 ** (-5 - h) for h in range(H)], dtype=x.dtype)
+    else:
+        lo, hi = math.log(1 / 32), math.log(1 / 512)
+        per_head = torch.tensor([1 - math.exp(lo + (hi - lo) * h / max(H - 1, 1)) for h in range(H)], dtype=x.dtype)
+    return per_head[None, :, None].expand(B, H, L)
+
+
+def brute_force(mixer: RetNet, x: torch.Tensor) -> torch.Tensor:
+    """Eq. (5)-(8) of the paper with torchscale's normalisers, in float64: explicit loops and products."""
+    c = mixer.config
+    B, L, d = x.shape
+    H, dk, dv = mixer.n_heads, mixer.key_dim, mixer.value_dim
+    q = (x @ mixer.q_proj.weight.T).view(B, L, H, dk).transpose(1, 2)
+    k = (x @ mixer.k_proj.weight.T).view(B, L, H, dk).transpose(1, 2) / math.sqrt(dk)
+    v = (x @ mixer.v_proj.weight.T).view(B, L, H, dv).transpose(1, 2)
+    if c.xpos:  # multiply channel pairs, as complex numbers, by e^{i n theta_j}, theta_j = base^(-j / (dk/2 - 1))
+        half = dk // 2
+        theta = torch.tensor([c.xpos_base ** (-j / max(half - 1, 1)) for j in range(half)], dtype=torch.float64)
+        phase = torch.polar(torch.ones(L, half, dtype=torch.float64), torch.arange(L)[:, None] * theta[None, :])
+        q = torch.view_as_real(torch.view_as_complex(q.reshape(B, H, L, half, 2).contiguous()) * phase).flatten(-2)
+        k = torch.view_as_real(torch.view_as_complex(k.reshape(B, H, L, half, 2).contiguous()) * phase).flatten(-2)
+    gamma = paper_gammas(mixer, x)
+    D = torch.zeros(B, H, L, L, dtype=x.dtype)
+    for n in range(L):
+        for m in range(n + 1):
+            D[:, :, n, m] = gamma[:, :, m + 1 : n + 1].prod(-1)
+    if c.decay_norm:
+        D = D / D.sum(-1, keepdim=True).sqrt()
+    R = torch.einsum("bhnd,bhmd->bhnm", q, k) * D
+    if c.score_norm:
+        R = R / R.sum(-1, keepdim=True).detach().abs().clamp(min=1)
+    O = R @ v
+    if c.group_norm:
+        if c.group_norm_kind == "layernorm":
+            O = O - O.mean(-1, keepdim=True)
+        O = O / (O.pow(2).mean(-1, keepdim=True) + c.group_norm_eps).sqrt()
+        if c.group_norm_affine:
+            O = O * mixer.group_norm.weight + (mixer.group_norm.bias if mixer.group_norm.bias is not None else 0)
+    Y = O.transpose(1, 2).reshape(B, L, H * dv)
+    if c.swish_gate:
+        Y = F.silu(x @ mixer.g_proj.weight.T) * Y
+    return Y @ mixer.out_proj.weight.T
+
+
+DECAYS = {
+    "paper": {},
+    "torchscale": {"decay_schedule": "torchscale"},
+    "single_scale": {"multiscale_decay": False},
+    "no_decay": {"decay": False},
+    "learnable": {"learnable_decay": True},
+    "selective": {"selective_decay": True},
+}
+NORMS = {
+    f"gn{int(gn)}_dn{int(dn)}_sn{int(sn)}": {"group_norm": gn, "decay_norm": dn, "score_norm": sn}
+    for gn, dn, sn in itertools.product([True, False], repeat=3)
+}
+OTHERS = {
+    "no_gate": {"swish_gate": False},
+    "no_gate_no_realloc": {"swish_gate": False, "gate_realloc": "none"},
+    "layernorm_affine": {"group_norm_kind": "layernorm", "group_norm_affine": True},
+    "rmsnorm_affine_eps0": {"group_norm_affine": True, "group_norm_eps": 0.0},
+    "big_eps": {"group_norm_eps": 1e-1},
+    "no_xpos": {"xpos": False},
+    "value_factor_1": {"value_factor": 1.0},
+    "head_dim_16": {"head_dim": 16},
+    "head_dim_2": {"head_dim": 2},
+    "no_xpos_no_decay_no_gn_selective_off": {"xpos": False, "decay": False, "group_norm": False},
+    "selective_layernorm_no_gate": {"selective_decay": True, "group_norm_kind": "layernorm", "swish_gate": False},
+    "learnable_single_scale_no_dn": {"learnable_decay": True, "multiscale_decay": False, "decay_norm": False},
+}
+GRID = {f"{d}-{n}": {**dv, **nv} for (d, dv), (n, nv) in itertools.product(DECAYS.items(), NORMS.items())}
+GRID.update(OTHERS)
+TOL = {torch.float64: 1e-11, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("switches", list(GRID.values()), ids=list(GRID))
+def test_brute_force_oracle_float64(switches):
+    mixer = make(**switches)
+    x = inputs(torch.float64).requires_grad_()
+    expected = brute_force(mixer, x)
+    g_out = torch.randn_like(expected)
+    grads_expected = torch.autograd.grad((expected * g_out).sum(), [x, *mixer.parameters()])
+    names = ["x", *(n for n, _ in mixer.named_parameters())]
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        y, _ = run(mixer, x, mode)
+        assert rel_err(y, expected) < 1e-12, mode
+        grads = torch.autograd.grad((y * g_out).sum(), [x, *mixer.parameters()])
+        for name, g, ge in zip(names, grads, grads_expected, strict=True):
+            assert rel_err(g, ge) < 1e-11, (mode, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("switches", list(GRID.values()), ids=list(GRID))
+def test_modes_agree(switches, dtype):
+    mixer = make(dtype, **switches)
+    x = inputs(dtype).requires_grad_()
+    params = list(mixer.parameters())
+    outs, grads = {}, {}
+    g_out = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    for mode in ("parallel", "chunkwise"):
+        y, state = run(mixer, x, mode)
+        outs[mode], grads[mode] = y, torch.autograd.grad((y * g_out).sum(), [x, *params])
+    with torch.no_grad():
+        outs["recurrent"], _ = run(mixer, x, "recurrent")
+    tol = TOL[dtype]
+    assert rel_err(outs["chunkwise"], outs["parallel"]) < tol
+    assert rel_err(outs["recurrent"], outs["parallel"]) < tol
+    names = ["x", *(n for n, _ in mixer.named_parameters())]
+    for name, gc, gp in zip(names, grads["chunkwise"], grads["parallel"], strict=True):
+        assert gp.abs().max() > 0, f"no gradient reaches {name}"
+        assert rel_err(gc, gp) < tol, name
+
+
+def test_score_normaliser_is_exercised():
+    """The grid's weights make |q.z|/sqrt(r) cross 1: some rows are divided, others are not."""
+    mixer = make()
+    x = inputs(torch.float64)
+    with torch.no_grad():
+        q = mixer.q_proj(x).view(2, T, 4, 8).transpose(1, 2)
+        k = mixer.k_proj(x).view(2, T, 4, 8).transpose(1, 2) / math.sqrt(8)
+        ones = torch.ones(2, 4, T, 1, dtype=x.dtype)
+        qz, _ = parallel_retention(q, k, ones, mixer.log_decay(x))
+        scores = qz[..., 0].abs() * decay_row_sums(mixer.log_decay(x), torch.arange(T)).rsqrt()
+    frac = (scores > 1).double().mean().item()
+    assert 0.05 < frac < 0.95, frac
+
+
+def test_selective_decay_varies_per_token():
+    mixer = make(selective_decay=True)
+    log_decay = mixer.log_decay(inputs(torch.float64))
+    assert log_decay.shape == (2, 4, T)
+    assert log_decay.std(-1).min() > 1e-3
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 5, 12, 13, 64])
+@pytest.mark.parametrize("decay", ["paper", "selective"])
+def test_chunk_sizes_and_partial_last_chunk(chunk_size, decay):
+    mixer = make(chunk_size=chunk_size, **DECAYS[decay])
+    x = inputs(torch.float64, length=T)
+    y_par, s_par = run(mixer, x, "parallel")
+    y_chk, s_chk = run(mixer, x, "chunkwise")
+    assert rel_err(y_chk, y_par) < 1e-13
+    for key in ("kv", "z", "r"):
+        if s_par[key] is not None:
+            assert rel_err(s_chk[key], s_par[key]) < 1e-13, key
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_continuation_from_state(mode, decay):
+    """A prompt, single tokens, then a multi-token piece: the same as one pass, with a state of constant size."""
+    mixer = make(**DECAYS[decay])
+    x = inputs(torch.float64, length=20)
+    full, _ = run(mixer, x, "parallel")
+    pieces, state, shapes = [], None, set()
+    for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 17), (17, 20)]:
+        y, state = run(mixer, x[:, lo:hi], mode, state)
+        pieces.append(y)
+        shapes.add(tuple((k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)))
+        assert state["offset"] == hi
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-12
+    assert len(shapes) == 1, "the state grew with the sequence"
+
+
+def test_state_independent_of_the_mode_that_wrote_it():
+    """Prefill chunkwise, continue in another mode: states are interchangeable."""
+    mixer = make(selective_decay=True)
+    x = inputs(torch.float64, length=16)
+    full, _ = run(mixer, x, "parallel")
+    y1, state = run(mixer, x[:, :9], "chunkwise")
+    y2, _ = run(mixer, x[:, 9:], "recurrent", state)
+    assert rel_err(torch.cat((y1, y2), 1), full) < 1e-12
+
+
+def test_continued_call_forms():
+    mixer = make(mode="parallel")
+    assert [mixer.form(9, False), mixer.form(1, True), mixer.form(9, True)] == ["parallel", "recurrent", "chunkwise"]
+    mixer.config.mode = "recurrent"
+    assert mixer.form(9, True) == "recurrent"
+
+
+def test_float32_long_sequence():
+    """Closed-form normalisers keep float32 exact well beyond toy lengths (chunk 64, partial last chunk)."""
+    mixer = make(torch.float32, chunk_size=64)
+    x = inputs(torch.float32, batch=1, length=300)
+    with torch.no_grad():
+        y_par, _ = run(mixer, x, "parallel")
+        y_chk, _ = run(mixer, x, "chunkwise")
+        y_rec, _ = run(mixer, x[:, :80], "recurrent")
+    assert rel_err(y_chk, y_par) < 1e-5
+    assert rel_err(y_rec, y_par[:, :80]) < 1e-5
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_cores_agree_with_initial_state(per_token):
+    """The cores alone (the interface fast kernels implement): outputs and final states, from a given state."""
+    g = torch.Generator().manual_seed(0)
+    B, H, L, dk, dv = 2, 3, 11, 4, 5
+    q, k = (torch.randn(B, H, L, dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, L, dv, generator=g, dtype=torch.float64)
+    s0 = torch.randn(B, H, dk, dv, generator=g, dtype=torch.float64)
+    a = (
+        -torch.rand(B, H, L, generator=g, dtype=torch.float64)
+        if per_token
+        else torch.tensor([-0.1, -0.01, 0.0]).double()
+    )
+    ref_o, ref_s = recurrent_retention(q, k, v, a, s0)
+    # independent check of the recurrence itself: the explicit sum over the decayed history
+    gamma = a.exp() if per_token else a.exp()[None, :, None].expand(B, H, L)
+    n = 7
+    decays = torch.stack([gamma[:, :, m + 1 : n + 1].prod(-1) for m in range(n + 1)], -1)
+    direct = torch.einsum("bhd,bhmd,bhm,bhme->bhe", q[:, :, n], k[:, :, : n + 1], decays, v[:, :, : n + 1])
+    direct = direct + gamma[:, :, : n + 1].prod(-1)[..., None] * (q[:, :, n, None, :] @ s0).squeeze(-2)
+    assert rel_err(ref_o[:, :, n], direct) < 1e-13
+    for core in (parallel_retention, lambda *args: chunkwise_retention(*args, chunk_size=3)):
+        o, s = core(q, k, v, a, s0)
+        assert rel_err(o, ref_o) < 1e-13 and rel_err(s, ref_s) < 1e-13
+
+
+def test_decay_row_sums_closed_form():
+    log_decay = torch.log(torch.tensor([1 - 1 / 32, 1 - 1 / 512, 1.0], dtype=torch.float64))
+    positions = torch.arange(40, 60)
+    direct = torch.stack([(log_decay.exp()[:, None] ** torch.arange(p + 1)).sum(-1) for p in positions], 1)
+    assert rel_err(decay_row_sums(log_decay, positions), direct) < 1e-14
+
+
+def test_gate_reallocation_keeps_size():
+    """Paper Table 6 "-swish gate": the gate's weights go to wider values, so the mixer's size stays equal."""
+    for d_model, head_dim in [(64, 16), (1024, 256)]:
+        counts = {}
+        for key, switches in [("gate", {}), ("value", {"swish_gate": False}), ("none", OTHERS["no_gate_no_realloc"])]:
+            mixer = RetNet(d_model, RetNetConfig(name="retnet", head_dim=head_dim, **switches))
+            counts[key] = sum(p.numel() for p in mixer.parameters())
+        assert counts["value"] == counts["gate"] == 8 * d_model**2
+        assert counts["none"] == 6 * d_model**2
+
+
+def test_paper_head_dim_ablation_shapes():
+    """Table 6 "reduce head dimension": d = 1024, head dim 256 -> 64 gives 16 heads, value heads 128."""
+    for head_dim, heads, value in [(256, 4, 512), (64, 16, 128)]:
+        mixer = RetNet(1024, RetNetConfig(name="retnet", head_dim=head_dim))
+        assert (mixer.n_heads, mixer.key_dim, mixer.value_dim) == (heads, head_dim, value)
+
+
+def test_decay_schedules():
+    mixer = RetNet(1024, RetNetConfig(name="retnet"))  # the paper's: 1 - 1/32 ... 1 - 1/512 over 4 heads
+    one_minus = 1 / (1 - mixer.log_decay(torch.zeros(1, 1, 1024, dtype=torch.float64)).exp())
+    torch.testing.assert_close(one_minus, torch.tensor([32, 32 * 16 ** (1 / 3), 32 * 16 ** (2 / 3), 512.0]).double())
+    mixer = RetNet(1024, RetNetConfig(name="retnet", multiscale_decay=False))
+    assert torch.allclose(mixer.log_decay(torch.zeros(1, 1, 1024)).exp(), torch.tensor(127 / 128))
+
+
+def test_trained_decays_are_parameters_without_weight_decay():
+    mixer = make(learnable_decay=True)
+    assert mixer.decay_logit._optim == {"weight_decay": 0.0}
+    fresh = RetNet(D_MODEL, RetNetConfig(name="retnet", head_dim=HEAD_DIM, learnable_decay=True))
+    torch.testing.assert_close(F.logsigmoid(fresh.decay_logit).double(), fresh._initial_log_decay(), rtol=1e-6, atol=0)
+    selective = RetNet(D_MODEL, RetNetConfig(name="retnet", head_dim=HEAD_DIM, selective_decay=True))
+    assert selective.decay_proj.bias._optim == {"weight_decay": 0.0}
+
+
+@pytest.mark.parametrize("score_norm", [True, False])
+@pytest.mark.parametrize("selective", [True, False])
+def test_state_size_is_constant_and_counts_the_state(score_norm, selective):
+    mixer = make(score_norm=score_norm, selective_decay=selective)
+    sizes = {mixer.state_size(n) for n in (1, 100, 10_000)}
+    assert len(sizes) == 1
+    _, state = mixer(inputs(torch.float64, batch=1))
+    held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)) + 1  # + the position
+    assert held == sizes.pop()
+
+
+def test_kernel_field():
+    x = inputs(torch.float64)
+    y_auto, _ = make(kernel="auto")(x)
+    y_torch, _ = make(kernel="torch")(x)
+    assert torch.equal(y_auto, y_torch)
+    with pytest.raises(ConfigError, match="kernel"):
+        make(kernel="triton")
+
+
+@pytest.mark.parametrize(
+    ("switches", "d_model", "message"),
+    [
+        ({"head_dim": 12}, 32, "not divisible by head_dim=12"),
+        ({"head_dim": 0}, 32, "head_dim"),
+        ({"head_dim": 1}, 32, "must be even"),
+        ({"value_factor": 1.3}, 32, "whole number"),
+        ({"swish_gate": False, "head_dim": 2, "value_factor": 0.5}, 32, "x1.5 without the gate"),
+        ({"mode": "fft"}, 32, "mode"),
+        ({"chunk_size": 0}, 32, "chunk_size"),
+        ({"decay_schedule": "xpos"}, 32, "decay_schedule"),
+        ({"group_norm_kind": "batchnorm"}, 32, "group_norm_kind"),
+        ({"group_norm_eps": -1.0}, 32, "group_norm_eps"),
+        ({"learnable_decay": True, "decay": False}, 32, "needs decay=true"),
+        ({"selective_decay": True, "learnable_decay": True}, 32, "choose one"),
+        ({"single_scale_gamma": 1.5}, 32, "single_scale_gamma"),
+        ({"learnable_decay": True, "multiscale_decay": False, "single_scale_gamma": 1.0}, 32, "gamma < 1"),
+    ],
+)
+def test_config_errors(switches, d_model, message):
+    with pytest.raises(ConfigError, match=message):
+        RetNet(d_model, RetNetConfig(name="retnet", **{"head_dim": HEAD_DIM, **switches}))
+
+
+def test_defaults_are_the_paper_and_small_builds():
+    c = RetNetConfig()
+    assert (c.key_head_dim(1024), c.value_factor, c.swish_gate, c.group_norm, c.decay_schedule) == (
+        256,
+        2.0,
+        True,
+        True,
+        "paper",
+    )
+    RetNetConfig.small().check(64)
+    RetNetConfig().check(128)  # the defaults scale down: 4 heads of 32 at the quick start's width
+    with pytest.raises(ConfigError, match="divisor of 66"):
+        RetNetConfig().check(66)
+    with pytest.raises(ConfigError, match="divisor of 64"):
+        RetNetConfig(head_dim=256).check(64)
+
+
+def test_greedy_decoding_recurrent_matches_parallel_rerun():
+    """generate() steps the recurrent form with a state of constant size; the tokens equal those of re-running the
+    parallel form over the growing prefix."""
+    torch.manual_seed(0)
+    mixer = dataclasses.replace(RetNetConfig.small(), name="retnet", mode="parallel")
+    model = LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=2, mixer=mixer)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a sharper model than at init, so greedy choices are decisive
+            p.add_(torch.randn_like(p) * 0.05)
+    prompt = torch.randint(0, 50, (2, 5))
+    generated = model.generate(prompt, max_new_tokens=12)
+    seq = prompt
+    for _ in range(12):
+        logits, _ = model(seq)
+        seq = torch.cat((seq, logits[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(generated, seq)
+    assert len({model.state_size(n) for n in (5, 17, 10_000)}) == 1
+    calls = []
+    for block in model.blocks:
+        block.mixer.register_forward_hook(
+            lambda m, args, out: calls.append(m.form(args[0].shape[1], args[1] is not None))
+        )
+    model.generate(prompt, max_new_tokens=3)
+    assert calls == ["parallel"] * 2 + ["recurrent"] * 4
+
+
+@pytest.mark.parametrize(
+    "switches", [{}, {"selective_decay": True}, {"group_norm": False}], ids=["paper", "sel", "nogn"]
+)
+def test_bfloat16_keeps_the_decay(switches):
+    """Half inputs run the core in float32 (gamma = 1 - 1/512 is 1 in bfloat16): close to float32, modes agree."""
+    mixer = make(torch.float32, **switches)
+    x = inputs(torch.float32)
+    reference, _ = run(mixer, x, "parallel")
+    mixer = mixer.to(torch.bfloat16)
+    outs = {}
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        outs[mode], state = run(mixer, x.bfloat16(), mode)
+        assert outs[mode].dtype == torch.bfloat16 and state["kv"].dtype == torch.float32
+        assert rel_err(outs[mode].float(), reference) < 3e-2, mode
+    assert rel_err(outs["chunkwise"].float(), outs["parallel"].float()) < 1e-2
