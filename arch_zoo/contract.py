@@ -62,6 +62,12 @@ class TokenMixer(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this mixer cannot be built on this machine (e.g. it needs a GPU), or None. Such a mixer is still
+        listed; building it raises :class:`ConfigError` with this reason."""
+        return None
+
     def forward(
         self, x: torch.Tensor, state: Any = None, return_state: bool = True
     ) -> tuple[torch.Tensor, Any]:  # pragma: no cover - abstract

@@ -27,3 +27,15 @@ def pytest_collection_modifyitems(config, items):
 def data_cache(tmp_path_factory) -> Path:
     """One packed-data cache for the whole session (tokenising the default corpus takes seconds)."""
     return Path(os.environ.get("ARCH_ZOO_TEST_CACHE") or tmp_path_factory.mktemp("arch_zoo_cache"))
+
+
+def mixer_params() -> list:
+    """Every registered mixer as a pytest param; those that cannot build on this machine are skipped with why."""
+    from arch_zoo import available_mixers
+
+    params = []
+    for name, spec in available_mixers().items():
+        reason = spec.mixer_class.unavailable()
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

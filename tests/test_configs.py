@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from arch_zoo import ConfigError, LanguageModel, available_mixers
 from experiments.train import check, model_config
+from tests.conftest import mixer_params
 
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 GROUPS = ["model", "data", "trainer", "optim", "logger", "experiment"]
@@ -30,7 +31,7 @@ def test_every_config_option_composes_and_checks(group, option):
     check(cfg)
 
 
-@pytest.mark.parametrize("name", sorted(available_mixers()))
+@pytest.mark.parametrize("name", mixer_params())
 def test_every_mixer_selects_by_name_and_builds(name):
     small = available_mixers()[name].config_class.small()  # builds at the tiny model's d_model=64
     fields = [f"model.mixer.{k}={'null' if v is None else v}" for k, v in vars(small).items() if k != "name"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from arch_zoo import LanguageModel, ModelConfig, available_mixers, build_mixer
+from tests.conftest import mixer_params
 
 D_MODEL = 64
 NAMES = list(available_mixers())
@@ -27,7 +28,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", mixer_params())
 def test_shape_and_finite(name):
     mixer = make_mixer(name, torch.float32)
     x = torch.randn(2, 37, D_MODEL)
@@ -39,7 +40,7 @@ def test_shape_and_finite(name):
     torch.testing.assert_close(y2, y)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", mixer_params())
 def test_causal(name):
     mixer = make_mixer(name)
     x = torch.randn(2, 40, D_MODEL, dtype=torch.float64)
@@ -52,7 +53,7 @@ def test_causal(name):
     assert rel_err(y2[:, t + 1 :], y[:, t + 1 :]) > 1e-6, "output ignores its inputs"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", mixer_params())
 def test_state_continuation_matches_full_sequence(name):
     mixer = make_mixer(name)
     x = torch.randn(2, 45, D_MODEL, dtype=torch.float64)
@@ -64,7 +65,7 @@ def test_state_continuation_matches_full_sequence(name):
     assert rel_err(torch.cat(pieces, dim=1), full) < 1e-8
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", mixer_params())
 def test_state_size(name):
     mixer = make_mixer(name)
     sizes = [mixer.state_size(n) for n in (1, 128, 4096)]
@@ -72,7 +73,7 @@ def test_state_size(name):
     assert sizes == sorted(sizes), "a state never shrinks as the sequence grows"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", mixer_params())
 def test_one_step_lowers_loss(name):
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(vocab_size=32, d_model=D_MODEL, n_layers=2, mixer=small_config(name)))

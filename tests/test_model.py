@@ -8,6 +8,7 @@ import torch
 from arch_zoo import ConfigError, FFNConfig, LanguageModel, ModelConfig, available_mixers, set_optim
 from arch_zoo.layers import ffn_kinds
 from experiments.lit_module import lr_multiplier, parameter_groups
+from tests.conftest import mixer_params
 
 
 def small(name: str):
@@ -19,7 +20,7 @@ def tiny_model(mixer, **kw) -> LanguageModel:
     return LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=2, mixer=mixer, **kw)).double().eval()
 
 
-@pytest.mark.parametrize("name", sorted(available_mixers()))
+@pytest.mark.parametrize("name", mixer_params())
 def test_greedy_generation_through_states_matches_reforwarding_the_prefix(name):
     model = tiny_model(small(name))
     prompt = torch.randint(0, 50, (2, 5))

@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import PLUGIN_PATH
 
+# the installed console script, exactly as a user runs it
+ZOO_TRAIN = str(Path(sys.executable).with_name("zoo-train"))
+
 TINY = [
     "model=tiny",
     "trainer=debug",
@@ -31,7 +34,7 @@ def run_train(tmp: Path, cache: Path, *overrides: str, plugin: bool = False) -> 
         env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_PATH), env.get("PYTHONPATH", "")])
     args = [*TINY, f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/run", *overrides]
     return subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args],
+        [ZOO_TRAIN, *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -169,7 +172,7 @@ def test_failed_trials_are_marked_and_the_sweep_goes_on(tmp_path, data_cache):
         "inject_failure=null,{at_step: 1, kind: raise},{at_step: 1, kind: diverge},{at_step: 1, kind: bogus}",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "-m", *args],
+        [ZOO_TRAIN, "-m", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -190,3 +193,36 @@ def test_failed_trials_are_marked_and_the_sweep_goes_on(tmp_path, data_cache):
     assert reasons == {"RuntimeError", "DivergedError", "ValueError"}  # a bad trial config is recorded too
     assert all(r.data.tags.get("diverged") == "true" for r in failed if "Diverged" in r.data.tags["failure_reason"])
     assert parents[0].data.metrics["sweep/failed_trials"] == 3
+
+
+@pytest.mark.slow
+def test_ablation_sweep_runs_from_one_override(tmp_path, data_cache):
+    env = {**os.environ, "ARCH_ZOO_CACHE": str(data_cache)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = [
+        "+sweep=retnet_ablation",
+        *TINY,
+        "seed=0",
+        "trainer.max_steps=2",
+        "logger.log_checkpoint=false",
+        "final_validate=false",
+        f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    proc = subprocess.run([ZOO_TRAIN, "-m", *args], capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("retnet_ablation").experiment_id])
+    trials = {r.data.tags["variant"]: r for r in runs if "variant" in r.data.tags}
+    assert set(trials) == {
+        "Full RetNet",
+        "- swish gate",
+        "- GroupNorm",
+        "- γ decay",
+        "- multi-scale decay",
+        "reduce head dimension",
+    }
+    assert all(r.info.status == "FINISHED" for r in trials.values())
+    assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "False"
+    assert trials["- γ decay"].data.params["model.mixer.decay"] == "False"
+    assert trials["reduce head dimension"].data.params["model.mixer.head_dim"] == "8"

@@ -1,0 +1,112 @@
+"""flash-linear-attention (fla) layers as registered mixers: GLA, RWKV-6/7, Mamba-2, (gated) DeltaNet, HGRN-2 and
+fla's own retention.
+
+They reach the registry through the ``arch_zoo.mixers`` entry points in this project's ``pyproject.toml``, the same
+path a third-party package takes, so the plugin mechanism is exercised by real code. fla's kernels are Triton-only:
+on a machine without a CUDA GPU (or without fla) these mixers are listed but refuse to build, with a message that
+says so. State continuation goes through fla's own cache object, one per mixer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
+
+
+def unavailable_reason() -> str | None:
+    """Why fla layers cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (flash-linear-attention runs Triton kernels only)"
+    if importlib.util.find_spec("fla") is None:
+        return "needs flash-linear-attention (pip install flash-linear-attention)"
+    return None
+
+
+@dataclass
+class FLAConfig(MixerConfig):
+    """``num_heads`` and ``mode`` map onto the fla layer's arguments; ``options`` passes any other argument of the
+    layer's constructor through unchanged (e.g. ``model.mixer.options='{expand_k: 1.0}'``)."""
+
+    num_heads: int = 4
+    mode: str = "chunk"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, d_model: int) -> None:
+        if self.num_heads <= 0 or d_model % self.num_heads:
+            raise ConfigError(f"fla mixer: d_model={d_model} is not divisible by num_heads={self.num_heads}")
+
+
+class FLAMixer(TokenMixer):
+    """Wraps one fla layer class (``fla_class``) behind the token-mixer contract."""
+
+    config_class = FLAConfig
+    fla_class: ClassVar[str] = ""
+    head_arg: ClassVar[str] = "num_heads"  # constructor argument that takes the head count
+    takes_mode: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return unavailable_reason()
+
+    def __init__(self, d_model: int, config: FLAConfig, layer_idx: int = 0) -> None:
+        super().__init__(d_model, config, layer_idx)
+        reason = unavailable_reason()
+        if reason is not None:
+            raise ConfigError(f"mixer {config.name!r} {reason}; on this machine choose a built-in mixer instead")
+        layers = importlib.import_module("fla.layers")
+        kwargs = {"hidden_size": d_model, self.head_arg: config.num_heads, "layer_idx": 0, **config.options}
+        if self.takes_mode:
+            kwargs["mode"] = config.mode
+        self.layer = getattr(layers, self.fla_class)(**kwargs)
+        self._state_numel: int | None = None
+
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
+        if state is None and return_state:
+            from fla.models.utils import Cache
+
+            state = Cache()
+        out = self.layer(x, past_key_values=state, use_cache=return_state)
+        return out[0], (out[2] if return_state else None)
+
+    def state_size(self, seq_len: int) -> int:
+        """Numbers in the layer's recurrent state (constant in length), measured once on a one-token input."""
+        if self._state_numel is None:
+            param = next(self.parameters())
+            with torch.no_grad():
+                _, cache = self(torch.zeros(1, 1, self.d_model, device=param.device, dtype=param.dtype))
+            entry = cache[0]
+            values = entry.values() if isinstance(entry, dict) else entry
+            self._state_numel = sum(_numel(v) for v in values)
+        return self._state_numel
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(_numel(v) for v in value)
+    return 0
+
+
+def _fla_mixer(class_name: str, head_arg: str = "num_heads", takes_mode: bool = True) -> type[FLAMixer]:
+    return type(
+        f"FLA{class_name}",
+        (FLAMixer,),
+        {"fla_class": class_name, "head_arg": head_arg, "takes_mode": takes_mode, "__module__": __name__},
+    )
+
+
+GatedLinearAttention = _fla_mixer("GatedLinearAttention")
+RWKV6 = _fla_mixer("RWKV6Attention")
+RWKV7 = _fla_mixer("RWKV7Attention")
+Mamba2 = _fla_mixer("Mamba2", takes_mode=False)
+GatedDeltaNet = _fla_mixer("GatedDeltaNet")
+DeltaNet = _fla_mixer("DeltaNet")
+HGRN2 = _fla_mixer("HGRN2Attention")
+Retention = _fla_mixer("MultiScaleRetention")

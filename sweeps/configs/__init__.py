@@ -1,0 +1,1 @@
+"""Sweep, ablation-variant and architecture config groups (YAML)."""
