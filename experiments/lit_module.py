@@ -12,6 +12,14 @@ from torchmetrics import SumMetric
 
 from arch_zoo import LanguageModel, ModelConfig
 
+IGNORE = -100  # target value of positions that are not scored
+
+
+def metric_prefix(split: str) -> str:
+    """Metric namespace of an evaluation split: ``val`` -> ``val``, ``ood_pydoc`` -> ``ood/pydoc``."""
+    head, _, tail = split.partition("_")
+    return f"{head}/{tail}" if tail and head in ("ood", "slice") else split
+
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the run stops and is marked FAILED with this reason."""
@@ -54,7 +62,7 @@ class LanguageModelTask(L.LightningModule):
         optim: OptimConfig,
         total_steps: int,
         eval_splits: list[str],
-        bytes_per_token: dict[str, float],
+        bytes_per_token: dict[str, float | None],
     ) -> None:
         super().__init__()
         self.model = LanguageModel(model_config)
@@ -63,6 +71,7 @@ class LanguageModelTask(L.LightningModule):
         self.eval_splits = eval_splits
         self.bytes_per_token = bytes_per_token
         self.nats = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
+        self.correct = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
         self.count = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -79,9 +88,12 @@ class LanguageModelTask(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         inputs, targets = batch
         logits, _ = self.model(inputs)
-        nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        logits, targets = logits.flatten(0, 1).float(), targets.flatten()
+        nats = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
+        scored = targets != IGNORE  # synthetic tasks score only their answer positions
         self.nats[dataloader_idx].update(nats)
-        self.count[dataloader_idx].update(torch.tensor(float(targets.numel()), device=nats.device))
+        self.correct[dataloader_idx].update((logits.argmax(-1)[scored] == targets[scored]).sum().float())
+        self.count[dataloader_idx].update(scored.sum().float())
 
     def on_validation_epoch_end(self) -> None:
         for i, split in enumerate(self.eval_splits):
@@ -89,12 +101,14 @@ class LanguageModelTask(L.LightningModule):
             if count == 0:  # sanity check or a split that was not evaluated
                 continue
             loss = self.nats[i].compute() / count
-            prefix = "val" if split == "val" else f"ood/{split.removeprefix('ood_')}"
+            prefix = metric_prefix(split)
             self.log(f"{prefix}/loss", loss, add_dataloader_idx=False, prog_bar=split == "val")
             self.log(f"{prefix}/ppl", torch.exp(loss), add_dataloader_idx=False)
-            self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], add_dataloader_idx=False)
-            self.nats[i].reset()
-            self.count[i].reset()
+            self.log(f"{prefix}/acc", self.correct[i].compute() / count, add_dataloader_idx=False)
+            if self.bytes_per_token.get(split):
+                self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], add_dataloader_idx=False)
+            for metric in (self.nats[i], self.correct[i], self.count[i]):
+                metric.reset()
 
     def configure_optimizers(self):
         o = self.optim

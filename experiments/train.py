@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -22,7 +23,6 @@ from arch_zoo import FFNConfig, ModelConfig, make_config
 from arch_zoo.contract import ConfigError
 from experiments.callbacks import InjectFailure, Throughput
 from experiments.config_store import register_configs
-from experiments.data.datamodule import DataConfig, TextDataModule
 from experiments.lit_module import LanguageModelTask, OptimConfig
 from experiments.tracking import (
     config_params,
@@ -52,11 +52,11 @@ def model_config(cfg: DictConfig, vocab_size: int | None) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def check(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, OptimConfig]:
+def check(cfg: DictConfig) -> tuple[ModelConfig, Any, OptimConfig]:
     """Everything that can be wrong with a config, found before anything heavy is built."""
     model = model_config(cfg, vocab_size=cfg.model.vocab_size or 1)
     model.check()
-    data: DataConfig = OmegaConf.to_object(cfg.data)
+    data = OmegaConf.to_object(cfg.data)
     data.check()
     optim: OptimConfig = OmegaConf.to_object(cfg.optim)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
 
-    data = TextDataModule(data_cfg, seed=cfg.seed, total_steps=cfg.trainer.max_steps)
+    data = hydra.utils.get_class(cfg.data._target_)(data_cfg, seed=cfg.seed, total_steps=cfg.trainer.max_steps)
     data.prepare_data()
     model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.model.vocab_size or data.vocab_size)
     eval_splits = data.eval_split_names
@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optim_cfg,
         total_steps=cfg.trainer.max_steps,
         eval_splits=eval_splits,
-        bytes_per_token={s: data.splits[s].bytes_per_token for s in eval_splits},
+        bytes_per_token={s: data.bytes_per_token(s) for s in eval_splits},
     )
     if cfg.compile:
         task.model = torch.compile(task.model)
@@ -100,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ]
     if cfg.inject_failure is not None:
         callbacks.append(InjectFailure(**cfg.inject_failure))
+    # extra Lightning callbacks from the config (e.g. a sweeper's pruning callback): name -> {_target_: ..., ...}
+    callbacks += [hydra.utils.instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     logger = None
@@ -124,31 +126,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     model = task.model
     n_params = sum(p.numel() for p in model.parameters())
-    unigram = {s: data.unigram_bits_per_byte(s) for s in eval_splits}
+    baselines = data.baselines()
     summary = {
         "model.n_params": n_params,
         "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
-        "data.content_hash": data.meta["content_hash"],
-        "data.vocab_size": data.vocab_size,
-        "data.train_tokens": int(len(data.splits["train"].tokens)),
+        **data.summary(),
         **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
     }
     if logger is not None and resumed is None:
         logger.log_hyperparams({**config_params(cfg), **summary})
-        logger.log_metrics({f"baseline/unigram_bpb.{s}": v for s, v in unigram.items()}, step=0)
+        logger.log_metrics({f"baseline/{k}": v for k, v in baselines.items()}, step=0)
         log_hydra_artifacts(logger, output_dir, cfg)
     log.info(
-        "model: %s, %.2fM parameters; data: %s tokens of training text",
+        "model: %s, %.2fM parameters; data: %s",
         mixer_name,
         n_params / 1e6,
-        f"{summary['data.train_tokens']:,}",
+        ", ".join(f"{k.removeprefix('data.')} {v}" for k, v in data.summary().items()),
     )
 
     try:
         trainer.fit(task, datamodule=data, ckpt_path=str(resumed.checkpoint) if resumed else None)
     except BaseException as err:
         if logger is not None:
-            mark_failed(logger, f"{type(err).__name__}: {err}")
+            if getattr(err, "pruned", False) or type(err).__name__ == "TrialPruned":
+                logger.experiment.set_tag(logger.run_id, "pruned", "true")
+                logger.experiment.set_terminated(logger.run_id, status="KILLED")
+            else:
+                mark_failed(logger, f"{type(err).__name__}: {err}")
             err.mlflow_run_id = logger.run_id  # type: ignore[attr-defined]
         raise
     metrics: dict[str, float] = {}
@@ -158,24 +162,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for k, v in result.items()})
         if logger is not None:
             logger.finalize("success")
-    report(metrics, unigram, logger, output_dir)
+    report(metrics, baselines, logger, output_dir)
     return metrics
 
 
-def report(metrics: dict[str, float], unigram: dict[str, float], logger, output_dir: Path) -> None:
+def report(metrics: dict[str, float], baselines: dict[str, float], logger, output_dir: Path) -> None:
     lines = ["", "run finished"]
-    if "val/bpb" in metrics:
-        lines.append(
-            f"  validation: {metrics['val/bpb']:.3f} bits/byte (loss {metrics['val/loss']:.3f}, "
-            f"ppl {metrics['val/ppl']:.2f}); unigram baseline {unigram['val']:.3f} bits/byte"
-        )
-    for split, base in unigram.items():
-        key = f"ood/{split.removeprefix('ood_')}/bpb"
-        if key in metrics:
-            lines.append(
-                f"  out-of-domain {split.removeprefix('ood_')}: {metrics[key]:.3f} bits/byte; "
-                f"unigram baseline {base:.3f}"
-            )
+    for key, value in sorted(metrics.items(), key=lambda item: (not item[0].startswith("val/"), item[0])):
+        if key.endswith(("/bpb", "/acc")) and not (key.endswith("/acc") and key.replace("/acc", "/bpb") in metrics):
+            split = key.rsplit("/", 1)[0]
+            base = baselines.get(f"unigram_bpb.{split.replace('/', '_')}")
+            baseline = f"; unigram baseline {base:.3f} bits/byte" if base is not None else ""
+            unit = "bits/byte" if key.endswith("/bpb") else "accuracy"
+            lines.append(f"  {split}: {value:.3f} {unit} (loss {metrics[split + '/loss']:.3f}){baseline}")
     lines.append(f"  outputs and checkpoints: {output_dir}")
     if logger is not None:
         uri = logger._tracking_uri

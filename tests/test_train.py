@@ -59,7 +59,7 @@ def artifacts(client, run_id: str, path: str = "") -> list[str]:
 
 @pytest.mark.slow
 def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
-    proc = run_train(tmp_path, data_cache)
+    proc = run_train(tmp_path, data_cache, "data.eval_lengths=[128]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unigram baseline" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     client, run = only_run(tmp_path)

@@ -25,6 +25,7 @@ from experiments.data.tokenizer import Tokenizer, make_tokenizer
 
 @dataclass
 class DataConfig:
+    _target_: str = "experiments.data.datamodule.TextDataModule"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: str = "bytes"  # bytes | bpe
     bpe_vocab_size: int = 4096
@@ -33,12 +34,17 @@ class DataConfig:
     eval_batch_size: int = 32
     max_val_tokens: int | None = 131072
     max_ood_tokens: int | None = 131072
+    # extra evaluations of the validation text in windows of these lengths (length extrapolation: beyond
+    # block_size), logged as val_len<N>/loss|ppl|bpb|acc
+    eval_lengths: list[int] = field(default_factory=list)
     num_workers: int = 0
     cache_dir: str = "~/.cache/arch_zoo"
 
     def check(self) -> None:
         if self.block_size < 2 or self.batch_size < 1:
             raise ConfigError("data.block_size must be >= 2 and data.batch_size >= 1")
+        if any(n < 2 for n in self.eval_lengths):
+            raise ConfigError(f"data.eval_lengths={self.eval_lengths}: every length must be >= 2")
         check_corpus(self.corpus)
 
 
@@ -179,7 +185,29 @@ class TextDataModule(L.LightningDataModule):
     def eval_split_names(self) -> list[str]:
         """Validation first (dataloader 0), then every out-of-domain set."""
         self._load()
-        return ["val"] + sorted(k for k in self.splits if k.startswith("ood_"))
+        lengths = [f"val_len{n}" for n in self.config.eval_lengths]
+        return ["val"] + sorted(k for k in self.splits if k.startswith("ood_")) + lengths
+
+    def _source_split(self, split: str) -> tuple[str, int]:
+        """The packed split behind an evaluation split, and its window length."""
+        if split.startswith("val_len"):
+            return "val", int(split.removeprefix("val_len"))
+        return split, self.config.block_size
+
+    def bytes_per_token(self, split: str) -> float | None:
+        self._load()
+        return self.splits[self._source_split(split)[0]].bytes_per_token
+
+    def baselines(self) -> dict[str, float]:
+        return {f"unigram_bpb.{s}": self.unigram_bits_per_byte(s) for s in self.eval_split_names if s in self.splits}
+
+    def summary(self) -> dict[str, object]:
+        self._load()
+        return {
+            "data.content_hash": self.meta["content_hash"],
+            "data.vocab_size": self.vocab_size,
+            "data.train_tokens": int(len(self.splits["train"].tokens)),
+        }
 
     def unigram_bits_per_byte(self, split: str = "val") -> float:
         """Cross-entropy of ``split`` under the training split's add-one-smoothed unigram distribution."""
@@ -210,10 +238,13 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
-        limit = self.config.max_val_tokens if split == "val" else self.config.max_ood_tokens
+        source, length = self._source_split(split)
+        limit = self.config.max_val_tokens if source == "val" else self.config.max_ood_tokens
+        # the same number of tokens per batch at every window length
+        batch = max(1, self.config.eval_batch_size * self.config.block_size // length)
         return DataLoader(
-            Blocks(self.splits[split].tokens, self.config.block_size, limit),
-            batch_size=self.config.eval_batch_size,
+            Blocks(self.splits[source].tokens, length, limit),
+            batch_size=batch,
             shuffle=False,
             num_workers=self.config.num_workers,
         )
