@@ -54,8 +54,11 @@ class FFNConfig:
     mult: float = 2.0
     bias: bool = False
     dropout: float = 0.0
+    hidden_size: int | None = None  # set, it wins over mult (the model sets it to match a parameter budget)
 
     def hidden(self, d_model: int) -> int:
+        if self.hidden_size is not None:
+            return self.hidden_size
         return max(1, int(round(self.mult * d_model)))
 
 

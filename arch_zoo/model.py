@@ -7,6 +7,7 @@ registry (so plugins work everywhere); a hybrid model replaces the mixer of chos
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,9 @@ class ModelConfig:
     hybrid_mixer: Any = None
     hybrid_layers: list[int] = field(default_factory=list)
     hybrid_every: int = 0
+    # equal-size comparisons (the paper's Table 5): choose the FFN width so that the non-embedding parameter
+    # count comes as close as possible to this number, whatever the mixer costs
+    target_params: int | None = None
 
     def hybrid_layer_set(self) -> set[int]:
         layers = set(self.hybrid_layers)
@@ -64,11 +68,37 @@ class ModelConfig:
             make_config(self.hybrid_mixer).check(self.d_model)
 
 
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def matched_ffn(config: ModelConfig, mixers: list[nn.Module]) -> FFNConfig:
+    """The FFN config whose width brings the non-embedding parameter count nearest ``config.target_params``.
+
+    An FFN's size is affine in its width, so two probe builds give the slope and intercept."""
+    if config.target_params is None or config.ffn.kind == "none":
+        return config.ffn
+    d, L = config.d_model, config.n_layers
+    with torch.device("meta"):
+        f1 = _count(build_ffn(dataclasses.replace(config.ffn, hidden_size=1), d))
+        f2 = _count(build_ffn(dataclasses.replace(config.ffn, hidden_size=2), d))
+        norms = _count(make_norm(config.norm, d, config.norm_eps))
+    slope, intercept = f2 - f1, f1 - (f2 - f1)
+    fixed = sum(_count(m) for m in mixers) + L * (2 * norms + intercept) + norms
+    hidden = round((config.target_params - fixed) / (L * slope))
+    if hidden < 1:
+        raise ConfigError(
+            f"model.target_params={config.target_params:,} is below what the mixers alone need ({fixed:,}); "
+            "raise it or shrink d_model / n_layers"
+        )
+    return dataclasses.replace(config.ffn, hidden_size=hidden)
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, mixer_spec: Any, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, mixer: nn.Module, layer_idx: int) -> None:
         super().__init__()
         self.mixer_norm = make_norm(config.norm, config.d_model, config.norm_eps)
-        self.mixer = build_mixer(mixer_spec, config.d_model, layer_idx)
+        self.mixer = mixer
         self.ffn = build_ffn(config.ffn, config.d_model, layer_idx)
         self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps) if self.ffn is not None else None
         self.dropout = nn.Dropout(config.dropout)
@@ -87,12 +117,15 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.check()
-        self.config = config
         hybrid = config.hybrid_layer_set()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(
-            Block(config, config.hybrid_mixer if i in hybrid else config.mixer, i) for i in range(config.n_layers)
-        )
+        mixers = [
+            build_mixer(config.hybrid_mixer if i in hybrid else config.mixer, config.d_model, i)
+            for i in range(config.n_layers)
+        ]
+        config = dataclasses.replace(config, ffn=matched_ffn(config, mixers))
+        self.config = config
+        self.blocks = nn.ModuleList(Block(config, mixer, i) for i, mixer in enumerate(mixers))
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_weights()

@@ -92,3 +92,14 @@ def test_state_size_sums_the_layers():
     model = tiny_model(small("transformer"))
     assert model.state_size(100) == sum(b.mixer.state_size(100) for b in model.blocks)
     assert model.state_size(200) == 2 * model.state_size(100)  # a KV cache grows linearly
+
+
+def test_target_params_picks_the_ffn_width_that_matches_the_budget():
+    target = 12 * 64 * 64 * 3
+    for name in ("transformer", "retnet"):
+        model = LanguageModel(
+            ModelConfig(vocab_size=50, d_model=64, n_layers=3, mixer=small(name), target_params=target)
+        )
+        assert abs(model.num_parameters(non_embedding=True) - target) <= 3 * 64  # one hidden unit per layer
+    with pytest.raises(ConfigError, match="below what the mixers alone need"):
+        LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=3, mixer="transformer", target_params=1000))
