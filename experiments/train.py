@@ -36,9 +36,11 @@ from experiments.tracking import (
     run_name,
     sweep_tags,
 )
+from sweeps.optuna_sweeper import register_with_hydra
 
 log = logging.getLogger("arch_zoo")
 register_configs()
+register_with_hydra()
 
 
 def model_config(cfg: DictConfig, vocab_size: int | None) -> ModelConfig:

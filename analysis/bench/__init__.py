@@ -1,0 +1,139 @@
+"""Cost benchmarks: what a registered mixer costs to decode (the RetNet paper's Figure 6) and to train (Table 4).
+
+``decode`` and ``train`` measure, ``report`` turns the rows into a Markdown table, Figure-6-style PNGs and an MLflow
+run, and ``cli`` is the ``zoo-bench`` command. Models are built from the registry with random weights: cost does
+not depend on the values. The helpers both benchmarks share (device, dtype, a model from a mixer name plus
+overrides, out-of-memory handling) live here.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import gc
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from arch_zoo.contract import ConfigError
+from arch_zoo.layers import FFNConfig
+from arch_zoo.model import LanguageModel, ModelConfig
+from arch_zoo.registry import get_mixer, make_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+@dataclass
+class ModelSpec:
+    """One benchmarked model: a registered mixer plus overrides of its config fields and of the FFN."""
+
+    name: str
+    mixer: dict[str, Any] = field(default_factory=dict)
+    ffn: dict[str, Any] = field(default_factory=dict)
+
+
+def _value(text: str) -> Any:
+    """``"256"`` -> 256, ``"true"`` -> True, ``"chunkwise"`` -> "chunkwise": override values as typed as Hydra's."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_models(names: str, overrides: list[str] | None, mode: str | None = None) -> list[ModelSpec]:
+    """``"retnet,transformer"`` and ``["retnet.head_dim=256", "transformer.ffn.mult=4"]`` -> specs.
+
+    ``mode`` (e.g. ``chunkwise``) is given to every mixer whose config has a ``mode`` field and accepts it, unless an
+    override sets it: the benchmarks need the memory-bounded form of a long prompt, whatever a config defaults to.
+    """
+    specs = {name: ModelSpec(name) for name in (n.strip() for n in names.split(",")) if name}
+    if not specs:
+        raise ConfigError("--models names no mixer")
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        name, dot, path = key.partition(".")
+        if not sep or not dot or name not in specs:
+            raise ConfigError(f"override {item!r}: write MODEL.FIELD=VALUE or MODEL.ffn.FIELD=VALUE, MODEL in --models")
+        if path.startswith("ffn."):
+            specs[name].ffn[path.removeprefix("ffn.")] = _value(text)
+        else:
+            specs[name].mixer[path] = _value(text)
+    for spec in specs.values():
+        fields = {f.name for f in dataclasses.fields(get_mixer(spec.name).config_class)}
+        if mode and "mode" in fields and "mode" not in spec.mixer:
+            spec.mixer["mode"] = mode
+    return list(specs.values())
+
+
+def model_config(spec: ModelSpec, d_model: int, n_layers: int, vocab_size: int) -> ModelConfig:
+    mixer = make_config({"name": spec.name, **spec.mixer})
+    if "mode" in spec.mixer:
+        try:
+            mixer.check(d_model)
+        except ConfigError:  # the mode came from --mode and this mixer has no such form: keep its default
+            defaults = get_mixer(spec.name).config_class()
+            mixer = dataclasses.replace(mixer, mode=defaults.mode)
+    ffn = dataclasses.replace(FFNConfig(), **spec.ffn)
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, mixer=mixer, ffn=ffn)
+
+
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LanguageModel:
+    """Random weights, allocated and initialised on ``device`` (a 1B model's initialisation on the CPU takes long)."""
+    with torch.device(device):
+        model = LanguageModel(config)
+    return model.to(dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU (what is deployed), fp32 on the CPU (where bf16 matmuls are slow and unlike a GPU's)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def device_label(device: torch.device) -> str:
+    """The machine, named honestly in every table: the GPU's name, or the CPU's and its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what an out-of-memory cell left behind so the next cell starts from the same baseline."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset, MiB; None on the CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20

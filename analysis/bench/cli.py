@@ -1,0 +1,158 @@
+"""``zoo-bench``: what registered mixers cost to decode and to train, on this machine.
+
+    zoo-bench decode --models retnet,transformer --set retnet.head_dim=256 --set transformer.n_heads=16 \\
+        --set transformer.ffn.mult=4 --lengths 1024,2048,4096,8192,16384 --batches 1,8,32,64 --reference transformer
+    zoo-bench train --models retnet,transformer --lengths 2048,8192 --tokens-per-step 16384
+
+``--set MODEL.FIELD=VALUE`` overrides a field of that model's mixer config, ``--set MODEL.ffn.FIELD=VALUE`` one of
+its FFN (the paper compares RetNet with FFN width 2d against a Transformer with 4d, at equal size). Outputs go to
+``--out`` (Markdown, CSV, JSON, PNG) and to an MLflow run in the experiment ``bench``; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.bench import device_label, parse_models, resolve_device, resolve_dtype
+from analysis.bench.decode import KV_ATTENTIONS, DecodeSettings, run_decode
+from analysis.bench.report import log_run, write_outputs
+from analysis.bench.train import TrainSettings, run_train
+from arch_zoo.contract import ConfigError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--models", default="retnet,transformer", help="registered mixer names, comma-separated")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODEL.FIELD=VALUE")
+    common.add_argument("--mode", default="chunkwise", help="form of a whole sequence, for mixers with a mode field")
+    common.add_argument("--d-model", type=int, default=2048)
+    common.add_argument("--layers", type=int, default=24)
+    common.add_argument("--vocab", type=int, default=32000)
+    common.add_argument("--lengths", type=_ints, default=None, help="context lengths, comma-separated")
+    common.add_argument("--steps", type=int, default=None, help="timed steps (the median is reported)")
+    common.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
+    common.add_argument("--device", default="auto", help="auto (cuda if there is one), cuda, cuda:1, cpu")
+    common.add_argument("--reference", default=None, help="model the others are compared with, cell by cell")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/bench/<command>)")
+    common.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
+    common.add_argument("--experiment", default="bench", help="MLflow experiment")
+    common.add_argument("--no-log", action="store_true", help="write files only; no MLflow run")
+
+    parser = argparse.ArgumentParser(prog="zoo-bench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    decode = commands.add_parser("decode", parents=[common], help="prefill, decode latency/throughput, memory")
+    decode.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
+    decode.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "fp64"], default="auto")
+    decode.add_argument("--prefill-chunk", type=int, default=0, help="prefill in pieces of this many tokens (0: whole)")
+    decode.add_argument("--no-graphs", action="store_true", help="never capture the decode step in a CUDA graph")
+    decode.add_argument("--kv-attention", choices=KV_ATTENTIONS, default="sdpa", help="attention over the KV cache")
+    train = commands.add_parser("train", parents=[common], help="training step tokens/s and peak memory")
+    train.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // length (at least 1)")
+    train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
+    train.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = [1024, 2048, 4096, 8192, 16384] if args.command == "decode" else [2048, 8192]
+    if args.steps is None:
+        args.steps = 32 if args.command == "decode" else 5
+    if args.warmup is None:
+        args.warmup = 5 if args.command == "decode" else 2
+    return args
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"out", "tracking_uri", "no_log", "experiment"}
+    params = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in vars(args).items() if k not in skip}
+    params["torch"] = torch.__version__
+    params["python"] = platform.python_version()
+    if torch.cuda.is_available():
+        params["cuda"] = torch.version.cuda
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        specs = parse_models(args.models, args.overrides, args.mode)
+    except ConfigError as error:
+        print(f"zoo-bench: {error}", file=sys.stderr)
+        return 2
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    shape = f"d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}"
+    if args.command == "decode":
+        dtype = resolve_dtype(args.dtype, device)
+        settings = DecodeSettings(
+            args.d_model,
+            args.layers,
+            args.vocab,
+            args.lengths,
+            args.batches,
+            steps=args.steps,
+            warmup=args.warmup,
+            prefill_chunk=args.prefill_chunk,
+            graphs=not args.no_graphs,
+            kv_attention=args.kv_attention,
+            seed=args.seed,
+        )
+        rows = [r.as_dict() for r in run_decode(specs, settings, device, dtype, log)]
+        summary = (
+            f"{shape}, {str(dtype).removeprefix('torch.')} weights, random prompt then greedy decoding; latency = "
+            f"median of {args.steps} steps after {args.warmup}; KV cache preallocated ({args.kv_attention}); "
+            f"prefill chunk {args.prefill_chunk or 'whole prompt'}"
+        )
+    else:
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}.get(args.amp)
+        if args.amp == "auto":
+            amp = torch.bfloat16 if device.type == "cuda" else None
+        settings = TrainSettings(
+            args.d_model,
+            args.layers,
+            args.vocab,
+            args.lengths,
+            tokens_per_step=args.tokens_per_step,
+            steps=args.steps,
+            warmup=args.warmup,
+            amp=amp,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
+        summary = (
+            f"{shape}, fp32 weights, autocast {str(amp).removeprefix('torch.') if amp else 'off'}, AdamW; "
+            f"{args.tokens_per_step} tokens per step; median of {args.steps} steps after {args.warmup}"
+        )
+    n_params = {r["model"]: r["n_params"] for r in rows}
+    meta = {"device": device_label(device), "summary": summary, "n_params": n_params, "params": _params(args)}
+    out = args.out or Path("outputs") / "bench" / args.command
+    table, files = write_outputs(args.command, rows, meta, out, args.reference)
+    if not args.no_log:
+        run_id = log_run(args.command, rows, meta, files, table, args.tracking_uri, args.experiment)
+        log(f"logged {len(files)} files to MLflow run {run_id} (experiment {args.experiment})")
+    log(f"wrote {', '.join(str(p) for p in files)}")
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

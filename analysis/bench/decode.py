@@ -1,0 +1,426 @@
+"""Decoding cost (the RetNet paper's Figure 6): prefill time, per-token latency, throughput and memory, against
+context length and batch size, for any registered mixers at one size.
+
+Each cell (model, prompt length L, batch B) prefills a random prompt, then decodes greedily one token at a time from
+the mixers' states: recurrent mixers from their O(1) state, attention from a KV cache *preallocated* for L plus the
+decoded tokens. The model's own attention state grows by ``torch.cat`` (a copy of the whole cache per token, and a
+new shape each step, which no CUDA graph can replay), so for the benchmark its attention layers are swapped for
+:class:`StaticCacheAttention`, which computes the same function (tests prove it, in float64) over a fixed-shape
+cache written in place at a position held on the device.
+
+The decode step (model call + greedy argmax into the next input) is captured in a CUDA graph whenever that is
+sound: the state must keep its structure, shapes and host values from one step to the next, and the replay must
+give the eager step's logits. Otherwise the cell runs eagerly and the table says why. Latency is the median over
+``steps`` timed steps after ``warmup`` ones; throughput is ``batch / latency``. Peak memory is measured separately
+for the prefill and for decoding (weights + state + one step), out-of-memory cells are recorded as such.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import nn
+
+from analysis.bench import (
+    ModelSpec,
+    build_model,
+    free_memory,
+    is_oom,
+    model_config,
+    peak_mib,
+    synchronize,
+)
+from arch_zoo.layers import rotary_cos_sin, rotate_pairs
+from arch_zoo.mixers.attention import Attention
+from arch_zoo.model import LanguageModel
+
+KV_ATTENTIONS = ("sdpa", "matmul")
+CACHE_ALIGN = 16  # SDPA's memory-efficient kernel wants the mask's last dim a multiple of 16
+CHECK_GRAPH_MAX_MIB = 1024.0  # graph replay is compared with the eager step when the state is this small
+
+
+class StaticCacheAttention(nn.Module):
+    """An :class:`Attention` layer's function over a preallocated KV cache (same weights: ``inner``'s).
+
+    The state is a dict ``{"k", "v": [B, H, capacity, head_dim], "pos": int64 [] (tokens written, on the device),
+    "cos", "sin": [capacity, head_dim/2] rotary tables, "filled": bool}``. The first call writes the prompt and
+    attends causally over it (SDPA's FlashAttention path); later calls write at ``pos`` and attend over the whole
+    cache with a mask ``key <= query``, so nothing in a decode step depends on a host-side length.
+    ``kv_attention="matmul"`` computes that masked softmax with two batched matmuls instead of SDPA.
+    """
+
+    def __init__(self, inner: Attention, kv_attention: str = "sdpa") -> None:
+        super().__init__()
+        if kv_attention not in KV_ATTENTIONS:
+            raise ValueError(f"kv_attention={kv_attention!r}: choose one of {', '.join(KV_ATTENTIONS)}")
+        self.inner = inner
+        self.kv_attention = kv_attention
+
+    def new_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        inner = self.inner
+        capacity = math.ceil(capacity / CACHE_ALIGN) * CACHE_ALIGN
+        shape = (batch, inner.n_heads, capacity, inner.head_dim)
+        cos, sin = (None, None)
+        if inner.config.rotary:  # the same float64 angles as the model's rotary_cos_sin, rounded once
+            cos, sin = rotary_cos_sin(inner.inv_freq.to(device), 0, capacity, dtype)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": torch.zeros((), device=device, dtype=torch.long),
+            "cos": cos,
+            "sin": sin,
+            "filled": False,
+        }
+
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
+        if state is None:
+            raise ValueError("StaticCacheAttention needs the state made by new_state (see static_kv_cache)")
+        inner = self.inner
+        B, T, _ = x.shape
+        q, k, v = inner.qkv(x).view(B, T, 3, inner.n_heads, inner.head_dim).permute(2, 0, 3, 1, 4)
+        positions = state["pos"] + torch.arange(T, device=x.device)
+        if inner.config.rotary:
+            cos, sin = state["cos"][positions], state["sin"][positions]
+            q, k = rotate_pairs(q, cos, sin, False), rotate_pairs(k, cos, sin, False)
+        state["k"].index_copy_(2, positions, k)
+        state["v"].index_copy_(2, positions, v)
+        if not state["filled"]:  # the prompt: causal over itself, the training kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            state["filled"] = True
+        else:
+            keys = torch.arange(state["k"].shape[2], device=x.device)
+            visible = keys[None, :] <= positions[:, None]  # [T, capacity]: the unwritten tail is masked too
+            y = self._attend(q, state["k"], state["v"], visible)
+        state["pos"].add_(T)
+        y = inner.out(y.transpose(1, 2).reshape(B, T, inner.d_model))
+        return y, state
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        if self.kv_attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        scores = q @ k.transpose(-1, -2)  # half-precision scores: softmax in float32 (float64 stays float64)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        return weights.to(v.dtype) @ v
+
+    def state_size(self, seq_len: int) -> int:
+        return self.inner.state_size(seq_len)
+
+
+@contextmanager
+def static_kv_cache(model: LanguageModel, kv_attention: str = "sdpa"):
+    """Swap every attention mixer of ``model`` for :class:`StaticCacheAttention` (restored on exit).
+
+    Yields ``new_states(batch, capacity) -> states`` giving the initial per-block states: a preallocated cache for
+    the swapped layers, ``None`` (a fresh sequence) for every other mixer.
+    """
+    swapped = []
+    for block in model.blocks:
+        if isinstance(block.mixer, Attention):
+            swapped.append((block, block.mixer))
+            block.mixer = StaticCacheAttention(block.mixer, kv_attention)
+    param = next(model.parameters())
+
+    def new_states(batch: int, capacity: int) -> list[Any]:
+        return [
+            (block.mixer.new_state(batch, capacity, param.device, param.dtype), None)
+            if isinstance(block.mixer, StaticCacheAttention)
+            else (None, None)
+            for block in model.blocks
+        ]
+
+    try:
+        yield new_states
+    finally:
+        for block, mixer in swapped:
+            block.mixer = mixer
+
+
+@torch.no_grad()
+def prefill(
+    model: LanguageModel, prompt: torch.Tensor, states: list[Any], chunk: int = 0
+) -> tuple[torch.Tensor, list[Any]]:
+    """Run the prompt through the blocks (in pieces of ``chunk`` tokens when > 0) -> last position's logits, states.
+
+    Only the last position goes through the head: the model's own forward would return ``[B, L, vocab]`` logits
+    (33 GB in bf16 at B=64, L=8k, vocab 32k), which no server computes for a prompt it is about to continue.
+    """
+    pieces = prompt.split(chunk, dim=1) if chunk > 0 else (prompt,)
+    for piece in pieces:
+        x = model.embedding(piece)
+        new_states = []
+        for block, state in zip(model.blocks, states):
+            x, state = block(x, state, return_state=True)
+            new_states.append(state)
+        states = new_states
+    return model.head(model.norm(x[:, -1:]))[:, 0], states
+
+
+@torch.no_grad()
+def decode_step(model: LanguageModel, tokens: torch.Tensor, states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+    """One greedy step: ``tokens [B, 1]`` -> logits ``[B, vocab]``; the argmax is written back into ``tokens``."""
+    logits, states = model(tokens, states, return_states=True)
+    logits = logits[:, -1]
+    tokens.copy_(logits.argmax(-1, keepdim=True))
+    return logits, states
+
+
+def _tensor_leaves(states: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(states) if isinstance(leaf, torch.Tensor)]
+
+
+def state_mib(states: Any) -> float:
+    """Bytes of every tensor in the decoding state (a preallocated cache counts its full capacity), MiB."""
+    return sum(t.numel() * t.element_size() for t in _tensor_leaves(states)) / 2**20
+
+
+def structure_change(before: Any, after: Any) -> str | None:
+    """Why a graph of the step ``before -> after`` could not be replayed, or None when it can.
+
+    A replay reuses the captured buffers and host values: the state must keep its tree, the shape and dtype of every
+    tensor, and every non-tensor value (a length held as a Python int would be frozen at its captured value).
+    """
+    paths_before, spec_before = pytree.tree_flatten_with_path(before)
+    paths_after, spec_after = pytree.tree_flatten_with_path(after)
+    if spec_before != spec_after:
+        return "the state changes its structure between steps"
+    for (path, a), (_, b) in zip(paths_before, paths_after):
+        where = pytree.keystr(path)
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            return f"state{where} changes type between steps"
+        if isinstance(a, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                return f"the state grows: state{where} {tuple(a.shape)} -> {tuple(b.shape)}"
+        elif a is not b and a != b:
+            return f"state{where} is a host value that changes every step ({a!r} -> {b!r})"
+    return None
+
+
+def _copy_into(static: Any, new: Any) -> None:
+    for dst, src in zip(_tensor_leaves(static), _tensor_leaves(new)):
+        if dst is not src:
+            dst.copy_(src)
+
+
+@dataclass
+class Stepper:
+    """The decode step of one cell: ``run()`` advances ``states`` by one token, replaying a graph when captured."""
+
+    model: LanguageModel
+    tokens: torch.Tensor
+    states: list[Any]
+    graph: torch.cuda.CUDAGraph | None = None
+    note: str = "eager"
+    logits: torch.Tensor | None = None  # the captured step's output buffer
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            _, new = decode_step(self.model, self.tokens, self.states)
+            self.states = new
+
+    def try_capture(self, warmup: int = 3) -> None:
+        """Capture the step in a CUDA graph if the state allows it (see :func:`structure_change`)."""
+        _, after = decode_step(self.model, self.tokens, self.states)
+        reason = structure_change(self.states, after)
+        self.states = after
+        if reason is not None:
+            self.note = f"eager: {reason}"
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # graph warmup belongs on a side stream
+            for _ in range(warmup):
+                _, new = decode_step(self.model, self.tokens, self.states)
+                _copy_into(self.states, new)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits, new = decode_step(self.model, self.tokens, self.states)
+                _copy_into(self.states, new)
+        except RuntimeError as error:
+            if is_oom(error):
+                raise
+            self.note = f"eager: capture failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+            return
+        self.graph = graph
+        self.note = "graph"
+
+    def check_capture(self) -> None:
+        """Replay once and compare with an eager step from the same state; drop the graph if they differ."""
+        saved = [t.clone() for t in _tensor_leaves(self.states)]
+        saved_tokens = self.tokens.clone()
+        self.graph.replay()
+        replayed = self.logits.float().clone()
+        for dst, src in zip(_tensor_leaves(self.states), saved):
+            dst.copy_(src)
+        self.tokens.copy_(saved_tokens)
+        eager, new = decode_step(self.model, self.tokens, self.states)
+        _copy_into(self.states, new)
+        eager = eager.float()
+        error = (replayed - eager).abs().max().item()
+        scale = eager.abs().max().item()
+        if not error <= 1e-2 * max(scale, 1.0):
+            self.graph = None
+            self.note = f"eager: graph replay differs from the eager step (max error {error:.3g})"
+        else:
+            self.note = "graph (checked against eager)"
+
+
+def time_steps(fn: Callable[[], None], n: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``n`` calls: CUDA events on a GPU (the device's timeline), wall clock on the CPU."""
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+@dataclass
+class DecodeRow:
+    """One cell. Numbers are None where the cell did not get that far (``status`` says why)."""
+
+    model: str
+    length: int
+    batch: int
+    status: str = "ok"
+    prefill_ms: float | None = None
+    latency_ms: float | None = None
+    tokens_per_s: float | None = None
+    peak_mib: float | None = None  # decoding: weights + state + one step
+    prefill_peak_mib: float | None = None
+    state_mib: float | None = None
+    graph: str = ""
+    n_params: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DecodeSettings:
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    lengths: list[int]
+    batches: list[int]
+    steps: int = 32
+    warmup: int = 5
+    prefill_chunk: int = 0
+    graphs: bool = True
+    kv_attention: str = "sdpa"
+    seed: int = 0
+
+
+def _cell(
+    model: LanguageModel,
+    new_states: Callable[[int, int], list[Any]],
+    row: DecodeRow,
+    settings: DecodeSettings,
+    device: torch.device,
+    check_graph: bool,
+) -> None:
+    """Fill ``row`` in place (so that an OOM keeps what was measured before it)."""
+    L, B = row.length, row.batch
+    row.status = "OOM (prefill)"  # until the prefill is through: the cache's allocation can be what fails
+    extra = settings.warmup + settings.steps + 8  # eager probe, graph warmup and check steps write into the cache
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    prompt = torch.randint(settings.vocab_size, (B, L), device=device, generator=generator)
+    states = new_states(B, L + extra)
+    free_memory(device)  # resets the peak: the prefill peak counts weights, the empty cache and the prompt's pass
+    synchronize(device)
+    t0 = time.perf_counter()
+    logits, states = prefill(model, prompt, states, settings.prefill_chunk)
+    synchronize(device)
+    row.prefill_ms = (time.perf_counter() - t0) * 1e3
+    row.prefill_peak_mib = peak_mib(device)
+    tokens = logits.argmax(-1, keepdim=True)
+    del logits, prompt
+    row.state_mib = state_mib(states)
+
+    row.status = "OOM (decode)"
+    free_memory(device)
+    stepper = Stepper(model, tokens, states)
+    if device.type == "cuda" and settings.graphs:
+        stepper.try_capture()
+        if stepper.graph is not None and check_graph and row.state_mib <= CHECK_GRAPH_MAX_MIB:
+            stepper.check_capture()
+    elif device.type == "cuda":
+        stepper.note = "eager: graphs off (--no-graphs)"
+    else:
+        stepper.note = "eager: CUDA graphs need a GPU"
+    time_steps(stepper.run, settings.warmup, device)
+    times = time_steps(stepper.run, settings.steps, device)
+    row.latency_ms = statistics.median(times)
+    row.tokens_per_s = B / (row.latency_ms / 1e3)
+    row.peak_mib = peak_mib(device)
+    row.graph = stepper.note
+    row.status = "ok"
+
+
+def run_decode(
+    specs: list[ModelSpec],
+    settings: DecodeSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None] = print,
+) -> list[DecodeRow]:
+    """Every (model, length, batch) cell, models one after the other (only one set of weights on the device)."""
+    rows = []
+    for spec in specs:
+        config = model_config(spec, settings.d_model, settings.n_layers, settings.vocab_size)
+        model = build_model(config, device, dtype).eval()
+        n_params = model.num_parameters()
+        with static_kv_cache(model, settings.kv_attention) as new_states:
+            # a throwaway cell first: kernel selection, cuBLAS handles and the allocator's first growth
+            warm = replace(settings, steps=2, warmup=1)
+            try:
+                _cell(model, new_states, DecodeRow(spec.name, min(settings.lengths), 1), warm, device, False)
+            except Exception as error:  # the same failure shows again, and is recorded, in the first cell
+                log(f"{spec.name}: warm-up cell failed: {type(error).__name__}")
+            free_memory(device)
+            checked = False  # graph replay compared with eager once per model, in its first small cell
+            for L in settings.lengths:
+                for B in settings.batches:
+                    row = DecodeRow(spec.name, L, B, n_params=n_params)
+                    try:
+                        _cell(model, new_states, row, settings, device, check_graph=not checked)
+                    except Exception as error:  # one failed cell must not lose the others
+                        if not is_oom(error):
+                            row.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                    free_memory(device)
+                    checked = checked or row.graph == "graph (checked against eager)"
+                    rows.append(row)
+                    log(_progress(row))
+        del model
+        free_memory(device)
+    return rows
+
+
+def _progress(row: DecodeRow) -> str:
+    if row.status != "ok":
+        return f"{row.model:>14} L={row.length:<6} B={row.batch:<4} {row.status}"
+    return (
+        f"{row.model:>14} L={row.length:<6} B={row.batch:<4} prefill {row.prefill_ms:9.1f} ms  "
+        f"decode {row.latency_ms:8.3f} ms/token  {row.tokens_per_s:10.1f} tok/s  [{row.graph}]"
+    )

@@ -1,0 +1,268 @@
+"""Benchmark rows -> a Markdown table, Figure-6-style PNGs, CSV/JSON, and an MLflow run holding all of them.
+
+Every table starts with the machine and the settings, because a cost number means nothing without them. With a
+reference model, a second table gives each other model's cost relative to it cell by cell (the paper's "8.4x
+faster, 70% less memory" are such ratios). In MLflow each number is a metric ``MODEL/B<batch>/<name>`` (decode)
+or ``MODEL/<name>`` (train) whose *step is the context length*, so the UI draws it against length directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a server or in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+
+DPI = 150
+EXPERIMENT = "bench"
+
+# (field, header, format) of each kind's table
+COLUMNS = {
+    "decode": [
+        ("model", "model", "{}"),
+        ("length", "length", "{}"),
+        ("batch", "batch", "{}"),
+        ("prefill_ms", "prefill (ms)", "{:.1f}"),
+        ("latency_ms", "latency (ms/token)", "{:.3f}"),
+        ("tokens_per_s", "throughput (tokens/s)", "{:,.0f}"),
+        ("peak_mib", "decode peak (MiB)", "{:,.0f}"),
+        ("prefill_peak_mib", "prefill peak (MiB)", "{:,.0f}"),
+        ("state_mib", "state (MiB)", "{:,.1f}"),
+        ("graph", "CUDA graph", "{}"),
+        ("status", "status", "{}"),
+    ],
+    "train": [
+        ("model", "model", "{}"),
+        ("length", "length", "{}"),
+        ("batch", "batch", "{}"),
+        ("step_ms", "step (ms)", "{:.1f}"),
+        ("tokens_per_s", "throughput (tokens/s)", "{:,.0f}"),
+        ("peak_mib", "peak memory (MiB)", "{:,.0f}"),
+        ("loss", "loss", "{:.3f}"),
+        ("status", "status", "{}"),
+    ],
+}
+METRICS = {
+    "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib"),
+    "train": ("step_ms", "tokens_per_s", "peak_mib", "loss"),
+}
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value).replace("|", "/")
+
+
+def markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def ratio_table(kind: str, rows: list[dict[str, Any]], reference: str) -> str:
+    """Each model against ``reference`` in every cell where both ran: speed as a multiple, memory as a share."""
+    key = ("length", "batch") if kind == "decode" else ("length",)
+    ref = {tuple(r[k] for k in key): r for r in _ok(rows) if r["model"] == reference}
+    body = []
+    for r in _ok(rows):
+        other = ref.get(tuple(r[k] for k in key))
+        if r["model"] == reference or other is None:
+            continue
+        cells = [r["model"], *(str(r[k]) for k in key), f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x"]
+        if kind == "decode":
+            cells.append(f"{r['latency_ms'] / other['latency_ms']:.2f}x")
+        mem = r["peak_mib"] is not None and other["peak_mib"] is not None
+        cells.append(f"{100 * r['peak_mib'] / other['peak_mib']:.0f}%" if mem else "–")
+        body.append(cells)
+    if not body:
+        return ""
+    header = ["model", *key, "throughput", *(["latency"] if kind == "decode" else []), "peak memory"]
+    return f"Relative to {reference} (same cell):\n\n" + markdown(header, body)
+
+
+def to_markdown(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], reference: str | None = None) -> str:
+    columns = COLUMNS[kind]
+    body = [[_cell(r[field], fmt) for field, _, fmt in columns] for r in rows]
+    params = ", ".join(f"{name} {n / 1e6:,.1f}M" for name, n in meta.get("n_params", {}).items())
+    text = f"**{kind}** on {meta['device']}; {meta['summary']}\n\n"
+    if params:
+        text += f"parameters: {params}\n\n"
+    text += markdown([header for _, header, _ in columns], body)
+    if reference:
+        ratios = ratio_table(kind, rows, reference)
+        text += "\n" + ratios if ratios else f"\n(no cell where both {reference} and another model ran)\n"
+    return text
+
+
+def _colours(models: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(models)}
+
+
+MARKERS = "osD^v<>ph*"
+STYLES = ("-", "--", ":", "-.")
+
+
+def _memory_field(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """GPU peak memory where it was measured; on the CPU the decode state's size, labelled as such."""
+    if any(r.get("peak_mib") is not None for r in rows):
+        return "peak_mib", "peak GPU memory (GiB)"
+    return "state_mib", "decoding state (GiB; no peak on the CPU)"
+
+
+def _panel_lines(ax, rows: list[dict[str, Any]], x: str, series: str, y: str, colours: dict[str, Any]) -> None:
+    frame = pd.DataFrame(_ok(rows))
+    if frame.empty:
+        return
+    for i, (value, group) in enumerate(sorted(frame.groupby(series), key=lambda kv: kv[0])):
+        for model, line in group.groupby("model"):
+            line = line.sort_values(x)
+            scale = 1 / 1024 if y in ("peak_mib", "state_mib") else 1.0
+            ax.plot(
+                line[x],
+                line[y] * scale,
+                color=colours[model],
+                marker=MARKERS[i % len(MARKERS)],
+                linestyle=STYLES[i % len(STYLES)],
+                label=f"{model}, {series} {value}",
+            )
+
+
+def _failed_marks(ax, rows: list[dict[str, Any]], x: str, colours: dict[str, Any]) -> None:
+    """Cells that did not run (OOM) as crosses on the axis floor, so a missing point is seen, not guessed."""
+    for r in rows:
+        if r["status"] != "ok":
+            ax.plot(r[x], 0, marker="x", color=colours[r["model"]], linestyle="none", clip_on=False)
+
+
+def plot_decode(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> list[Path]:
+    """Figure 6: memory, throughput and latency against length (a line per model and batch), and against batch."""
+    colours = _colours(list(dict.fromkeys(r["model"] for r in rows)))
+    memory, memory_label = _memory_field(rows)
+    panels = [(memory, memory_label), ("tokens_per_s", "decode throughput (tokens/s)"), ("latency_ms", "ms/token")]
+    written = []
+    for x, series, name in (("length", "batch", "decode_vs_length.png"), ("batch", "length", "decode_vs_batch.png")):
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        for ax, (y, label) in zip(axes, panels):
+            _panel_lines(ax, rows, x, series, y, colours)
+            _failed_marks(ax, rows, x, colours)
+            _log2_axis(ax, sorted({r[x] for r in rows}))
+            ax.set_xlabel("context length" if x == "length" else "batch size")
+            ax.set_ylabel(label)
+            if y == "tokens_per_s":
+                ax.set_yscale("log")
+            ax.set_ylim(bottom=0 if y != "tokens_per_s" else None)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"decoding cost on {meta['device']} ({meta['summary']}); x: OOM", fontsize=9)
+        written.append(_save(fig, out / name))
+    return written
+
+
+def plot_train(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> list[Path]:
+    colours = _colours(list(dict.fromkeys(r["model"] for r in rows)))
+    frame = pd.DataFrame(_ok(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = [("tokens_per_s", "training throughput (tokens/s)"), ("peak_mib", "peak GPU memory (GiB)")]
+    for ax, (y, label) in zip(axes, panels):
+        if not frame.empty and frame[y].notna().any():
+            for model, line in frame.groupby("model"):
+                line = line.sort_values("length")
+                scale = 1 / 1024 if y == "peak_mib" else 1.0
+                ax.plot(line["length"], line[y] * scale, marker="o", color=colours[model], label=model)
+        else:
+            ax.text(0.5, 0.5, "not measured on this device", ha="center", transform=ax.transAxes)
+        _failed_marks(ax, rows, "length", colours)
+        _log2_axis(ax, sorted({r["length"] for r in rows}))
+        ax.set_xlabel("context length")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"training cost on {meta['device']} ({meta['summary']}); x: OOM", fontsize=9)
+    return [_save(fig, out / "train.png")]
+
+
+def _log2_axis(ax, ticks: list[int]) -> None:
+    """Lengths and batches double: a log2 axis with the measured values as plain-number ticks."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(
+    kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, reference: str | None = None
+) -> tuple[str, list[Path]]:
+    """``<kind>.md``, ``<kind>.csv``, ``<kind>.json`` (rows + settings) and the PNGs under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(kind, rows, meta, reference)
+    files = [out / f"{kind}.md", out / f"{kind}.csv", out / f"{kind}.json"]
+    files[0].write_text(text)
+    pd.DataFrame(rows).to_csv(files[1], index=False)
+    files[2].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    files += plot_decode(rows, meta, out) if kind == "decode" else plot_train(rows, meta, out)
+    return text, files
+
+
+def log_run(
+    kind: str,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    files: list[Path],
+    table: str,
+    tracking_uri: str | None,
+    experiment: str = EXPERIMENT,
+) -> str:
+    """One FINISHED run in ``experiment``: the settings as params, every number as a metric (step = length), the
+    files as artifacts and the table as the run's description."""
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    models = ",".join(dict.fromkeys(r["model"] for r in rows))
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{kind}: {models} on {meta['device']}",
+        tags={"bench": kind, "device": meta["device"], "mlflow.note.content": table},
+    )
+    run_id = run.info.run_id
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in meta.get("params", {}).items()]
+    params.append(mlflow.entities.Param("device_name", meta["device"]))
+    metrics = []
+    now = int(time.time() * 1000)
+    for r in _ok(rows):
+        prefix = f"{r['model']}/B{r['batch']}" if kind == "decode" else r["model"]
+        for name in METRICS[kind]:
+            if r.get(name) is not None:
+                metrics.append(mlflow.entities.Metric(f"{prefix}/{name}", float(r[name]), now, int(r["length"])))
+    client.log_batch(run_id, params=params)
+    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id

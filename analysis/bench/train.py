@@ -1,0 +1,127 @@
+"""Training cost (the RetNet paper's Table 4): tokens/s and peak memory of a full training step against context length.
+
+A step is what the trainer does: forward, cross-entropy, backward, AdamW update, under bf16 autocast on a GPU
+with float32 master weights. The number of tokens per step is held fixed (``batch = tokens_per_step // length``,
+at least 1), so longer contexts trade batch for length as in the paper's comparison. Step time is the median of
+``steps`` steps after ``warmup`` ones (the first allocates the optimizer state, so the measured peak includes it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from analysis.bench import ModelSpec, build_model, free_memory, is_oom, model_config, peak_mib, synchronize
+
+
+@dataclass
+class TrainRow:
+    model: str
+    length: int
+    batch: int
+    status: str = "ok"
+    step_ms: float | None = None
+    tokens_per_s: float | None = None
+    peak_mib: float | None = None
+    loss: float | None = None  # the last step's, to show the step really trained (finite, near log(vocab))
+    n_params: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainSettings:
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    lengths: list[int]
+    tokens_per_step: int = 16384
+    steps: int = 5
+    warmup: int = 2
+    amp: torch.dtype | None = torch.bfloat16  # None: no autocast (the CPU default)
+    lr: float = 1e-4
+    seed: int = 0
+
+
+def _step_fn(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    amp: torch.dtype | None,
+) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.autocast(inputs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = model.loss(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: TrainRow, settings: TrainSettings) -> None:
+    device = next(model.parameters()).device
+    row.status = "OOM"  # until the timed steps are through
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    tokens = torch.randint(settings.vocab_size, (row.batch, row.length + 1), device=device, generator=generator)
+    step = _step_fn(model, optimizer, tokens[:, :-1], tokens[:, 1:], settings.amp)
+    for _ in range(settings.warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(settings.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    row.step_ms = statistics.median(times)
+    row.tokens_per_s = row.batch * row.length / (row.step_ms / 1e3)
+    row.peak_mib = peak_mib(device)
+    row.loss = float(loss)
+    row.status = "ok"
+
+
+def run_train(
+    specs: list[ModelSpec],
+    settings: TrainSettings,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> list[TrainRow]:
+    """Every (model, length) cell; one model (float32 weights + AdamW state) on the device at a time."""
+    rows = []
+    for spec in specs:
+        config = model_config(spec, settings.d_model, settings.n_layers, settings.vocab_size)
+        torch.manual_seed(settings.seed)
+        model = build_model(config, device, torch.float32).train()
+        n_params = model.num_parameters()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=device.type == "cuda")
+        for length in settings.lengths:
+            row = TrainRow(spec.name, length, max(1, settings.tokens_per_step // length), n_params=n_params)
+            try:
+                _measure(model, optimizer, row, settings)
+            except Exception as error:  # one failed cell must not lose the others
+                if not is_oom(error):
+                    row.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            optimizer.zero_grad(set_to_none=True)
+            free_memory(device)
+            rows.append(row)
+            if row.status == "ok":
+                log(
+                    f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.step_ms:9.1f} ms/step  "
+                    f"{row.tokens_per_s:10.0f} tok/s  loss {row.loss:.3f}"
+                )
+            else:
+                log(f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.status}")
+        del model, optimizer
+        free_memory(device)
+    return rows

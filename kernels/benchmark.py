@@ -1,0 +1,402 @@
+"""Benchmark the retention core: ours vs fla vs the PyTorch reference vs causal SDPA, and the decode step.
+
+    python -m kernels.benchmark                      # the full table (CUDA), logged to MLflow
+    python -m kernels.benchmark --quick              # two shapes, for a smoke run
+
+Each row times one method at one shape (bf16, ``--tokens`` tokens per batch, 8 heads) with
+``triton.testing.do_bench`` (median over repeats, inputs rotated so the L2 cache does not flatter small shapes).
+The floor of a row is ``max(flops / matmul rate, bytes / copy bandwidth)`` with both ceilings measured on the
+same GPU at the start, the flops those of the chunkwise algorithm (64-token chunks) and the bytes each input read
+once and each output written once; "floor %" is floor / time. The table is printed, written as Markdown and CSV
+under ``--out``, and logged to MLflow (params, one metric per row, the table as an artifact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels.reference import retention_chunkwise_reference, retention_step_reference
+
+CHUNK = 64
+
+
+@dataclass
+class Row:
+    """One measurement; ``ms`` is None where the method failed or does not apply (``note`` says why)."""
+
+    bench: str
+    method: str
+    T: int
+    B: int
+    H: int
+    K: int
+    V: int
+    ms: float | None
+    tflops: float | None = None
+    gbs: float | None = None
+    floor_pct: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def retention_flops(B: int, T: int, H: int, K: int, V: int, backward: bool) -> float:
+    """Chunkwise matmul flops: causal intra-chunk scores and values (half of a C x C block) + state read and write."""
+    c = min(CHUNK, T)
+    fwd = B * H * T * (c * K + c * V + 4.0 * K * V)
+    return fwd * (3.0 if backward else 1.0)
+
+
+def retention_bytes(B: int, T: int, H: int, K: int, V: int, backward: bool, elem: int = 2) -> float:
+    """Fewest bytes: forward reads q, k, v and writes o; backward reads q, k, v, do and writes dq, dk, dv."""
+    fwd = 2 * K + 2 * V
+    return B * T * H * elem * (fwd + (2 * K + 2 * V + 2 * K + V if backward else 0))
+
+
+def attention_flops(B: int, T: int, H: int, K: int, V: int, backward: bool) -> float:
+    fwd = B * H * T * T * (K + V)  # causal: half of 2 T^2 (K + V)
+    return fwd * (3.5 if backward else 1.0)  # the usual FlashAttention accounting (recomputed scores)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """Matmul rate (bf16, 8192^3, TFLOP/s) and copy bandwidth (1 GiB device copy, read + write, GB/s)."""
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    tflops = 2 * 8192**3 / ms / 1e9
+    x = torch.randn(2**29 // 2, device="cuda")  # 1 GiB of float32
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    gbs = 2 * x.numel() * 4 / ms / 1e6
+    return tflops, gbs
+
+
+def _inputs(B: int, T: int, H: int, K: int, V: int, n: int, grad: bool) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` independent input sets (rotated between repeats) of q, k, v, do; q, k scaled like rotated projections."""
+    sets = []
+    for _ in range(n):
+        q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        for x in (q, k, v):
+            x.requires_grad_(grad)
+        sets.append((q, k, v, do))
+    return sets
+
+
+def _time(fn: Callable[[tuple], object], sets: list[tuple]) -> float:
+    """Median ms; gradients are reset to None between repeats so no method pays for accumulating into .grad."""
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def step() -> None:
+        state["i"] = (state["i"] + 1) % len(sets)
+        fn(sets[state["i"]])
+
+    leaves = [x for s in sets for x in s[:3] if x.requires_grad]
+    return do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=leaves or None)
+
+
+def retention_methods(H: int, T: int, K: int) -> dict[str, Callable]:
+    """name -> f(q, k, v) -> o for every method in the table; each is built lazily so a missing package is a note."""
+    lg = torch.log1p(-(2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32)))).cuda()  # RetNet's per-head decays
+    scale = K**-0.5
+
+    def ours(q, k, v):
+        from kernels.retention_triton import retention_triton
+
+        return retention_triton(q, k, v, lg, scale)[0]
+
+    def fla_chunk(q, k, v):
+        from fla.ops.retention import chunk_retention
+
+        return chunk_retention(q, k, v, scale=scale)[0]
+
+    def fla_parallel(q, k, v):
+        from fla.ops.retention import parallel_retention
+
+        return parallel_retention(q, k, v, scale=scale)[0]
+
+    def torch_reference(q, k, v):
+        return retention_chunkwise_reference(q, k, v, lg, scale, chunk_size=CHUNK)[0]
+
+    def sdpa(q, k, v):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return o.transpose(1, 2)
+
+    methods = {
+        "ours (triton)": ours,
+        "fla chunk_retention": fla_chunk,
+        "fla parallel_retention": fla_parallel,
+        "torch reference": torch_reference,
+        "SDPA causal attention": sdpa,
+    }
+    return methods
+
+
+def bench_retention(
+    shapes: list[tuple[int, int, int, int, int]], ceilings: tuple[float, float], log, only: list[str] | None = None
+) -> list[Row]:
+    rows = []
+    peak_tflops, peak_gbs = ceilings
+    for B, T, H, K, V in shapes:
+        for name, fn in retention_methods(H, T, K).items():
+            if only and not any(o in name for o in only):
+                continue
+            if name == "torch reference" and B * T * H * max(K, V) > 2**27:
+                rows.append(Row("fwd", name, T, B, H, K, V, None, note="skipped: too slow at this size"))
+                rows.append(Row("fwd+bwd", name, T, B, H, K, V, None, note="skipped: too slow at this size"))
+                continue
+            for backward in (False, True):
+                bench = "fwd+bwd" if backward else "fwd"
+                try:
+                    sets = _inputs(B, T, H, K, V, 2, backward)
+                    if backward:
+
+                        def run(s, fn=fn):
+                            fn(s[0], s[1], s[2]).backward(s[3])
+
+                    else:
+
+                        def run(s, fn=fn):
+                            with torch.no_grad():
+                                fn(s[0], s[1], s[2])
+
+                    run(sets[0])  # compile / autotune outside the timing
+                    torch.cuda.synchronize()
+                    ms = _time(run, sets)
+                except Exception as err:  # a method that cannot run a shape is a row with a note, not a crash
+                    msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
+                    rows.append(Row(bench, name, T, B, H, K, V, None, note=msg))
+                    log(f"  {bench:8s} {name:24s} T={T:6d} K={K} V={V}: failed ({msg})")
+                    torch.cuda.empty_cache()
+                    continue
+                finally:
+                    sets = None
+                attn = name.startswith("SDPA")
+                flops = (attention_flops if attn else retention_flops)(B, T, H, K, V, backward)
+                nbytes = retention_bytes(B, T, H, K, V, backward)
+                floor = max(flops / (peak_tflops * 1e9), nbytes / (peak_gbs * 1e6))
+                row = Row(
+                    bench,
+                    name,
+                    T,
+                    B,
+                    H,
+                    K,
+                    V,
+                    ms,
+                    tflops=flops / ms / 1e9,
+                    gbs=nbytes / ms / 1e6,
+                    floor_pct=100 * floor / ms,
+                    note="attention flops" if attn else ("gamma fixed by H" if "fla" in name else ""),
+                )
+                rows.append(row)
+                log(f"  {bench:8s} {name:24s} T={T:6d} K={K} V={V}: {ms:8.3f} ms  floor {row.floor_pct:5.1f}%")
+                torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode(shapes: list[tuple[int, int, int, int]], peak_gbs: float, log) -> list[Row]:
+    """One token for all heads: ours (eager and in a CUDA graph), fla fused_recurrent_retention, plain PyTorch."""
+    from triton.testing import do_bench
+
+    from kernels.retention_triton import retention_step_triton
+
+    rows = []
+    for B, H, K, V in shapes:
+        lg = torch.log1p(-(2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32)))).cuda()
+        scale = K**-0.5
+        q = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, 1, H, V, device="cuda", dtype=torch.bfloat16)
+        state = torch.randn(B, H, K, V, device="cuda", dtype=torch.float32)
+        nbytes = 2 * state.numel() * 4 + (q.numel() + k.numel() + 2 * v.numel()) * 2
+
+        def ours():
+            return retention_step_triton(q, k, v, state, lg, scale)
+
+        def torch_plain():
+            return retention_step_reference(q[:, 0], k[:, 0], v[:, 0], state, lg, scale)
+
+        def fla_recurrent():
+            from fla.ops.retention import fused_recurrent_retention
+
+            return fused_recurrent_retention(q, k, v, scale=scale, initial_state=state, output_final_state=True)
+
+        for name, fn in (
+            ("ours (triton)", ours),
+            ("fla fused_recurrent_retention", fla_recurrent),
+            ("torch (plain)", torch_plain),
+        ):
+            for graph in (False, True):
+                label = name + (" + CUDA graph" if graph else "")
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    if graph:
+                        g = torch.cuda.CUDAGraph()
+                        stream = torch.cuda.Stream()
+                        stream.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(stream):
+                            fn()
+                        torch.cuda.current_stream().wait_stream(stream)
+                        with torch.cuda.graph(g):
+                            fn()
+                        ms = do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+                    else:
+                        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+                except Exception as err:
+                    msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
+                    rows.append(Row("decode", label, 1, B, H, K, V, None, note=msg))
+                    log(f"  decode {label:42s} B={B} K={K} V={V}: failed ({msg})")
+                    continue
+                floor = nbytes / (peak_gbs * 1e6)
+                rows.append(Row("decode", label, 1, B, H, K, V, ms, gbs=nbytes / ms / 1e6, floor_pct=100 * floor / ms))
+                log(f"  decode {label:42s} B={B} K={K} V={V}: {ms * 1000:8.1f} us")
+    return rows
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """Rows as a Markdown table, with each method's speed-up over fla's kernel of the same kind at the same shape."""
+    ref = {}
+    for r in rows:
+        if r.ms is not None and r.method in ("fla chunk_retention", "fla fused_recurrent_retention"):
+            ref[(r.bench, r.T, r.B, r.K, r.V)] = r.ms
+    lines = [
+        "| bench | method | T | B | H | K | V | ms | TFLOP/s | GB/s | floor % | vs fla | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = ref.get((r.bench, r.T, r.B, r.K, r.V))
+        speedup = f"{base / r.ms:.2f}x" if base and r.ms else ""
+        ms = _fmt(r.ms, 4 if r.bench == "decode" else 3)
+        lines.append(
+            f"| {r.bench} | {r.method} | {r.T} | {r.B} | {r.H} | {r.K} | {r.V} | {ms} | {_fmt(r.tflops, 1)} | "
+            f"{_fmt(r.gbs, 0)} | {_fmt(r.floor_pct, 1)} | {speedup} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def log_mlflow(rows: list[Row], params: dict, table: str, csv_path: Path, experiment: str) -> None:
+    """One MLflow run: the setup as params, one metric per timed row, the table and CSV as artifacts."""
+    import mlflow
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"retention-{time.strftime('%Y%m%d-%H%M%S')}"):
+        mlflow.log_params(params)
+        for r in rows:
+            if r.ms is None:
+                continue
+            key = (
+                f"{r.bench}/{r.method}/T{r.T}_K{r.K}_V{r.V}_B{r.B}".replace(" ", "_").replace("(", "").replace(")", "")
+            )
+            key = "".join(c if c.isalnum() or c in "/_-." else "_" for c in key)
+            mlflow.log_metric(key + "/ms", r.ms)
+            if r.floor_pct is not None:
+                mlflow.log_metric(key + "/floor_pct", r.floor_pct)
+        mlflow.log_text(table, "retention_benchmark.md")
+        mlflow.log_artifact(str(csv_path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per batch (B = tokens / T)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--head-dims", nargs="+", default=["64", "128", "256", "256x512"], help="K or KxV")
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--methods", nargs="+", help="only methods whose name contains one of these (e.g. ours chunk)")
+    p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--quick", action="store_true", help="T=2048 at K=V=128 and the paper's 256x512 only")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--experiment", default="kernels-benchmark")
+    p.add_argument("--out", type=Path, default=Path("outputs/kernels_benchmark"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    dims = []
+    for d in args.head_dims:
+        k, _, v = d.partition("x")
+        dims.append((int(k), int(v or k)))
+    lengths = args.lengths
+    if args.quick:
+        lengths, dims = [2048], [(128, 128), (256, 512)]
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    log(f"device: {device}")
+    ceilings = measure_ceilings()
+    log(f"measured ceilings: {ceilings[0]:.0f} TFLOP/s bf16 matmul, {ceilings[1]:.0f} GB/s copy")
+    shapes = [(max(1, args.tokens // T), T, args.heads, K, V) for K, V in dims for T in lengths]
+    rows = bench_retention(shapes, ceilings, log, args.methods)
+    if not args.no_decode:
+        rows += bench_decode([(args.decode_batch, args.heads, K, V) for K, V in dims], ceilings[1], log)
+    table = markdown_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"Measured on {device}: {ceilings[0]:.0f} TFLOP/s bf16 matmul, {ceilings[1]:.0f} GB/s copy; "
+        f"torch {torch.__version__}, triton {_version('triton')}, fla {_version('fla-core')}; "
+        f"{args.tokens} tokens per batch, {args.heads} heads, bf16.\n\n"
+    )
+    (args.out / "retention_benchmark.md").write_text(header + table + "\n")
+    csv_path = args.out / "retention_benchmark.csv"
+    with csv_path.open("w", newline="") as f:
+        fields = [k for k in asdict(rows[0]) if k != "extra"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: v for k, v in asdict(r).items() if k != "extra"})
+    print(header + table)
+    if not args.no_mlflow:
+        params = {
+            "device": device,
+            "tokens": args.tokens,
+            "heads": args.heads,
+            "dtype": "bfloat16",
+            "peak_tflops": round(ceilings[0], 1),
+            "peak_gbs": round(ceilings[1], 1),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "python": platform.python_version(),
+        }
+        log_mlflow(rows, params, header + table, csv_path, args.experiment)
+    return 0
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "absent"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "retention_flops", "retention_bytes", "markdown_table"]

@@ -1,0 +1,110 @@
+"""Pick a backend for the retention core: ours (Triton) on CUDA, the PyTorch reference on the CPU, fla on request.
+
+Every backend computes the same function (see ``kernels/reference.py``); fla's ``chunk_simple_gla`` with
+``g_gamma=log_gamma`` uses the same state convention, which is why it is the comparison point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import retention_chunkwise_reference, retention_step_reference
+
+BACKENDS = ("auto", "triton", "fla", "torch")
+
+
+def _resolve(
+    backend: str, device: torch.device, dtype: torch.dtype | None = None, dims: tuple[int, int] = (0, 0)
+) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"retention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        from kernels.retention_triton import supported
+
+        # float32 with head dims over 128 does not fit the kernels' tiles: the reference is exact there
+        return "triton" if dtype is None or supported(dtype, *dims) else "torch"
+    if backend in ("triton", "fla") and device.type != "cuda":
+        raise RuntimeError(f"retention: backend {backend!r} needs CUDA tensors (got {device}); use 'torch' on the CPU")
+    return backend
+
+
+def _fla(name: str):
+    try:
+        if name == "chunk":
+            from fla.ops.simple_gla import chunk_simple_gla as fn
+        else:
+            from fla.ops.simple_gla import fused_recurrent_simple_gla as fn
+    except ImportError as err:  # fla-core is an optional comparison point
+        raise RuntimeError(f"retention: backend 'fla' needs flash-linear-attention installed ({err})") from err
+    return fn
+
+
+def retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The retention core ``o, final_state``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_gamma ``[H]``.
+
+    ``scale`` multiplies q (default ``K ** -0.5``); states are ``[B, H, K, V]``. ``backend``: auto (triton on CUDA
+    where the kernels take the dtype and head dims, else torch), triton, fla (``chunk_simple_gla``) or torch (the
+    chunkwise reference).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _resolve(backend, q.device, q.dtype, (q.shape[-1], v.shape[-1]))
+    if chosen == "triton":
+        from kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
+
+        return retention_triton(q, k, v, log_gamma, scale, initial_state, output_final_state)
+    if chosen == "fla":
+        lg = log_gamma.to(device=q.device, dtype=torch.float32)
+        return _fla("chunk")(
+            q,
+            k,
+            v,
+            g_gamma=lg,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
+    return retention_chunkwise_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
+
+
+def retention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decoding step for all heads; ``state`` ``[B, H, K, V]`` is updated in place and ``o`` returned.
+
+    q, k ``[B, H, K]``, v ``[B, H, V]`` (or with a length-1 time axis ``[B, 1, H, *]``, kept in the output).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _resolve(backend, q.device)
+    if chosen == "triton":
+        from kernels.retention_triton import retention_step_triton
+
+        return retention_step_triton(q, k, v, state, log_gamma, scale)
+    timed = q.dim() == 4
+    if chosen == "fla":
+        q4, k4, v4 = (x if timed else x[:, None] for x in (q, k, v))
+        lg = log_gamma.to(device=q.device, dtype=torch.float32)
+        o, new_state = _fla("recurrent")(
+            q4, k4, v4, g_gamma=lg, scale=scale, initial_state=state, output_final_state=True
+        )
+        state.copy_(new_state)
+        return o if timed else o[:, 0]
+    if timed:
+        return retention_step_reference(q[:, 0], k[:, 0], v[:, 0], state, log_gamma, scale)[:, None]
+    return retention_step_reference(q, k, v, state, log_gamma, scale)

@@ -1,0 +1,109 @@
+"""Pure-PyTorch references for the retention core: the ground truth every fast kernel is tested against.
+
+The core (RetNet's multi-scale retention before its per-row normalisers), per batch row and head ``h`` with decay
+``gamma_h = exp(log_gamma[h])``:
+
+    S_n = gamma S_{n-1} + k_n^T v_n,    o_n = scale * q_n S_n,    S_{-1} = initial state (zero if absent)
+
+so ``o_n = scale * (sum_{m<=n} gamma^(n-m) (q_n . k_m) v_m + gamma^(n+1) q_n S_{-1})`` and the final state is
+``S_{T-1} = sum_m gamma^(T-1-m) k_m^T v_m + gamma^T S_{-1}``: the convention of fla's ``chunk_simple_gla`` with
+``g_gamma=log_gamma``, so a final state can be passed on as the next call's initial state.
+
+Layout (fla's): q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[B, H, K, V]``. Everything runs in the input
+dtype promoted to at least float32, so float64 inputs give a float64 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _promote(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dtype = torch.promote_types(xs[0].dtype, torch.float32)
+    return tuple(x.to(dtype) for x in xs)
+
+
+def retention_parallel_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The masked-matrix form: O(T^2) memory, obviously right, the oracle for short sequences."""
+    out_dtype = v.dtype
+    q, k, v = _promote(q, k, v)
+    T = q.shape[1]
+    a = log_gamma.to(q.dtype).view(-1, 1, 1)  # [H, 1, 1]
+    t = torch.arange(T, device=q.device, dtype=q.dtype)
+    gap = t[:, None] - t[None, :]  # n - m
+    decay = torch.where(gap >= 0, torch.exp(a * gap.clamp(min=0)), torch.zeros((), dtype=q.dtype, device=q.device))
+    scores = torch.einsum("bnhk,bmhk->bhnm", q, k) * decay  # [B, H, T, T]
+    o = torch.einsum("bhnm,bmhv->bnhv", scores, v)
+    if initial_state is not None:
+        s0 = initial_state.to(q.dtype)
+        q_decay = torch.exp(a.view(1, 1, -1) * (t + 1)[:, None]).view(1, T, -1, 1)  # gamma^(n+1), [1, T, H, 1]
+        o = o + torch.einsum("bnhk,bhkv->bnhv", q * q_decay, s0)
+    final = None
+    if output_final_state:
+        k_decay = torch.exp(a.view(1, 1, -1) * (T - 1 - t)[:, None]).view(1, T, -1, 1)  # gamma^(T-1-m)
+        final = torch.einsum("bmhk,bmhv->bhkv", k * k_decay, v)
+        if initial_state is not None:
+            final = final + torch.exp(a.view(1, -1, 1, 1) * T) * initial_state.to(q.dtype)
+    return (scale * o).to(out_dtype), final
+
+
+def retention_chunkwise_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunkwise form the kernels implement: parallel inside a chunk, the state carried across chunks.
+
+    Each chunk (the last one may be partial) reads the state left by the previous ones, adds its own masked
+    intra-chunk term, and hands on ``gamma^L S + sum_j gamma^(L-1-j) k_j^T v_j`` for its length ``L``.
+    """
+    out_dtype = v.dtype
+    q, k, v = _promote(q, k, v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    a = log_gamma.to(q.dtype)
+    state = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(B, H, K, V)  # S before the chunk
+    outputs = []
+    for start in range(0, T, chunk_size):
+        qc, kc, vc = (x[:, start : start + chunk_size] for x in (q, k, v))
+        L = qc.shape[1]
+        i = torch.arange(L, device=q.device, dtype=q.dtype)
+        o, _ = retention_parallel_reference(qc, kc, vc, log_gamma, 1.0)  # intra-chunk term, unscaled
+        q_decay = torch.exp(a[None, :] * (i + 1)[:, None])[None, :, :, None]  # gamma^(i+1), [1, L, H, 1]
+        o = o + torch.einsum("bihk,bhkv->bihv", qc * q_decay, state)
+        outputs.append(scale * o)
+        k_decay = torch.exp(a[None, :] * (L - 1 - i)[:, None])[None, :, :, None]
+        state = torch.exp(a * L).view(1, H, 1, 1) * state + torch.einsum("bjhk,bjhv->bhkv", kc * k_decay, vc)
+    o = torch.cat(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
+def retention_step_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decoding step for all heads, updating ``state`` ``[B, H, K, V]`` in place.
+
+    q, k are ``[B, H, K]``, v ``[B, H, V]``. Returns ``o = scale * q S_new`` ``[B, H, V]`` in v's dtype; the state
+    keeps its own dtype (float32 is usual).
+    """
+    gamma = torch.exp(log_gamma.to(state.dtype)).view(1, -1, 1, 1)
+    state.mul_(gamma).add_(k.to(state.dtype)[..., :, None] * v.to(state.dtype)[..., None, :])
+    return (scale * torch.einsum("bhk,bhkv->bhv", q.to(state.dtype), state)).to(v.dtype)

@@ -1,0 +1,740 @@
+"""Fused Triton kernels for the retention core (see ``kernels/reference.py`` for the function and the layout).
+
+Why these are faster than fla's generic ``chunk_simple_gla`` kernels: the cost of chunkwise retention at RetNet's
+sizes is moving bytes, and most of fla's bytes are the per-chunk states ``[K, V]`` it writes to memory every 64
+tokens (twice the size of q at K = V = 128) and reads back, in the forward pass and twice more in the backward.
+Here a program keeps its running state in registers across ``NC`` sub-chunks of ``C`` tokens, so a state is
+stored only every ``C * NC`` tokens (one "block"), and the whole backward pass is a few launches (three at
+K, V <= 128).
+
+Two kernels do all the work of the forward and the backward pass, each called with different roles for its
+inputs ("query", "key", "value"), in forward or reversed time (``REVERSE`` reads the rows from the end, which turns
+``sum_{m<=n}`` into ``sum_{m>=n}``):
+
+* ``_state_pass_kernel``: one sequential sweep over the chunks with the state ``G`` in registers, storing ``G`` at
+  each block's start (and the final state). Forward: key = k, value = v. Backward: key = q, value = do, reversed,
+  which gives the states the key/value gradients need (and the initial state's gradient).
+* ``_chunk_output_kernel``: parallel over blocks; inside a block, for each sub-chunk,
+  ``out = scale * (masked decayed query.key^T) value + state_scale * (decayed query) G`` and G moves on.
+  Forward o: (q, k, v). dq: (do, v, k) with the forward states transposed. dv: (k, q, do) and dk: (v, do, q),
+  reversed, with the backward states; ``_chunk_dkv_kernel`` does these two in one pass where the state fits.
+
+States are kept in the "G" convention ``G = gamma * S`` (the state already decayed into the next token), so that a
+state at a block start contributes ``gamma^i`` to the block's i-th row and no kernel ever divides by gamma.
+
+Not covered here: a per-token (selective) decay, and RetNet's per-row normalisers, which the mixer applies to the
+core's output. Measured results: docs/results/kernels.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64  # tokens per sub-chunk: the [C, C] intra-chunk scores and the tensor-core tiles
+
+
+@triton.jit
+def _state_pass_kernel(
+    k_ptr,
+    v_ptr,
+    g0_ptr,
+    h_ptr,
+    final_ptr,
+    log_gamma_ptr,
+    kv_scale,
+    T,
+    NB,
+    NC,
+    n_chunks,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_G0: tl.constexpr,
+    G0_DECAY: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    FINAL_SHIFT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Sweep the sequence once (per [BK, BV] tile of the state): G <- gamma^L G + kv_scale sum_j gamma^(L-j) k_j^T v_j.
+
+    ``h[b, blk, h]`` gets G at the start of each block of ``C * NC`` tokens (in the input dtype). The final output is
+    ``gamma^(-FINAL_SHIFT)`` times G after the last token, computed without a division: FINAL_SHIFT = 1 gives the
+    forward final state S_{T-1}, 0 gives the initial state's gradient in the reversed sweep.
+    """
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    j = tl.arange(0, C)
+    mask_kv = (rk[:, None] < DK) & (rv[None, :] < DV)
+    state_off = (i_b * H + i_h).to(tl.int64) * DK * DV + rk[:, None] * DV + rv[None, :]
+    if HAS_G0:
+        g = tl.load(g0_ptr + state_off, mask=mask_kv, other=0.0).to(tl.float32)
+        if G0_DECAY:
+            g = g * tl.exp(lg)
+    else:
+        g = tl.zeros([BK, BV], dtype=tl.float32)
+    k_base = k_ptr + (i_b.to(tl.int64) * T * H + i_h) * DK
+    v_base = v_ptr + (i_b.to(tl.int64) * T * H + i_h) * DV
+    for c in range(0, n_chunks):
+        if STORE_H:
+            if c % NC == 0:
+                h_off = ((i_b * NB + c // NC) * H + i_h).to(tl.int64) * DK * DV
+                tl.store(h_ptr + h_off + rk[:, None] * DV + rv[None, :], g.to(h_ptr.dtype.element_ty), mask=mask_kv)
+        t = c * C + j
+        row_ok = t < T
+        if REVERSE:
+            row = T - 1 - t
+        else:
+            row = t
+        kt = tl.load(
+            k_base + row[:, None] * (H * DK) + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < DK), other=0.0
+        )
+        vt = tl.load(
+            v_base + row[:, None] * (H * DV) + rv[None, :], mask=row_ok[:, None] & (rv[None, :] < DV), other=0.0
+        )
+        length = tl.minimum(T - c * C, C)
+        shift = tl.where(c == n_chunks - 1, FINAL_SHIFT, 0)
+        span = length - shift
+        w = tl.where(row_ok, tl.exp(lg * (span - j).to(tl.float32)), 0.0) * kv_scale
+        kw = (kt.to(tl.float32) * w[:, None]).to(kt.dtype)
+        g = g * tl.exp(lg * span.to(tl.float32))
+        g = tl.dot(tl.trans(kw), vt, acc=g, input_precision=PRECISION)
+    if STORE_FINAL:
+        tl.store(final_ptr + state_off, g, mask=mask_kv)
+
+
+@triton.jit
+def _load_rows(base_ptr, row, row_ok, cols, cols_ok, row_stride):
+    """A [rows, cols] tile of a [B, T, H, D] tensor (rows are time steps); masked entries read as zero."""
+    return tl.load(
+        base_ptr + row[:, None] * row_stride + cols[None, :], mask=row_ok[:, None] & cols_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    h_ptr,
+    o_ptr,
+    log_gamma_ptr,
+    scale,
+    state_scale,
+    kv_scale,
+    stride_hk,
+    stride_hv,
+    stride_hblock,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    T,
+    NB,
+    NC,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BKP: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    REVERSE: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One block of ``C * NC`` tokens and ``BV`` value columns: the block's output, its state carried in registers.
+
+    ``h[b, blk, h]`` is the block's starting state G in the "key" x "value" roles, read through strides so that the
+    backward pass can use the forward states transposed, or a slice of their key dim. Query and key share one
+    layout (strides), value and output another, so a 512-wide key dim can be handled as two 256-wide views, the
+    second call adding into the first one's output (ACCUMULATE). Without HAS_STATE the block starts from zero.
+    """
+    i_v, i_blk, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
+    rk = tl.arange(0, BKP)
+    rv = i_v * BV + tl.arange(0, BV)
+    i = tl.arange(0, C)
+    k_ok = rk < DK
+    v_ok = rv < DV
+    dtype = v_ptr.dtype.element_ty
+    g = tl.zeros([BKP, BV], dtype=tl.float32)
+    if HAS_STATE:
+        h_base = h_ptr + ((i_b * NB + i_blk) * H + i_h).to(tl.int64) * stride_hblock
+        g += tl.load(
+            h_base + rk[:, None] * stride_hk + rv[None, :] * stride_hv, mask=k_ok[:, None] & v_ok[None, :], other=0.0
+        ).to(tl.float32)
+    gap = (i[:, None] - i[None, :]).to(tl.float32)
+    decay = tl.where(i[:, None] >= i[None, :], tl.exp(lg * tl.maximum(gap, 0.0)), 0.0) * scale  # gamma^(i-j)
+    q_decay = tl.exp(lg * i.to(tl.float32)) * state_scale  # row i sees the chunk's starting G with gamma^i
+    k_decay = tl.exp(lg * (C - i).to(tl.float32)) * kv_scale  # key j reaches the next chunk's G with gamma^(C-j)
+    chunk_decay = tl.exp(lg * C)
+    q_base = q_ptr + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+    k_base = k_ptr + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+    v_base = v_ptr + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    o_base = o_ptr + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    t_block = i_blk * C * NC
+    for ci in range(0, NC):  # a last partial block runs past T: its rows are masked (no traffic)
+        t = t_block + ci * C + i
+        row_ok = t < T
+        if REVERSE:
+            row = T - 1 - t
+        else:
+            row = t
+        qt = _load_rows(q_base, row, row_ok, rk, k_ok, stride_qt)
+        kt = _load_rows(k_base, row, row_ok, rk, k_ok, stride_qt)
+        vt = _load_rows(v_base, row, row_ok, rv, v_ok, stride_vt)
+        # the decays scale rows of the small results, not the [C, key dim] tiles: q goes straight into the product
+        out = tl.dot(qt, g.to(dtype), input_precision=PRECISION) * q_decay[:, None]
+        scores = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * decay
+        out = tl.dot(scores.to(dtype), vt, acc=out, input_precision=PRECISION)
+        o_ptrs = o_base + row[:, None] * stride_vt + rv[None, :]
+        o_mask = row_ok[:, None] & v_ok[None, :]
+        if ACCUMULATE:
+            out += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
+        vw = (vt.to(tl.float32) * k_decay[:, None]).to(dtype)  # k_j^T v_j gamma^(C-j): weight the value rows
+        g = tl.dot(tl.trans(kt), vw, acc=g * chunk_decay, input_precision=PRECISION)
+
+
+@triton.jit
+def _chunk_dkv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    h_ptr,
+    dk_ptr,
+    dv_ptr,
+    log_gamma_ptr,
+    scale,
+    T,
+    NB,
+    NC,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BKP: tl.constexpr,
+    BVP: tl.constexpr,
+    C: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dk and dv of one block in reversed time, sharing the loads of q, k, v, do and one [K, V] state.
+
+    The same arithmetic as two ``_chunk_output_kernel`` calls (dv: query k, key q, value do; dk: query v, key do,
+    value q, state transposed), fused because both read the same four tiles and the same state: a third fewer
+    bytes for the backward pass. Used when the whole state tile fits (K * V <= 128 * 128).
+    """
+    i_blk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
+    rk = tl.arange(0, BKP)
+    rv = tl.arange(0, BVP)
+    i = tl.arange(0, C)
+    k_ok = rk < DK
+    v_ok = rv < DV
+    dtype = q_ptr.dtype.element_ty
+    if HAS_STATE:
+        h_base = h_ptr + ((i_b * NB + i_blk) * H + i_h).to(tl.int64) * DK * DV
+        g = tl.load(h_base + rk[:, None] * DV + rv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        g = g.to(tl.float32)
+    else:
+        g = tl.zeros([BKP, BVP], dtype=tl.float32)
+    gap = (i[:, None] - i[None, :]).to(tl.float32)
+    decay = tl.where(i[:, None] >= i[None, :], tl.exp(lg * tl.maximum(gap, 0.0)), 0.0) * scale
+    q_decay = tl.exp(lg * i.to(tl.float32))
+    k_decay = tl.exp(lg * (C - i).to(tl.float32)) * scale
+    chunk_decay = tl.exp(lg * C)
+    k_off = (i_b.to(tl.int64) * T * H + i_h) * DK
+    v_off = (i_b.to(tl.int64) * T * H + i_h) * DV
+    t_block = i_blk * C * NC
+    for ci in range(0, NC):
+        t = t_block + ci * C + i
+        row_ok = t < T
+        row = T - 1 - t
+        qt = _load_rows(q_ptr + k_off, row, row_ok, rk, k_ok, H * DK)
+        kt = _load_rows(k_ptr + k_off, row, row_ok, rk, k_ok, H * DK)
+        vt = _load_rows(v_ptr + v_off, row, row_ok, rv, v_ok, H * DV)
+        dot_ = _load_rows(do_ptr + v_off, row, row_ok, rv, v_ok, H * DV)
+        gc = g.to(dtype)
+        # dv_m = scale sum_{n>=m} gamma^(n-m) (k_m . q_n) do_n + gamma^i k_m G
+        dv = tl.dot(kt, gc, input_precision=PRECISION) * q_decay[:, None]
+        a = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * decay
+        dv = tl.dot(a.to(dtype), dot_, acc=dv, input_precision=PRECISION)
+        kv_mask = row_ok[:, None] & v_ok[None, :]
+        tl.store(dv_ptr + v_off + row[:, None] * (H * DV) + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        # dk_m = scale sum_{n>=m} gamma^(n-m) (v_m . do_n) q_n + gamma^i v_m G^T
+        dk = tl.dot(vt, tl.trans(gc), input_precision=PRECISION) * q_decay[:, None]
+        a = tl.dot(vt, tl.trans(dot_), input_precision=PRECISION) * decay
+        dk = tl.dot(a.to(dtype), qt, acc=dk, input_precision=PRECISION)
+        kk_mask = row_ok[:, None] & k_ok[None, :]
+        tl.store(dk_ptr + k_off + row[:, None] * (H * DK) + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kk_mask)
+        dow = (dot_.to(tl.float32) * k_decay[:, None]).to(dtype)
+        g = tl.dot(tl.trans(qt), dow, acc=g * chunk_decay, input_precision=PRECISION)
+
+
+@triton.jit
+def _decode_step_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    s_ptr,
+    o_ptr,
+    log_gamma_ptr,
+    scale,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BKP: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """S <- gamma S + k^T v in place, o = scale q S, for one (batch row, head) and BV value columns."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    rk = tl.arange(0, BKP)
+    rv = i_v * BV + tl.arange(0, BV)
+    k_ok = rk < DK
+    v_ok = rv < DV
+    gamma = tl.exp(tl.load(log_gamma_ptr + i_h).to(tl.float32))
+    q = tl.load(q_ptr + i_bh * DK + rk, mask=k_ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + i_bh * DK + rk, mask=k_ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + i_bh * DV + rv, mask=v_ok, other=0.0).to(tl.float32)
+    s_off = i_bh.to(tl.int64) * DK * DV + rk[:, None] * DV + rv[None, :]
+    s_mask = k_ok[:, None] & v_ok[None, :]
+    s = tl.load(s_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    s = s * gamma + k[:, None] * v[None, :]
+    tl.store(s_ptr + s_off, s.to(s_ptr.dtype.element_ty), mask=s_mask)
+    o = tl.sum(q[:, None] * s, axis=0) * scale
+    tl.store(o_ptr + i_bh * DV + rv, o.to(o_ptr.dtype.element_ty), mask=v_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get exact float32 products (tf32 would cost ~3e-4 relative error); half types use tensor cores
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Tile choices can be pinned here (keys of _Plan's attributes) to time alternatives; empty in normal use.
+TILE_OVERRIDES: dict[str, int] = {}
+
+
+class _Plan:
+    """Tile sizes for one call, chosen from the head dims: a state tile must fit in registers."""
+
+    def __init__(self, B: int, T: int, H: int, K: int, V: int, chunk: int, sub_chunks: int | None) -> None:
+        self.chunk = chunk
+        kp, vp = _pow2(K), _pow2(V)
+        # o and dv hold a [pow2(K), bv_fwd] float32 state, dq and dk a [256-wide key piece, bv_bwd] one. Measured
+        # on an H100 (bf16): 64 value columns and 4 warps beat 128 columns / 8 warps by 10-15% at K = V = 128 (more
+        # programs in flight per SM), and 4 warps beat 8 at K = 256 (2.4 vs 3.0 ms forward at the paper's 256 x 512).
+        self.bv_fwd = min(vp, 64, max(16, 16384 // kp))
+        self.bv_bwd = min(kp, 64, max(16, 16384 // min(vp, 256)))
+        self.warps_fwd = 4
+        self.warps_bwd = 4
+        self.stages = 2
+        # the state sweep is sequential in time: with few sequences, narrower state tiles give more programs
+        few = B * H * triton.cdiv(K, 64) * triton.cdiv(V, 64) < 264
+        self.bk_state = min(32 if few else 64, kp)
+        self.bv_state = min(32 if few else 64, vp)
+        self.warps_state = 4
+        self.fused_dkv = int(kp * vp <= 16384)  # the whole [K, V] state of the dk/dv kernel fits in registers
+        self.warps_dkv = 8
+        self.nc = 0
+        for name, value in TILE_OVERRIDES.items():
+            setattr(self, name, value)
+        if sub_chunks is not None:
+            self.nc = sub_chunks
+        if self.nc <= 0:
+            # as many sub-chunks per stored state as keep >= ~4 waves of programs on a 132-SM GPU, at most 8
+            per_block = B * H * triton.cdiv(V, self.bv_fwd)
+            self.nc = 8
+            while self.nc > 1 and triton.cdiv(T, chunk * self.nc) * per_block < 4 * 132:
+                self.nc //= 2
+        self.nb = triton.cdiv(T, chunk * self.nc)
+
+
+def _state_pass(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_gamma: torch.Tensor,
+    plan: _Plan,
+    *,
+    g0: torch.Tensor | None,
+    g0_decay: bool,
+    kv_scale: float,
+    reverse: bool,
+    store_h: bool,
+    final_shift: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    B, T, H, K = key.shape
+    V = value.shape[-1]
+    h = key.new_empty(B, plan.nb, H, K, V) if store_h else None
+    final = key.new_empty(B, H, K, V, dtype=torch.float32) if final_shift is not None else None
+    grid = (triton.cdiv(K, plan.bk_state), triton.cdiv(V, plan.bv_state), B * H)
+    _state_pass_kernel[grid](
+        key,
+        value,
+        g0,
+        h,
+        final,
+        log_gamma,
+        kv_scale,
+        T,
+        plan.nb,
+        plan.nc,
+        triton.cdiv(T, plan.chunk),
+        H,
+        K,
+        V,
+        BK=plan.bk_state,
+        BV=plan.bv_state,
+        C=plan.chunk,
+        REVERSE=reverse,
+        HAS_G0=g0 is not None,
+        G0_DECAY=g0_decay,
+        STORE_H=store_h,
+        STORE_FINAL=final is not None,
+        FINAL_SHIFT=final_shift or 0,
+        PRECISION=_precision(key.dtype),
+        num_warps=plan.warps_state,
+        num_stages=3,
+    )
+    return h, final
+
+
+def _chunk_output(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    h: torch.Tensor | None,
+    h_layout: tuple[int, int, int],
+    log_gamma: torch.Tensor,
+    plan: _Plan,
+    *,
+    bv: int,
+    warps: int,
+    scale: float,
+    state_scale: float,
+    kv_scale: float,
+    reverse: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the output kernel; ``h_layout`` = (element offset, key stride, value stride) of the state in ``h``.
+
+    ``query``/``key`` may be views with a common layout (slices of a wider tensor); with ``out`` the result is
+    added into it.
+    """
+    B, T, H, K = query.shape
+    V = value.shape[-1]
+    assert query.stride() == key.stride() and query.stride(-1) == 1 and value.stride(-1) == 1
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty_like(value, memory_format=torch.contiguous_format)
+    assert out.stride() == value.stride()
+    offset, stride_hk, stride_hv = h_layout
+    grid = (triton.cdiv(V, bv), plan.nb, B * H)
+    _chunk_output_kernel[grid](
+        query,
+        key,
+        value,
+        h.view(-1)[offset:] if h is not None else None,
+        out,
+        log_gamma,
+        scale,
+        state_scale,
+        kv_scale,
+        stride_hk,
+        stride_hv,
+        h[0, 0, 0].numel() if h is not None else 0,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        value.stride(0),
+        value.stride(1),
+        value.stride(2),
+        T,
+        plan.nb,
+        plan.nc,
+        H,
+        K,
+        V,
+        BKP=_pow2(K),
+        BV=bv,
+        C=plan.chunk,
+        REVERSE=reverse,
+        HAS_STATE=h is not None,
+        ACCUMULATE=accumulate,
+        PRECISION=_precision(query.dtype),
+        num_warps=warps,
+        num_stages=plan.stages,
+    )
+    return out
+
+
+KEY_PIECE = 256  # widest key dim of one output-kernel call: [64, 256] tiles; wider ones run as 256-wide pieces
+
+
+def _chunk_output_pieces(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    h: torch.Tensor | None,
+    transposed: bool,
+    log_gamma: torch.Tensor,
+    plan: _Plan,
+    **kw,
+) -> torch.Tensor:
+    """The output kernel with the key dim cut into 256-wide pieces, each piece adding into the output.
+
+    The result is linear in the key-dim pieces of (query . key) and of query G, so summing per-piece outputs is
+    exact up to rounding. ``transposed``: the state is stored [value, key] (the backward's dq and dk use the
+    [K, V] states with V as their key dim), so a piece is an offset along the contiguous axis.
+    """
+    width = query.shape[-1]
+    state_v = h.shape[-1] if h is not None else 0
+    out = None
+    for lo in range(0, width, KEY_PIECE):
+        hi = min(lo + KEY_PIECE, width)
+        layout = (lo, 1, state_v) if transposed else (lo * state_v, state_v, 1)
+        out = _chunk_output(query[..., lo:hi], key[..., lo:hi], value, h, layout, log_gamma, plan, out=out, **kw)
+    return out
+
+
+def _chunk_dkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    dh: torch.Tensor | None,
+    log_gamma: torch.Tensor,
+    plan: _Plan,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _chunk_dkv_kernel[(plan.nb, B * H)](
+        q,
+        k,
+        v,
+        do,
+        dh,
+        dk,
+        dv,
+        log_gamma,
+        scale,
+        T,
+        plan.nb,
+        plan.nc,
+        H,
+        K,
+        V,
+        BKP=_pow2(K),
+        BVP=_pow2(V),
+        C=plan.chunk,
+        HAS_STATE=dh is not None,
+        PRECISION=_precision(q.dtype),
+        num_warps=plan.warps_dkv,
+        num_stages=plan.stages,
+    )
+    return dk, dv
+
+
+class RetentionFunction(torch.autograd.Function):
+    """Chunkwise retention with fixed per-head decay; gradients for q, k, v and the initial state."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        log_gamma: torch.Tensor,
+        scale: float,
+        initial_state: torch.Tensor | None,
+        output_final_state: bool,
+        chunk_size: int,
+        sub_chunks: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        plan = _Plan(B, T, H, K, V, chunk_size, sub_chunks)
+        s0 = initial_state.contiguous() if initial_state is not None else None
+        need_h = plan.nb > 1 or s0 is not None
+        h, final = None, None
+        if need_h or output_final_state:
+            h, final = _state_pass(
+                k,
+                v,
+                log_gamma,
+                plan,
+                g0=s0,
+                g0_decay=True,
+                kv_scale=1.0,
+                reverse=False,
+                store_h=need_h,
+                final_shift=1 if output_final_state else None,
+            )
+        fwd = dict(bv=plan.bv_fwd, warps=plan.warps_fwd)
+        o = _chunk_output_pieces(
+            q, k, v, h, False, log_gamma, plan, **fwd, scale=scale, state_scale=scale, kv_scale=1.0, reverse=False
+        )
+        ctx.save_for_backward(q, k, v, log_gamma, h)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.s0_dtype = s0.dtype if s0 is not None else None
+        ctx.set_materialize_grads(False)  # an unused final state must cost no backward sweep
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor, d_final: torch.Tensor | None):
+        q, k, v, log_gamma, h = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        do = torch.zeros_like(v) if do is None else do.contiguous()  # only the final state was used
+        want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
+        need_dh = plan.nb > 1 or d_final is not None
+        dh, ds0 = None, None
+        if need_dh or want_ds0:
+            dh, ds0 = _state_pass(
+                q,
+                do,
+                log_gamma,
+                plan,
+                g0=d_final.contiguous() if d_final is not None else None,
+                g0_decay=False,
+                kv_scale=scale,
+                reverse=True,
+                store_h=need_dh,
+                final_shift=0 if want_ds0 else None,
+            )
+        fwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_fwd, warps=plan.warps_fwd)
+        bwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_bwd, warps=plan.warps_bwd)
+        dq = _chunk_output_pieces(do, v, k, h, True, state_scale=scale, kv_scale=1.0, reverse=False, **bwd)
+        if plan.fused_dkv:
+            dk, dv = _chunk_dkv(q, k, v, do, dh, log_gamma, plan, scale)
+        else:
+            dv = _chunk_output_pieces(k, q, do, dh, False, state_scale=1.0, kv_scale=scale, reverse=True, **fwd)
+            dk = _chunk_output_pieces(v, do, q, dh, True, state_scale=1.0, kv_scale=scale, reverse=True, **bwd)
+        if ds0 is not None:
+            ds0 = ds0.to(ctx.s0_dtype)
+        return dq, dk, dv, None, None, ds0, None, None, None
+
+
+def supported(dtype: torch.dtype, K: int, V: int, on_gpu: bool = True) -> bool:
+    """Whether the kernels take these head dims: on a GPU, float32 tiles are twice as large, so they stop at 128.
+
+    (Triton's interpreter, which runs on CPU tensors, has no shared-memory limit.)
+    """
+    if dtype == torch.float32:
+        return (K <= 128 and V <= 128) or (not on_gpu and K <= 256 and V <= 512)
+    return dtype in (torch.float16, torch.bfloat16) and K <= 256 and V <= 512
+
+
+def retention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = CHUNK,
+    sub_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Retention core through the Triton kernels: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_gamma ``[H]``.
+
+    ``scale`` defaults to ``K ** -0.5``. The final state is float32 ``[B, H, K, V]`` and carries no gradient; the
+    initial state gets one. ``log_gamma`` is a constant (RetNet's decays are fixed): asking for its gradient is an
+    error rather than a silent zero. ``chunk_size`` / ``sub_chunks`` are exposed for the tests (a small chunk
+    exercises the block logic on short inputs); leave them at their defaults otherwise.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"retention: q, k [B, T, H, K] and v [B, T, H, V] expected; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"retention: q, k, v must share one of float32/float16/bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if not supported(q.dtype, K, V, q.is_cuda) or T == 0:
+        raise ValueError(
+            f"retention: the Triton kernels take T >= 1 and K <= 256, V <= 512 in bf16/fp16 (K, V <= 128 in float32); "
+            f"got {q.dtype}, K={K}, V={V}, T={T}"
+        )
+    if log_gamma.requires_grad and torch.is_grad_enabled():
+        raise ValueError("retention: log_gamma is treated as a constant by the Triton kernels; detach it")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"retention: initial_state must be {(B, H, K, V)}; got {tuple(initial_state.shape)}")
+    scale = K**-0.5 if scale is None else float(scale)
+    lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    return RetentionFunction.apply(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        lg,
+        scale,
+        initial_state,
+        output_final_state,
+        chunk_size,
+        sub_chunks,
+    )
+
+
+def retention_step_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decoding step for all heads in one launch: ``state`` ``[B, H, K, V]`` is updated in place.
+
+    q, k ``[B, H, K]`` and v ``[B, H, V]`` (contiguous), or the same with a length-1 time axis ``[B, 1, H, *]``,
+    which the output then keeps. A step is a few microseconds of state traffic, so the launch is what costs: capture
+    the model's step in a CUDA graph.
+    """
+    squeeze = q.dim() == 4
+    if squeeze:
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    B, H, K = q.shape
+    V = v.shape[-1]
+    if state.shape != (B, H, K, V) or not state.is_contiguous():
+        raise ValueError(f"retention_step: state must be a contiguous {(B, H, K, V)} tensor; got {tuple(state.shape)}")
+    scale = K**-0.5 if scale is None else float(scale)
+    o = v.new_empty(B, H, V)
+    kp = _pow2(K)
+    bv = min(_pow2(V), max(16, 4096 // kp))
+    lg = log_gamma if log_gamma.dtype == torch.float32 and log_gamma.is_contiguous() else log_gamma.float().contiguous()
+    _decode_step_kernel[(triton.cdiv(V, bv), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), state, o, lg, scale, H, K, V, BKP=kp, BV=bv, num_warps=4
+    )
+    return o[:, None] if squeeze else o
+
+
+__all__ = ["RetentionFunction", "retention_triton", "retention_step_triton", "supported", "CHUNK"]

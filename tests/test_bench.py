@@ -1,0 +1,197 @@
+"""``zoo-bench`` on tiny CPU models: the preallocated KV cache computes the model's own function (float64), the
+graph-capture rule refuses states it could not replay, and both subcommands write a table with a row per cell,
+positive numbers, PNGs and an MLflow run with the metrics and artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from analysis.bench import ModelSpec, build_model, model_config, parse_models
+from analysis.bench.cli import main
+from analysis.bench.decode import (
+    StaticCacheAttention,
+    decode_step,
+    prefill,
+    state_mib,
+    static_kv_cache,
+    structure_change,
+)
+from arch_zoo.contract import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--d-model", "64", "--layers", "2", "--vocab", "97", "--lengths", "32,64", "--steps", "3", "--warmup", "1"]
+TINY += ["--set", "retnet.head_dim=16", "--set", "transformer.n_heads=4", "--device", "cpu"]
+
+
+def tiny_model(name: str, dtype: torch.dtype = torch.float64, **mixer):
+    spec = ModelSpec(name, mixer={"n_heads": 4, **mixer} if name == "transformer" else {"head_dim": 16, **mixer})
+    return build_model(model_config(spec, 64, 2, 97), torch.device("cpu"), dtype).eval()
+
+
+@pytest.mark.parametrize("kv_attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_preallocated_kv_cache_decodes_the_models_own_function(kv_attention, chunk):
+    torch.manual_seed(0)
+    model = tiny_model("transformer")
+    tokens = torch.randint(97, (2, 19))
+    prompt, continuation = tokens[:, :12], tokens[:, 12:]
+    with torch.no_grad():
+        reference, _ = model(tokens)  # one causal pass over the whole sequence, the training path
+    with static_kv_cache(model, kv_attention) as new_states:
+        assert all(isinstance(b.mixer, StaticCacheAttention) for b in model.blocks)
+        states = new_states(2, 40)
+        last, states = prefill(model, prompt, states, chunk)
+        torch.testing.assert_close(last, reference[:, 11], rtol=1e-10, atol=1e-10)
+        for t in range(continuation.shape[1]):
+            step_tokens = continuation[:, t : t + 1].clone()
+            logits, states = decode_step(model, step_tokens, states)
+            torch.testing.assert_close(logits, reference[:, 12 + t], rtol=1e-10, atol=1e-10)
+            assert torch.equal(step_tokens[:, 0], logits.argmax(-1))  # the greedy token becomes the next input
+        assert int(states[0][0]["pos"]) == 19
+    assert not any(isinstance(b.mixer, StaticCacheAttention) for b in model.blocks)  # restored on exit
+
+
+def test_preallocated_cache_is_the_same_size_every_step_and_capacity_is_aligned():
+    model = tiny_model("transformer")
+    with static_kv_cache(model) as new_states:
+        states = new_states(1, 20)
+        assert states[0][0]["k"].shape == (1, 4, 32, 16)  # 20 rounded up to a multiple of 16
+        _, states = prefill(model, torch.randint(97, (1, 8)), states)
+        before = [(s[0]["k"].data_ptr(), s[0]["k"].shape) for s in states]
+        _, after = decode_step(model, torch.zeros(1, 1, dtype=torch.long), states)
+        assert structure_change(states, after) is None
+        assert [(s[0]["k"].data_ptr(), s[0]["k"].shape) for s in after] == before  # written in place
+        kv, rotary_tables, positions = 2 * 2 * 32 * 64 * 8, 2 * 2 * 32 * 8 * 8, 2 * 8  # bytes, two layers, float64
+        assert state_mib(after) == pytest.approx((kv + rotary_tables + positions) / 2**20)
+
+
+def test_graph_rule_refuses_growing_states_and_changing_host_values():
+    """The model's own KV cache grows and RetNet's state holds a Python-int position: replays would be wrong."""
+    prompt = torch.randint(97, (1, 6))
+    for name, why in [("transformer", "the state grows"), ("retnet", "host value that changes every step")]:
+        model = tiny_model(name)
+        with torch.no_grad():
+            _, states = model(prompt, return_states=True)
+        _, after = decode_step(model, torch.zeros(1, 1, dtype=torch.long), states)
+        assert why in structure_change(states, after)
+
+
+def test_retnet_decodes_from_its_constant_state():
+    """The benchmark's prefill + steps equal the model's forward for a recurrent mixer too (chunked prefill)."""
+    torch.manual_seed(1)
+    model = tiny_model("retnet", mode="chunkwise", chunk_size=4)
+    tokens = torch.randint(97, (2, 15))
+    with torch.no_grad():
+        reference, _ = model(tokens)
+    with static_kv_cache(model) as new_states:
+        last, states = prefill(model, tokens[:, :11], new_states(2, 20), chunk=3)
+        torch.testing.assert_close(last, reference[:, 10], rtol=1e-9, atol=1e-9)
+        sizes = state_mib(states)
+        for t in range(11, 15):
+            logits, states = decode_step(model, tokens[:, t : t + 1].clone(), states)
+            torch.testing.assert_close(logits, reference[:, t], rtol=1e-9, atol=1e-9)
+        assert state_mib(states) == sizes
+
+
+def test_overrides_reach_the_mixer_and_the_ffn_and_typos_fail():
+    specs = parse_models("retnet,transformer", ["retnet.head_dim=16", "transformer.ffn.mult=4"], mode="chunkwise")
+    retnet, transformer = specs
+    assert retnet.mixer == {"head_dim": 16, "mode": "chunkwise"} and transformer.ffn == {"mult": 4}
+    assert "mode" not in transformer.mixer  # attention has no mode field
+    config = model_config(transformer, 64, 2, 97)
+    assert config.ffn.mult == 4
+    with pytest.raises(ConfigError, match="MODEL.FIELD=VALUE"):
+        parse_models("retnet", ["rwkv.n_heads=2"])
+    with pytest.raises(ConfigError, match="no field"):
+        model_config(ModelSpec("retnet", mixer={"head_dimm": 16}), 64, 2, 97)
+
+
+def _run(tracking_uri: str, experiment: str):
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_decode_command_writes_a_row_per_cell_plots_and_an_mlflow_run(tmp_path: Path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "decode"
+    args = ["decode", "--models", "retnet,transformer", "--batches", "1,2", *TINY, "--reference", "transformer"]
+    assert main([*args, "--out", str(out), "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "| retnet | 64 | 2 |" in printed and "Relative to transformer" in printed and "CPU" in printed
+
+    rows = json.loads((out / "decode.json").read_text())["rows"]
+    assert sorted((r["model"], r["length"], r["batch"]) for r in rows) == sorted(
+        (m, L, B) for m in ("retnet", "transformer") for L in (32, 64) for B in (1, 2)
+    )
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert min(r["prefill_ms"], r["latency_ms"], r["tokens_per_s"], r["state_mib"]) > 0
+        assert r["peak_mib"] is None and "need a GPU" in r["graph"]  # CPU: no peak statistics, no graphs
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / (r["latency_ms"] / 1e3))
+    by = {(r["model"], r["length"], r["batch"]): r for r in rows}
+    assert by["retnet", 64, 2]["state_mib"] == by["retnet", 32, 2]["state_mib"]  # constant in length
+    assert by["transformer", 64, 2]["state_mib"] > by["transformer", 32, 2]["state_mib"]  # a KV cache grows
+    for png in ("decode_vs_length.png", "decode_vs_batch.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+
+    client, run = _run(uri, "bench")
+    assert run.info.status == "FINISHED" and run.data.tags["bench"] == "decode"
+    assert run.data.params["models"] == "retnet,transformer" and run.data.params["device_name"].startswith("CPU")
+    history = client.get_metric_history(run.info.run_id, "retnet/B2/tokens_per_s")
+    assert sorted(m.step for m in history) == [32, 64] and all(m.value > 0 for m in history)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"decode.md", "decode.csv", "decode_vs_length.png", "decode_vs_batch.png"} <= artifacts
+
+
+def test_train_command_measures_a_full_step_per_length(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "train"
+    args = ["train", "--models", "retnet,transformer", "--tokens-per-step", "128", *TINY, "--experiment", "costs"]
+    assert main([*args, "--out", str(out), "--tracking-uri", uri]) == 0
+    rows = json.loads((out / "train.json").read_text())["rows"]
+    assert [(r["model"], r["length"], r["batch"]) for r in rows] == [
+        ("retnet", 32, 4),
+        ("retnet", 64, 2),
+        ("transformer", 32, 4),
+        ("transformer", 64, 2),
+    ]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert min(r["step_ms"], r["tokens_per_s"]) > 0 and 3.0 < r["loss"] < 6.0  # near log(97) = 4.57: it ran
+    assert (out / "train.png").read_bytes()[:8] == PNG_MAGIC
+    client, run = _run(uri, "costs")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "transformer/tokens_per_s")] == [32, 64]
+    assert {"train.md", "train.png", "train.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["decode", "--models", "retnett", "--device", "cpu", "--no-log"]) == 2
+    assert "Did you mean 'retnet'" in capsys.readouterr().err
+
+
+def test_a_cache_too_large_to_allocate_is_recorded_as_oom(tmp_path: Path, monkeypatch):
+    """The KV cache of a long, wide cell can be what runs out of memory, before any prefill number exists."""
+    allocate = StaticCacheAttention.new_state
+
+    def new_state(self, batch, capacity, device, dtype):
+        if capacity > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return allocate(self, batch, capacity, device, dtype)
+
+    monkeypatch.setattr(StaticCacheAttention, "new_state", new_state)
+    out = tmp_path / "decode"
+    tiny_transformer = [*TINY[:-6], *TINY[-4:]]  # without the retnet override
+    assert (
+        main(["decode", "--models", "transformer", "--batches", "1", *tiny_transformer, "--out", str(out), "--no-log"])
+        == 0
+    )
+    rows = {r["length"]: r for r in json.loads((out / "decode.json").read_text())["rows"]}
+    assert rows[32]["status"] == "ok" and rows[64]["status"] == "OOM (prefill)" and rows[64]["prefill_ms"] is None
+    assert "OOM (prefill)" in (out / "decode.md").read_text()

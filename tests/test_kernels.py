@@ -1,0 +1,336 @@
+"""The retention kernels against their references.
+
+On the CPU: the references against each other and a naive loop (float64), and the Triton kernels themselves under
+Triton's interpreter (float32: the interpreter's bf16 matmul is wrong in triton 3.9, so half types are checked on
+the GPU only). On a GPU (``-m gpu``): float32 and bfloat16 at large sizes against a float64 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.dispatch import retention, retention_step
+from kernels.reference import (
+    retention_chunkwise_reference,
+    retention_parallel_reference,
+    retention_step_reference,
+)
+
+KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "retention_triton.py"
+
+
+def naive_loop(q, k, v, log_gamma, scale, s0):
+    """S_n = gamma S_{n-1} + k_n^T v_n, o_n = scale q_n S_n, one token at a time (float64)."""
+    B, T, H, K = q.shape
+    state = s0.clone() if s0 is not None else q.new_zeros(B, H, K, v.shape[-1])
+    gamma = log_gamma.exp().view(1, H, 1, 1)
+    out = []
+    for t in range(T):
+        state = gamma * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(out, dim=1), state
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error; NaN or inf anywhere makes it inf, so it never passes a bound."""
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def decays(H: int) -> torch.Tensor:
+    """RetNet's per-head decays with a fast-decaying head mixed in, so the state term is both large and tiny."""
+    lg = torch.log1p(-(2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64))))
+    lg[-1] = math.log(0.5)
+    return lg
+
+
+def inputs(B, T, H, K, V, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    s0 = torch.randn(B, H, K, V, generator=g, dtype=torch.float64)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, s0)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References (CPU, float64)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (37, 8), (64, 16), (50, 64)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_references_agree_with_naive_loop(T, chunk, with_state):
+    q, k, v, s0 = inputs(2, T, 3, 8, 6)
+    s0 = s0 if with_state else None
+    lg, scale = decays(3), 0.37
+    o_loop, s_loop = naive_loop(q, k, v, lg, scale, s0)
+    o_par, s_par = retention_parallel_reference(q, k, v, lg, scale, s0, True)
+    o_chk, s_chk = retention_chunkwise_reference(q, k, v, lg, scale, s0, True, chunk_size=chunk)
+    for o, s in ((o_par, s_par), (o_chk, s_chk)):
+        assert o.dtype == torch.float64
+        assert rel(o, o_loop) < 1e-12
+        assert rel(s, s_loop) < 1e-12
+
+
+def test_final_state_continues_the_sequence():
+    q, k, v, s0 = inputs(1, 40, 2, 8, 8)
+    lg = decays(2)
+    o_all, s_all = retention_parallel_reference(q, k, v, lg, 0.5, s0, True)
+    o1, s1 = retention_chunkwise_reference(q[:, :17], k[:, :17], v[:, :17], lg, 0.5, s0, True, chunk_size=8)
+    o2, s2 = retention_chunkwise_reference(q[:, 17:], k[:, 17:], v[:, 17:], lg, 0.5, s1, True, chunk_size=8)
+    assert rel(torch.cat([o1, o2], dim=1), o_all) < 1e-12
+    assert rel(s2, s_all) < 1e-12
+
+
+def test_step_reference_matches_loop():
+    q, k, v, s0 = inputs(2, 5, 3, 8, 4)
+    lg = decays(3)
+    o_loop, s_loop = naive_loop(q, k, v, lg, 0.3, s0)
+    state = s0.clone()
+    steps = [retention_step_reference(q[:, t], k[:, t], v[:, t], state, lg, 0.3) for t in range(5)]
+    assert rel(torch.stack(steps, dim=1), o_loop) < 1e-12
+    assert rel(state, s_loop) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch (CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_cpu():
+    q, k, v, s0 = inputs(1, 20, 2, 8, 8, dtype=torch.float32)
+    lg = decays(2).float()
+    o, s = retention(q, k, v, lg, 0.5, s0, True)  # auto -> torch on the CPU
+    o_ref, s_ref = retention_parallel_reference(q.double(), k.double(), v.double(), lg.double(), 0.5, s0.double(), True)
+    assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+    state = s0.clone()
+    o_step = retention_step(q[:, :1], k[:, :1], v[:, :1], state, lg, 0.5)
+    assert o_step.shape == (1, 1, 2, 8)
+    assert rel(o_step, o_ref[:, :1]) < 1e-5
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        retention(q, k, v, lg, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        retention(q, k, v, lg, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# (B, T, H, K, V, chunk, sub_chunks): partial chunks and blocks, one partial chunk, one block, a state too large for
+# the fused dk/dv kernel (V > 256: dq and dk run as 256-wide key pieces), and pieces in a single block (no state)
+INTERPRETER_CASES = [
+    (2, 77, 2, 16, 32, 16, 2),
+    (1, 9, 2, 16, 16, 16, None),
+    (1, 40, 2, 32, 16, 16, 4),
+    (1, 45, 2, 64, 260, 16, 2),
+    (1, 30, 2, 16, 272, 16, 2),
+]
+
+
+def case_id(case: tuple) -> str:
+    return "B{}_T{}_H{}_K{}_V{}_C{}_NC{}".format(*case)
+
+
+def interpreter_checks() -> dict[str, float]:
+    """Every interpreter comparison, as name -> relative error; run in a fresh process with TRITON_INTERPRET=1.
+
+    A fresh process because Triton decides at decoration time whether a function is interpreted, and its own
+    library functions (tl.sum, tl.cdiv) are decorated when triton is first imported, which in a test session may
+    already have happened without the variable.
+    """
+    import triton
+
+    from kernels.retention_triton import retention_step_triton, retention_triton
+
+    assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 did not take effect"
+    results = {}
+    for case in INTERPRETER_CASES:
+        for with_state in (False, True):
+            B, T, H, K, V, chunk, nc = case
+            q, k, v, s0 = inputs(B, T, H, K, V, dtype=torch.float32, seed=T + K + V)
+            lg, scale = decays(H).float(), K**-0.5
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([s0.clone().requires_grad_()] * with_state)
+            s0_arg = leaves[3] if with_state else None
+            o, s = retention_triton(*leaves[:3], lg, scale, s0_arg, True, chunk_size=chunk, sub_chunks=nc)
+            ref = [x.detach().double().requires_grad_() for x in leaves]
+            ref_s0 = ref[3] if with_state else None
+            o_ref, s_ref = retention_parallel_reference(*ref[:3], lg.double(), scale, ref_s0, True)
+            g = torch.Generator().manual_seed(1)
+            do, ds = torch.randn(o.shape, generator=g), torch.randn(s.shape, generator=g)
+            torch.autograd.backward([o, s], [do, ds])
+            torch.autograd.backward([o_ref, s_ref], [do.double(), ds.double()])
+            prefix = f"{case_id(case)}/{'state' if with_state else 'nostate'}"
+            results[f"{prefix}/o"] = rel(o, o_ref)
+            results[f"{prefix}/final"] = rel(s, s_ref)
+            for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
+                results[f"{prefix}/{name}"] = rel(a.grad, b.grad)
+
+    # only the output used: the reversed sweep starts from zero and no final state is made
+    q, k, v, _ = inputs(1, 50, 2, 16, 16, dtype=torch.float32, seed=3)
+    lg = decays(2).float()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, s = retention_triton(*leaves, lg, 0.25, None, False, chunk_size=16, sub_chunks=1)
+    results["unused_final/final_is_none"] = 0.0 if s is None else math.inf
+    o.square().sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    retention_parallel_reference(*ref, lg.double(), 0.25)[0].square().sum().backward()
+    for name, a, b in zip(["dq", "dk", "dv"], leaves, ref):
+        results[f"unused_final/{name}"] = rel(a.grad, b.grad)
+
+    # decode step: [B, 1, H, *] inputs keep their time axis
+    q, k, v, s0 = inputs(3, 1, 2, 32, 48, dtype=torch.float32)
+    state, state_ref = s0.clone(), s0.double()
+    o = retention_step_triton(q, k, v, state, lg, 0.3)
+    o_ref = retention_step_reference(q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), state_ref, lg, 0.3)
+    results["decode/shape"] = 0.0 if o.shape == (3, 1, 2, 48) else math.inf
+    results["decode/o"] = rel(o[:, 0], o_ref)
+    results["decode/state"] = rel(state, state_ref)
+
+    try:
+        retention_triton(q, k, v, lg.clone().requires_grad_(), 0.25)
+        results["rejects_learned_decay"] = math.inf
+    except ValueError:
+        results["rejects_learned_decay"] = 0.0
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, float]:
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(
+            f"checked with Triton 3.9's interpreter; triton {triton.__version__}'s (3.6 seen) fails on these kernels"
+        )
+    root = str(KERNEL_FILE.parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, __file__, "--interpreter-checks"]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter checks crashed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=case_id)
+@pytest.mark.parametrize("with_state", [False, True], ids=["nostate", "state"])
+def test_triton_interpreter_forward_backward(interpreter_results, case, with_state):
+    prefix = f"{case_id(case)}/{'state' if with_state else 'nostate'}/"
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith(prefix)}
+    assert len(errors) == 5 + with_state
+    assert all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_triton_interpreter_unused_final_state(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("unused_final/")}
+    assert len(errors) == 4 and all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_triton_interpreter_decode_step(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("decode/")}
+    assert len(errors) == 3 and all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_triton_rejects_learned_decay(interpreter_results):
+    assert interpreter_results["rejects_learned_decay"] == 0.0
+
+
+def test_benchmark_table_and_mlflow(tmp_path, monkeypatch):
+    """The benchmark's reporting (run on the GPU only) on made-up rows: speed-ups vs fla, one MLflow run."""
+    pytest.importorskip("mlflow")
+    from kernels.benchmark import Row, log_mlflow, markdown_table
+
+    rows = [
+        Row("fwd+bwd", "fla chunk_retention", 2048, 32, 8, 128, 128, 2.0),
+        Row("fwd+bwd", "ours (triton)", 2048, 32, 8, 128, 128, 1.0, floor_pct=40.0),
+        Row("fwd", "SDPA causal attention", 2048, 32, 8, 256, 512, None, note="RuntimeError: no kernel"),
+    ]
+    table = markdown_table(rows)
+    assert "| 1.000 |" in table and "2.00x" in table and "RuntimeError: no kernel" in table
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    csv_path = tmp_path / "bench.csv"
+    csv_path.write_text("method,ms\nours,1.0\n")
+    log_mlflow(rows, {"device": "test"}, table, csv_path, "kernels-test")
+    import mlflow
+
+    (run,) = mlflow.search_runs(experiment_names=["kernels-test"], output_format="list")
+    assert run.data.metrics["fwd_bwd/ours_triton/T2048_K128_V128_B32/ms"] == 1.0
+    assert run.data.params["device"] == "test"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: large sizes, float32 and bfloat16, against float64
+# ---------------------------------------------------------------------------------------------------------------
+
+BOUND = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # float32 is computed with exact fp32 products (no tf32)
+# (dtype, shape): float32 tiles stop at head dim 128; bf16 covers the paper's 256 x 512 (split dq/dk kernels)
+GPU_CASES = [
+    (torch.float32, (2, 4133, 4, 64, 64)),
+    (torch.float32, (2, 2100, 4, 128, 128)),
+    (torch.bfloat16, (2, 4133, 4, 128, 128)),
+    (torch.bfloat16, (1, 1337, 2, 256, 512)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,shape", GPU_CASES, ids=lambda c: str(c))
+def test_triton_gpu_against_float64(dtype, shape):
+    from kernels.retention_triton import retention_triton
+
+    B, T, H, K, V = shape
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs each run; the seed is in the failure message
+    q, k, v, s0 = inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=seed)
+    lg = decays(H).cuda()
+    scale = K**-0.5
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    o, s = retention_triton(*leaves[:3], lg.float(), scale, leaves[3], True)
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    o_ref, s_ref = retention_chunkwise_reference(*ref_leaves[:3], lg, scale, ref_leaves[3], True, chunk_size=256)
+    do = torch.randn_like(o)
+    ds = torch.randn_like(s)
+    torch.autograd.backward([o, s], [do, ds])
+    torch.autograd.backward([o_ref, s_ref], [do.double(), ds.double()])
+    errors = {"o": rel(o, o_ref), "final": rel(s, s_ref)}
+    errors.update({f"d{n}": rel(a.grad, b.grad) for n, a, b in zip(["q", "k", "v", "s0"], leaves, ref_leaves)})
+    assert all(e < BOUND[dtype] for e in errors.values()), f"seed {seed}: {errors}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 8, 128, 128), (8, 8, 256, 512), (3, 5, 64, 100)])
+def test_triton_gpu_decode_step(shape):
+    from kernels.retention_triton import retention_step_triton
+
+    B, H, K, V = shape
+    q, k, v = (torch.randn(B, H, d, device="cuda", dtype=torch.bfloat16) for d in (K, K, V))
+    state = torch.randn(B, H, K, V, device="cuda")
+    state_ref = state.double()
+    lg = decays(H).cuda()
+    o = retention_step_triton(q, k, v, state, lg.float(), K**-0.5)
+    o_ref = retention_step_reference(q.double(), k.double(), v.double(), state_ref, lg, K**-0.5)
+    assert rel(state, state_ref) < 1e-6
+    assert rel(o, o_ref) < 1e-2  # the output is rounded to bf16
+
+
+@pytest.mark.gpu
+def test_dispatch_gpu_matches_fla():
+    pytest.importorskip("fla.ops.simple_gla")
+    q, k, v, s0 = inputs(2, 1000, 4, 128, 128, dtype=torch.bfloat16, device="cuda")
+    lg = decays(4).float().cuda()
+    ours, s_ours = retention(q, k, v, lg, None, s0.float(), True)  # auto -> triton on CUDA
+    fla, s_fla = retention(q, k, v, lg, None, s0.float(), True, backend="fla")
+    assert rel(ours, fla) < 2e-2 and rel(s_ours, s_fla) < 2e-2
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpreter-checks"]:
+    print(json.dumps(interpreter_checks()))
