@@ -8,6 +8,7 @@ from hydra.core.config_store import ConfigStore
 
 from arch_zoo import ModelConfig, available_mixers
 from experiments.data.datamodule import DataConfig
+from experiments.data.mqar import register_mqar_config
 from experiments.lit_module import OptimConfig
 
 
@@ -15,6 +16,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="base", node=ModelConfig(vocab_size=None))
     cs.store(group="data", name="base", node=DataConfig)
+    register_mqar_config()
     cs.store(group="optim", name="base", node=OptimConfig)
     for name, spec in available_mixers().items():
         for group in ("model/mixer", "model/hybrid_mixer"):

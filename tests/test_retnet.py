@@ -358,7 +358,9 @@ def test_kernel_field():
     y_torch, _ = make(kernel="torch")(x)
     assert torch.equal(y_auto, y_torch)
     with pytest.raises(ConfigError, match="kernel"):
-        make(kernel="triton")
+        make(kernel="cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):  # the Triton kernels run on GPUs only
+        make(kernel="triton")(x)
 
 
 @pytest.mark.parametrize(
@@ -443,3 +445,29 @@ def test_bfloat16_keeps_the_decay(switches):
         assert outs[mode].dtype == torch.bfloat16 and state["kv"].dtype == torch.float32
         assert rel_err(outs[mode].float(), reference) < 3e-2, mode
     assert rel_err(outs["chunkwise"].float(), outs["parallel"].float()) < 1e-2
+
+
+def test_kernel_adapter_matches_the_reference_cores():
+    """The adapter to the kernels package (layout, key scale, the score normaliser's odd value column) computes the
+    same core; run here through that package's PyTorch backend, the same call path the Triton kernels take."""
+    from arch_zoo.mixers.retnet import kernel_core, parallel_retention
+
+    torch.manual_seed(0)
+    B, H, T, dk, dv = 2, 3, 37, 16, 33  # 33 = 32 values + the ones column
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for d in (dk, dk, dv))
+    log_decay = torch.log(1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64)))
+    s0 = torch.randn(B, H, dk, dv, dtype=torch.float64)
+    want_o, want_s = parallel_retention(q, k, v, log_decay, s0)
+    got_o, got_s = kernel_core("torch")(q, k, v, log_decay, s0)
+    torch.testing.assert_close(got_o, want_o)
+    torch.testing.assert_close(got_s, want_s)
+    with pytest.raises(ConfigError, match="selective_decay needs kernel=torch"):
+        kernel_core("torch")(q, k, v, log_decay.view(1, H, 1).expand(B, H, T))
+
+
+def test_auto_kernel_is_pytorch_on_the_cpu_and_trained_decay_refuses_fast_kernels():
+    from arch_zoo.mixers.retnet import parallel_retention, retention_core
+
+    assert retention_core("auto", "parallel", torch.device("cpu"), 64) is parallel_retention
+    with pytest.raises(ConfigError, match="no gradient for a trained decay"):
+        retention_core("triton", "chunkwise", torch.device("cpu"), 64, trained_decay=True)

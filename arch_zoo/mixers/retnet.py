@@ -38,7 +38,7 @@ from arch_zoo.layers import rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
 MODES = ("parallel", "chunkwise", "recurrent")
-KERNELS = ("auto", "torch")
+KERNELS = ("auto", "torch", "triton", "fla")
 DECAY_SCHEDULES = ("paper", "torchscale")
 GROUP_NORM_KINDS = ("rmsnorm", "layernorm")
 GATE_REALLOCATIONS = ("value", "none")
@@ -184,11 +184,59 @@ RETENTION_CORES: dict[str, dict[str, RetentionCore]] = {
 }
 
 
-def retention_core(kernel: str, mode: str, device: torch.device, chunk_size: int) -> RetentionCore:
-    """The core a mixer calls: ``kernel="auto"`` picks the torch reference on the CPU (the only backend so far)."""
-    backend = "torch" if kernel == "auto" else kernel
-    if backend not in RETENTION_CORES:
-        raise ConfigError(f"retnet: no retention kernel {kernel!r}; available: auto, {', '.join(RETENTION_CORES)}")
+KERNEL_VALUE_BLOCK = 16  # value widths the fast kernels tile; the score normaliser's extra column is run apart
+
+
+def kernel_core(backend: str) -> RetentionCore:
+    """The retention core of the ``kernels`` package (``triton`` or ``fla``) in this module's layout.
+
+    Here q, k, v are ``[B, H, T, D]`` with the key scale already applied to k; the kernels take ``[B, T, H, D]`` and
+    a per-head decay. A value width that is not a multiple of the kernels' tile (the column of ones that reads the
+    key-sum for the score normaliser) is split off and run as a second, narrow call."""
+
+    def core(q, k, v, log_decay, initial_state=None, output_final_state=True, chunk_size=None):
+        from kernels.dispatch import retention
+
+        if log_decay.dim() != 1:
+            raise ConfigError(f"retnet: kernel={backend} takes a decay per head; selective_decay needs kernel=torch")
+        width = v.shape[-1]
+        main = width - width % KERNEL_VALUE_BLOCK
+        parts = [(0, main), (main, width)] if 0 < main < width else [(0, width)]
+        outputs, states = [], []
+        for lo, hi in parts:
+            pad = (-(hi - lo)) % KERNEL_VALUE_BLOCK if len(parts) > 1 else 0
+            vp = F.pad(v[..., lo:hi], (0, pad))
+            s0 = None if initial_state is None else F.pad(initial_state[..., lo:hi], (0, pad))
+            o, s = retention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                vp.transpose(1, 2),
+                log_decay,
+                scale=1.0,
+                initial_state=s0,
+                output_final_state=output_final_state,
+                backend=backend,
+            )
+            outputs.append(o.transpose(1, 2)[..., : hi - lo])
+            states.append(None if s is None else s[..., : hi - lo])
+        state = torch.cat(states, dim=-1) if output_final_state else None
+        return torch.cat(outputs, dim=-1), state
+
+    return core
+
+
+def retention_core(kernel: str, mode: str, device: torch.device, chunk_size: int, trained_decay: bool = False):
+    """The core a mixer calls. ``auto`` takes the Triton kernels on CUDA for a fixed per-head decay (they carry no
+    gradient to the decay) and this module's PyTorch forms otherwise; ``triton``/``fla`` insist."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"retnet: no retention kernel {kernel!r}; available: {', '.join(KERNELS)}")
+    backend = kernel
+    if kernel == "auto":
+        backend = "triton" if device.type == "cuda" and not trained_decay and mode != "recurrent" else "torch"
+    if backend != "torch":
+        if trained_decay:
+            raise ConfigError(f"retnet: kernel={kernel} has no gradient for a trained decay; use kernel=torch")
+        return kernel_core(backend)
     core = RETENTION_CORES[backend][mode]
     return partial(core, chunk_size=chunk_size) if mode == "chunkwise" else core
 
@@ -227,7 +275,7 @@ class RetNetConfig(MixerConfig):
 
     mode: str = "parallel"  # parallel | chunkwise | recurrent: the form used for a call (with or without state)
     chunk_size: int = 512
-    kernel: str = "auto"  # auto | torch: which implementation of the retention core runs
+    kernel: str = "auto"  # auto | torch | triton | fla: the retention core (auto: Triton on CUDA, PyTorch on CPU)
     n_heads: int = 4  # the paper's 200M model: d_model 1024 / 4 heads = key head dim 256
     head_dim: int | None = None  # key dim per head; set, it wins over n_heads (n_heads = d_model / head_dim)
     value_factor: float = 2.0  # value head dim = value_factor * head_dim
@@ -416,7 +464,8 @@ class RetNet(TokenMixer):
             cos, sin = rotary_cos_sin(inv_freq, offset, T, x.dtype)
             q, k = rotate_pairs(q, cos, sin, True), rotate_pairs(k, cos, sin, True)
         log_decay = self.log_decay(x)
-        core = retention_core(c.kernel, self.form(T, state is not None), x.device, c.chunk_size)
+        trained = c.learnable_decay or c.selective_decay
+        core = retention_core(c.kernel, self.form(T, state is not None), x.device, c.chunk_size, trained)
 
         # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
         kv0 = None if state is None else state["kv"]

@@ -81,8 +81,6 @@ class MQARConfig:
 
     def check(self) -> None:
         """Raise :class:`ConfigError`, naming the fix, for a setting the generator cannot produce."""
-        if self.vocab_size > 2**31 - 1:
-            raise ConfigError(f"data.vocab_size={self.vocab_size} is too large; use at most 2**31 - 1")
         if self.power_a <= 0:
             raise ConfigError(f"data.power_a={self.power_a} must be > 0 (1.0 gives uniform query gaps)")
         for name in ("train_examples", "val_examples", "batch_size", "eval_batch_size"):
@@ -113,7 +111,7 @@ class MQARConfig:
         }
 
     def content_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.generation_key(), sort_keys=True).encode()).hexdigest()[:20]
+        return hashlib.sha256(json.dumps(self.generation_key(), sort_keys=True).encode()).hexdigest()
 
 
 def check_setting(vocab_size: int, num_kv_pairs: int, seq_len: int, where: str) -> None:
@@ -255,7 +253,11 @@ class MQARDataModule(L.LightningDataModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             # write under a unique name, then rename: a reader never sees a partial file, even with parallel runs
             with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-                np.savez(tmp, **arrays)
+                try:
+                    np.savez(tmp, **arrays)
+                except BaseException:
+                    os.unlink(tmp.name)
+                    raise
             os.replace(tmp.name, path)
         with np.load(path) as stored:
             self.arrays = {k: stored[k] for k in stored.files}
@@ -317,14 +319,15 @@ class MQARDataModule(L.LightningDataModule):
         return {"chance_acc.val": overall, **{f"chance_acc.{k}": v for k, v in chance.items()}}
 
     def summary(self) -> dict[str, object]:
+        """Facts about the generated data, logged beside the config (so no key repeats a config field's name)."""
         self._load()
         return {
             "data.task": "mqar",
             "data.content_hash": self.config.content_hash(),
             "data.vocab_size": self.vocab_size,
-            "data.train_examples": len(self.arrays["train/inputs"]),
+            "data.train_examples_used": len(self.arrays["train/inputs"]),
             "data.train_duplicates_dropped": int(self.arrays["train/duplicates_dropped"]),
-            "data.val_examples": self.config.val_examples * len(self.slice_names),
+            "data.eval_examples": self.config.val_examples * len(self.slice_names),
         }
 
     def train_dataloader(self) -> DataLoader:
