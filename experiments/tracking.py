@@ -132,7 +132,8 @@ def sweep_tags(cfg: DictConfig) -> dict[str, str]:
     if cfg.get("sweep_name"):
         tags["sweep"] = str(cfg.sweep_name)
     if cfg.get("variant"):
-        tags["variant"] = str(cfg.variant)
+        detail = cfg.get("variant_detail")
+        tags["variant"] = f"{cfg.variant} {detail}" if detail else str(cfg.variant)
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode.name == "MULTIRUN":
         parent_file = Path(hydra_cfg.sweep.dir) / PARENT_RUN_FILE
