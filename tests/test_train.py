@@ -226,3 +226,21 @@ def test_ablation_sweep_runs_from_one_override(tmp_path, data_cache):
     assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "False"
     assert trials["- γ decay"].data.params["model.mixer.decay"] == "False"
     assert trials["reduce head dimension"].data.params["model.mixer.head_dim"] == "8"
+
+
+@pytest.mark.slow
+def test_local_text_files_with_a_locally_trained_bpe(tmp_path, data_cache):
+    corpus = tmp_path / "corpus"
+    (corpus / "val").mkdir(parents=True)
+    for i in range(12):  # one document per file
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}. " + "the quick brown fox jumps over the lazy dog. " * 60)
+    (corpus / "val" / "doc.txt").write_text("The lazy dog sleeps; the quick brown fox runs. " * 60)
+    proc = run_train(tmp_path, data_cache, "data=files", f"data.corpus.files=[{corpus}/*.txt]",
+                     f"data.corpus.val_files=[{corpus}/val/*.txt]", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                     "data.block_size=32", "model/mixer=transformer", "logger.log_checkpoint=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, run = only_run(tmp_path)
+    assert run.data.params["data.vocab_size"] == "300"
+    assert run.data.params["data.tokenizer"] == "bpe"
+    assert 0 < run.data.metrics["val/bpb"] < 8
+    assert list((data_cache).glob("bpe300-*.json")), "the trained tokeniser is cached for the next run"
