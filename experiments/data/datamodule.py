@@ -9,16 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from arch_zoo.contract import ConfigError
+from experiments.data.base import CachedDataModule
 from experiments.data.corpus import CorpusConfig, check_corpus, load_corpus
 from experiments.data.tokenizer import Tokenizer, make_tokenizer
 
@@ -98,26 +97,12 @@ class ResumableShuffle(Sampler[int]):
         return self.length
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(CachedDataModule):
     def __init__(self, config: DataConfig, seed: int = 0, total_steps: int = 1) -> None:
-        super().__init__()
-        config.check()
-        self.config = config
-        self.seed = seed
-        self.total_steps = total_steps
+        super().__init__(config, seed, total_steps)
         self.splits: dict[str, PackedSplit] = {}
         self.meta: dict = {}
         self.tokenizer: Tokenizer | None = None
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(os.path.expanduser(self.config.cache_dir))
-
-    def prepare_data(self) -> None:
-        self._load()
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load()
 
     def _load(self) -> None:
         if self.splits:

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from arch_zoo.contract import ConfigError
+from experiments.data.base import CachedDataModule
 from experiments.data.datamodule import ResumableShuffle
 
 IGNORE = -100  # target of every position that is not an answer
@@ -216,31 +216,17 @@ class PerSliceBatches:
         return len(self.batches)
 
 
-class MQARDataModule(L.LightningDataModule):
+class MQARDataModule(CachedDataModule):
     """Training examples at one setting; evaluation on every slice (``slice_kv<n>-len<T>``) and on all of them
     together (``val``, accuracy over every answer of every slice)."""
 
     def __init__(self, config: MQARConfig, seed: int = 0, total_steps: int = 1) -> None:
-        super().__init__()
-        config.check()
+        super().__init__(config, seed, total_steps)
         if seed < 0:
             raise ConfigError(f"seed={seed} must be >= 0 for MQAR data")
-        self.config = config
-        self.seed = seed
-        self.total_steps = total_steps
         self.arrays: dict[str, np.ndarray] = {}
         self.cache_path: Path | None = None
         self.generation_seconds: float | None = None  # None when read from the cache
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(os.path.expanduser(self.config.cache_dir))
-
-    def prepare_data(self) -> None:
-        self._load()
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load()
 
     def _load(self) -> None:
         if self.arrays:
