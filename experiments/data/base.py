@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from experiments.data.sampling import ResumableShuffle
 
 
 class CachedDataModule(L.LightningDataModule):
@@ -32,3 +35,19 @@ class CachedDataModule(L.LightningDataModule):
 
     def _load(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def resumable_loader(self, dataset: Dataset) -> DataLoader:
+        """One training loader for the whole run: the remaining ``total_steps`` batches (fewer when resuming), in an
+        order that depends only on the seed and the step, so a resumed run sees what an uninterrupted one would."""
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        done = (self.trainer.global_step if self.trainer is not None else 0) * accumulate
+        total = self.total_steps * accumulate
+        bs = self.config.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=bs,
+            sampler=ResumableShuffle(len(dataset), self.seed, done * bs, max(0, total - done) * bs),
+            drop_last=True,
+            num_workers=self.config.num_workers,
+            persistent_workers=self.config.num_workers > 0,
+        )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from arch_zoo.contract import ConfigError
 from experiments.data.base import CachedDataModule
@@ -75,26 +75,6 @@ class Blocks(Dataset):
         lo = i * self.block_size
         window = torch.from_numpy(self.tokens[lo : lo + self.block_size + 1].astype(np.int64))
         return window[:-1], window[1:]
-
-
-class ResumableShuffle(Sampler[int]):
-    """The training order as a pure function of the position in the stream: position ``p`` reads the ``p % n``-th
-    entry of epoch ``p // n``'s seeded permutation. A resumed run starts at ``steps done x batch size`` and so sees
-    exactly the batches an uninterrupted run would have seen."""
-
-    def __init__(self, n: int, seed: int, start: int, length: int) -> None:
-        self.n, self.seed, self.start, self.length = n, seed, start, length
-
-    def __iter__(self):
-        epoch, perm = -1, None
-        for p in range(self.start, self.start + self.length):
-            e, i = divmod(p, self.n)
-            if e != epoch:
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + e))
-            yield int(perm[i])
-
-    def __len__(self) -> int:
-        return self.length
 
 
 class TextDataModule(CachedDataModule):
@@ -206,21 +186,7 @@ class TextDataModule(CachedDataModule):
         return float(nats_per_token / math.log(2) / target.bytes_per_token)
 
     def train_dataloader(self) -> DataLoader:
-        """One loader for the whole run: the remaining ``total_steps`` batches (fewer when resuming)."""
-        blocks = Blocks(self.splits["train"].tokens, self.config.block_size)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        done = (self.trainer.global_step if self.trainer is not None else 0) * accumulate
-        total = self.total_steps * accumulate
-        bs = self.config.batch_size
-        sampler = ResumableShuffle(len(blocks), self.seed, done * bs, max(0, total - done) * bs)
-        return DataLoader(
-            blocks,
-            batch_size=bs,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.config.num_workers,
-            persistent_workers=self.config.num_workers > 0,
-        )
+        return self.resumable_loader(Blocks(self.splits["train"].tokens, self.config.block_size))
 
     def _eval_loader(self, split: str) -> DataLoader:
         source, length = self._source_split(split)

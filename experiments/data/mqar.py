@@ -31,7 +31,6 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from arch_zoo.contract import ConfigError
 from experiments.data.base import CachedDataModule
-from experiments.data.datamodule import ResumableShuffle
 
 IGNORE = -100  # target of every position that is not an answer
 # Bump when the generator changes what it produces for a given config, so that old caches are not reused.
@@ -317,22 +316,7 @@ class MQARDataModule(CachedDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        """One loader for the whole run: the remaining ``total_steps`` batches (fewer when resuming), in an order that
-        is a function of the seed and the step only, so a resumed run sees what an uninterrupted one would."""
-        train = self._examples("train")
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        done = (self.trainer.global_step if self.trainer is not None else 0) * accumulate
-        total = self.total_steps * accumulate
-        bs = self.config.batch_size
-        sampler = ResumableShuffle(len(train), self.seed, done * bs, max(0, total - done) * bs)
-        return DataLoader(
-            train,
-            batch_size=bs,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.config.num_workers,
-            persistent_workers=self.config.num_workers > 0,
-        )
+        return self.resumable_loader(self._examples("train"))
 
     def val_dataloader(self) -> list[DataLoader]:
         slices = [self._examples(name) for name in self.slice_names]
