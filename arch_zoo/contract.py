@@ -76,6 +76,12 @@ class TokenMixer(nn.Module):
     def state_size(self, seq_len: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def own_state(self, state: Any) -> Any:
+        """The caller hands ``state`` over: later calls may update its tensors in place instead of allocating new
+        ones. A decoding loop or a CUDA graph that owns its buffers calls this once after the prompt; by default
+        states stay functional (every call returns new tensors and leaves its input alone)."""
+        return state
+
 
 def config_fields(cls: type[MixerConfig]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]

@@ -136,9 +136,12 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 def rotary_cos_sin(
-    inv_freq: torch.Tensor, start: int, length: int, dtype: torch.dtype
+    inv_freq: torch.Tensor, start: int | torch.Tensor, length: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[length, D/2]`` for positions ``start .. start+length-1`` (angles computed in float64)."""
-    pos = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float64)
+    """cos/sin ``[length, D/2]`` for positions ``start .. start+length-1`` (angles computed in float64).
+
+    ``start`` may be a 0-d tensor on ``inv_freq``'s device: a decoding step then reads its position from memory,
+    which is what lets a CUDA graph replay it at every position."""
+    pos = start + torch.arange(length, device=inv_freq.device, dtype=torch.float64)
     angles = pos[:, None] * inv_freq.double()[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)

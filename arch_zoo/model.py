@@ -174,6 +174,7 @@ class LanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Decode ``max_new_tokens`` after ``prompt: [B, T]`` through the mixers' states (greedy at temperature 0)."""
         logits, states = self(prompt, return_states=True)
+        states = self.own_states(states)
         out = [prompt]
         for i in range(max_new_tokens):
             next_logits = logits[:, -1].float()
@@ -189,6 +190,15 @@ class LanguageModel(nn.Module):
             if i + 1 < max_new_tokens:
                 logits, states = self(token, states, return_states=True)
         return torch.cat(out, dim=1)
+
+    def own_states(self, states: list[Any]) -> list[Any]:
+        """Hand every block's mixer state over to in-place decoding (see :meth:`TokenMixer.own_state`)."""
+        owned = []
+        for block, state in zip(self.blocks, states):
+            mixer_state, ffn_state = state
+            own = getattr(block.mixer, "own_state", None)  # a stand-in module (a benchmark's cache) may lack it
+            owned.append((own(mixer_state) if own is not None else mixer_state, ffn_state))
+        return owned
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

@@ -41,6 +41,15 @@ def _fla(name: str):
     return fn
 
 
+@torch.compiler.disable
+def _triton_chunkwise(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Opaque to torch.compile: Inductor would re-compile our hand-tiled kernels (and fails to); a compiled model
+    breaks its graph here, so the elementwise work around the core is still fused."""
+    from kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
+
+    return retention_triton(*args)
+
+
 def retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,9 +69,7 @@ def retention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _resolve(backend, q.device, q.dtype, (q.shape[-1], v.shape[-1]))
     if chosen == "triton":
-        from kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
-
-        return retention_triton(q, k, v, log_gamma, scale, initial_state, output_final_state)
+        return _triton_chunkwise(q, k, v, log_gamma, scale, initial_state, output_final_state)
     if chosen == "fla":
         lg = log_gamma.to(device=q.device, dtype=torch.float32)
         return _fla("chunk")(

@@ -348,7 +348,7 @@ def test_state_size_is_constant_and_counts_the_state(score_norm, selective):
     sizes = {mixer.state_size(n) for n in (1, 100, 10_000)}
     assert len(sizes) == 1
     _, state = mixer(inputs(torch.float64, batch=1))
-    held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor)) + 1  # + the position
+    held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))  # the position is a tensor too
     assert held == sizes.pop()
 
 
@@ -471,3 +471,101 @@ def test_auto_kernel_is_pytorch_on_the_cpu_and_trained_decay_refuses_fast_kernel
     assert retention_core("auto", "parallel", torch.device("cpu"), 64) is parallel_retention
     with pytest.raises(ConfigError, match="no gradient for a trained decay"):
         retention_core("triton", "chunkwise", torch.device("cpu"), 64, trained_decay=True)
+
+
+DECODE_SWITCHES = [{}, {"score_norm": False}, {"decay": False}, {"decay_norm": False, "xpos": False}]
+
+
+@pytest.mark.parametrize("owned", [False, True], ids=["functional", "in_place"])
+@pytest.mark.parametrize("switches", DECODE_SWITCHES, ids=["paper", "noscore", "nodecay", "plain"])
+def test_decode_steps_match_the_parallel_form(switches, owned):
+    """Without autograd a one-token call takes the fused step: the same function as the parallel form. A state the
+    caller owns is updated in place (same tensors, position included); otherwise the input state is left alone."""
+    mixer = make(**switches)
+    x = inputs(torch.float64, length=12)
+    full, _ = run(mixer, x, "parallel")
+    with torch.no_grad():
+        y, state = run(mixer, x[:, :5], "chunkwise")
+        pieces = [y]
+        if owned:
+            state = mixer.own_state(state)
+        for t in range(5, 12):
+            before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+            y, new = run(mixer, x[:, t : t + 1], "chunkwise", state)
+            pieces.append(y)
+            assert int(new["offset"]) == t + 1
+            for key, value in before.items():
+                same = new[key] is state[key]
+                assert same == owned, key
+                if not owned:
+                    assert torch.equal(state[key], value), f"{key} of the input state changed"
+            state = new
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-12
+
+
+def test_decode_position_is_a_device_tensor():
+    """The position lives in the state as a 0-d tensor, so a captured decoding step reads it instead of freezing it."""
+    mixer = make()
+    with torch.no_grad():
+        _, state = run(mixer, inputs(torch.float64, length=3), "parallel")
+        assert isinstance(state["offset"], torch.Tensor) and state["offset"].dim() == 0
+        owned = mixer.own_state(state)
+        assert owned["in_place"] and all(v.is_contiguous() for v in owned.values() if isinstance(v, torch.Tensor))
+        assert mixer.own_state(owned) is owned
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_step_replays_in_a_cuda_graph(dtype):
+    """A whole model's RetNet decoding step captured once replays at every later position: the logits equal those of
+    eager steps from the same prompt."""
+    torch.manual_seed(0)
+    mixer = dataclasses.replace(RetNetConfig(), name="retnet", head_dim=64)
+    model = LanguageModel(ModelConfig(vocab_size=128, d_model=256, n_layers=3, mixer=mixer)).cuda().to(dtype).eval()
+    prompt = torch.randint(0, 128, (4, 37), device="cuda")
+    steps = torch.randint(0, 128, (4, 6), device="cuda")
+    with torch.no_grad():
+        _, eager_states = model(prompt, return_states=True)
+        eager = []
+        for t in range(steps.shape[1]):
+            logits, eager_states = model(steps[:, t : t + 1], eager_states, return_states=True)
+            eager.append(logits[:, -1].float())
+        _, states = model(prompt, return_states=True)
+        states = model.own_states(states)
+        token = steps[:, :1].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles) on the graph's position, then rewind it
+            model(token, states, return_states=True)
+        torch.cuda.current_stream().wait_stream(side)
+        _, states = model(prompt, return_states=True)
+        states = model.own_states(states)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured, _ = model(token, states, return_states=True)
+        _, fresh = model(prompt, return_states=True)  # capture ran nothing: restart from the prompt's state
+        for (dst, _), (src, _) in zip(states, model.own_states(fresh)):
+            for key in ("kv", "z", "offset"):
+                dst[key].copy_(src[key])
+        for t in range(steps.shape[1]):
+            token.copy_(steps[:, t : t + 1])
+            graph.replay()
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            assert rel_err(captured[:, -1].float(), eager[t]) < tol, t
+
+
+@pytest.mark.gpu
+def test_triton_core_under_autocast_matches_the_pytorch_core():
+    """bf16 autocast over float32 weights (the GPU trainer's precision): the Triton core gives the PyTorch core's
+    outputs and gradients within bf16 accuracy."""
+    torch.manual_seed(0)
+    results = {}
+    for kernel in ("torch", "triton"):
+        mixer = make(torch.float32, head_dim=16, kernel=kernel).cuda()
+        x = inputs(torch.float32, length=300).cuda().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = mixer(x, return_state=False)
+        y.float().pow(2).mean().backward()
+        results[kernel] = (y.float(), x.grad, mixer.q_proj.weight.grad)
+    for got, want in zip(results["triton"], results["torch"]):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 3e-2

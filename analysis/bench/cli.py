@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // length (at least 1)")
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
     train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--compile", action="store_true", help="torch.compile the loss (the first steps compile)")
     args = parser.parse_args(argv)
     if args.lengths is None:
         args.lengths = [1024, 2048, 4096, 8192, 16384] if args.command == "decode" else [2048, 8192]
@@ -136,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             amp=amp,
             lr=args.lr,
             seed=args.seed,
+            compile=args.compile,
         )
         rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
         summary = (
             f"{shape}, fp32 weights, autocast {str(amp).removeprefix('torch.') if amp else 'off'}, AdamW; "
             f"{args.tokens_per_step} tokens per step; median of {args.steps} steps after {args.warmup}"
+            + ("; torch.compile" if args.compile else "")
         )
     n_params = {r["model"]: r["n_params"] for r in rows}
     meta = {"device": device_label(device), "summary": summary, "n_params": n_params, "params": _params(args)}

@@ -356,6 +356,7 @@ def _cell(
     row.prefill_peak_mib = peak_mib(device)
     tokens = logits.argmax(-1, keepdim=True)
     del logits, prompt
+    states = model.own_states(states)  # steps may now update the state in place: fixed buffers for the graph
     row.state_mib = state_mib(states)
 
     row.status = "OOM (decode)"

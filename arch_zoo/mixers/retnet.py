@@ -199,6 +199,8 @@ def kernel_core(backend: str) -> RetentionCore:
 
         if log_decay.dim() != 1:
             raise ConfigError(f"retnet: kernel={backend} takes a decay per head; selective_decay needs kernel=torch")
+        if not q.dtype == k.dtype == v.dtype:  # autocast can leave them mixed; the kernels take one dtype
+            q, k = q.to(v.dtype), k.to(v.dtype)
         width = v.shape[-1]
         main = width - width % KERNEL_VALUE_BLOCK
         parts = [(0, main), (main, width)] if 0 < main < width else [(0, width)]
@@ -440,8 +442,30 @@ class RetNet(TokenMixer):
             return F.logsigmoid(self.decay_proj(x).to(dtype)).transpose(1, 2)
         if self.decay_logit is not None:
             return F.logsigmoid(self.decay_logit).to(dtype)
-        # computed, not stored: a float32 buffer would carry its rounding into float64 runs
-        return self._initial_log_decay().to(device=x.device, dtype=dtype)
+        # cached per device and dtype, not a buffer: a float32 buffer would carry its rounding into float64 runs,
+        # and a decoding step (or a CUDA graph of it) must not rebuild it on the host every call
+        return self._constant(("log_decay", x.device, dtype), lambda: self._initial_log_decay().to(x.device, dtype))
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        dk = self.key_dim
+        return self._constant(
+            ("inv_freq", device),
+            lambda: self.config.xpos_base ** -torch.linspace(0, 1, dk // 2, dtype=torch.float64, device=device),
+        )
+
+    def _constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_constants", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def own_state(self, state: Any) -> Any:
+        """Decoding steps then update ``kv``, ``z`` and ``offset`` in place: half the state traffic of a copy, and
+        fixed buffers for a CUDA graph."""
+        if state is None or state.get("in_place"):
+            return state
+        owned = {key: value.contiguous() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+        return {**owned, "in_place": True}
 
     def form(self, n_tokens: int, continued: bool) -> str:
         """The paradigm of a call: ``mode`` for a fresh sequence; a continued one steps recurrently through a
@@ -455,36 +479,32 @@ class RetNet(TokenMixer):
         c = self.config
         B, T, _ = x.shape
         H, dk, dv = self.n_heads, self.key_dim, self.value_dim
-        offset = 0 if state is None else state["offset"]
+        offset = 0 if state is None else state["offset"]  # a 0-d tensor on x's device (an int in older states)
         q = self.q_proj(x).view(B, T, H, dk).transpose(1, 2)
         k = self.k_proj(x).view(B, T, H, dk).transpose(1, 2) * dk**-0.5
         v = self.v_proj(x).view(B, T, H, dv).transpose(1, 2)
         if c.xpos:
-            inv_freq = c.xpos_base ** -torch.linspace(0, 1, dk // 2, dtype=torch.float64, device=x.device)
-            cos, sin = rotary_cos_sin(inv_freq, offset, T, x.dtype)
+            # in q's dtype, not x's: under autocast the projections are already half precision
+            cos, sin = rotary_cos_sin(self._inv_freq(x.device), offset, T, q.dtype)
             q, k = rotate_pairs(q, cos, sin, True), rotate_pairs(k, cos, sin, True)
         log_decay = self.log_decay(x)
         trained = c.learnable_decay or c.selective_decay
-        core = retention_core(c.kernel, self.form(T, state is not None), x.device, c.chunk_size, trained)
-
-        # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
-        kv0 = None if state is None else state["kv"]
-        if c.score_norm:
-            v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
-            kv0 = None if state is None else torch.cat((state["kv"], state["z"][..., None]), dim=-1)
-        o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
-        if c.score_norm:
-            o, score_sum = o[..., :dv], o[..., dv:]
-        r_last = None
+        if self._steps(T, state, trained):
+            o, score_sum, new_state = self._step(q, k, v, log_decay, state)
+        else:
+            o, score_sum, new_state = self._sequence(q, k, v, log_decay, state, return_state, trained)
         if c.decay_norm:
             if log_decay.dim() == 1:
-                positions = torch.arange(offset, offset + T, device=x.device)
+                positions = offset + torch.arange(T, device=x.device)
                 inv_sqrt_r = decay_row_sums(log_decay, positions).rsqrt()[None, :, :, None]
             else:  # a selective decay has no closed form: the same core on ones gives r_n = gamma_n r_{n-1} + 1
                 ones = log_decay.new_ones(B, H, T, 1)
                 r0 = None if state is None else state["r"][..., None, None]
+                core = retention_core(c.kernel, self.form(T, state is not None), x.device, c.chunk_size, trained)
                 r, r_last = core(ones, ones, ones, log_decay, r0, output_final_state=return_state)
                 inv_sqrt_r = r.rsqrt()
+                if new_state is not None:
+                    new_state["r"] = r_last[..., 0, 0]
             o = o * inv_sqrt_r
         if c.score_norm:
             if c.decay_norm:
@@ -499,13 +519,65 @@ class RetNet(TokenMixer):
         y = self.out_proj(y)
         if not return_state:
             return y, None
+        if new_state is not None:
+            if state is not None and state.get("in_place") and isinstance(state["offset"], torch.Tensor):
+                new_state["offset"] = state["offset"].add_(T)
+            elif isinstance(offset, torch.Tensor):
+                new_state["offset"] = offset + T
+            else:
+                new_state["offset"] = torch.tensor(offset + T, device=x.device)
+            if state is not None and state.get("in_place"):
+                new_state["in_place"] = True
+        return y, new_state
+
+    def _steps(self, n_tokens: int, state: Any, trained: bool) -> bool:
+        """Whether a call is one decoding step through the fused step (state updated in one pass, no autograd)."""
+        return n_tokens == 1 and state is not None and not trained and not torch.is_grad_enabled()
+
+    def _sequence(self, q, k, v, log_decay, state, return_state: bool, trained: bool):
+        """Any number of tokens through the configured core: ``(o, score_sum | None, state without offset)``."""
+        c = self.config
+        B, H, T, _ = q.shape
+        dv = self.value_dim
+        core = retention_core(c.kernel, self.form(T, state is not None), q.device, c.chunk_size, trained)
+        # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
+        kv0 = None if state is None else state["kv"]
+        if c.score_norm:
+            v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
+            kv0 = None if state is None else torch.cat((state["kv"], state["z"][..., None]), dim=-1)
+        o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
+        score_sum = None
+        if c.score_norm:
+            o, score_sum = o[..., :dv], o[..., dv:]
+        if not return_state:
+            return o, score_sum, None
         new_state = {
             "kv": kv[..., :dv] if c.score_norm else kv,
             "z": kv[..., dv] if c.score_norm else None,
-            "r": r_last[..., 0, 0] if r_last is not None else None,
-            "offset": offset + T,
+            "r": None,
         }
-        return y, new_state
+        return o, score_sum, new_state
+
+    def _step(self, q, k, v, log_decay, state):
+        """One token: ``S = gamma S + k^T v`` and ``z = gamma z + k`` in one pass over the state (the fused kernel
+        on CUDA), in place when the caller owns the state (:meth:`own_state`), into copies otherwise."""
+        from kernels.dispatch import retention_step
+
+        in_place = bool(state.get("in_place"))
+        kv, z = state["kv"], state["z"]
+        if not in_place or not kv.is_contiguous():
+            kv = kv.clone(memory_format=torch.contiguous_format)
+        backend = "torch" if self.config.kernel == "torch" else ("fla" if self.config.kernel == "fla" else "auto")
+        q1, k1 = q[:, :, 0], k[:, :, 0]
+        o = retention_step(q1, k1, v[:, :, 0].to(kv.dtype), kv, log_decay, scale=1.0, backend=backend)
+        o = o[:, :, None].to(v.dtype)
+        score_sum = None
+        if z is not None:
+            gamma = log_decay.exp().to(z.dtype)[None, :, None]
+            z = z.mul_(gamma) if in_place else z * gamma
+            z = z.add_(k1.to(z.dtype))
+            score_sum = (q1.to(z.dtype) * z).sum(-1)[:, :, None, None].to(v.dtype)
+        return o, score_sum, {"kv": kv, "z": z, "r": None}
 
     def state_size(self, seq_len: int) -> int:
         """Constant in length: S, z (score norm), r (selective decay with the decay norm) and the position."""
