@@ -82,7 +82,8 @@ class LanguageModelTask(L.LightningModule):
         loss = self.model.loss(inputs, targets)
         if not torch.isfinite(loss):
             raise DivergedError(f"training loss is {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # synced: under DDP the logged loss is the global batch's, comparable with one device at the same batch
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):

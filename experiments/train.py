@@ -164,7 +164,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for k, v in result.items()})
         if logger is not None:
             logger.finalize("success")
-    report(metrics, baselines, logger, output_dir)
+    if trainer.is_global_zero:  # under DDP every rank runs this function; one summary is enough
+        report(metrics, baselines, logger, output_dir)
     return metrics
 
 

@@ -235,12 +235,49 @@ def test_local_text_files_with_a_locally_trained_bpe(tmp_path, data_cache):
     for i in range(12):  # one document per file
         (corpus / f"doc{i}.txt").write_text(f"Document {i}. " + "the quick brown fox jumps over the lazy dog. " * 60)
     (corpus / "val" / "doc.txt").write_text("The lazy dog sleeps; the quick brown fox runs. " * 60)
-    proc = run_train(tmp_path, data_cache, "data=files", f"data.corpus.files=[{corpus}/*.txt]",
-                     f"data.corpus.val_files=[{corpus}/val/*.txt]", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
-                     "data.block_size=32", "model/mixer=transformer", "logger.log_checkpoint=false")
+    proc = run_train(
+        tmp_path,
+        data_cache,
+        "data=files",
+        f"data.corpus.files=[{corpus}/*.txt]",
+        f"data.corpus.val_files=[{corpus}/val/*.txt]",
+        "data.tokenizer=bpe",
+        "data.bpe_vocab_size=300",
+        "data.block_size=32",
+        "model/mixer=transformer",
+        "logger.log_checkpoint=false",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, run = only_run(tmp_path)
     assert run.data.params["data.vocab_size"] == "300"
     assert run.data.params["data.tokenizer"] == "bpe"
     assert 0 < run.data.metrics["val/bpb"] < 8
     assert list((data_cache).glob("bpe300-*.json")), "the trained tokeniser is cached for the next run"
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_follows_the_single_device_loss_curve(tmp_path, data_cache):
+    """trainer=ddp (2 CPU processes, gloo) at batch 2 per rank logs one MLflow run whose loss curve is that of one
+    process at batch 4: each rank reads its slice of the same global batches and gradients are averaged."""
+    common = [
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "logger.log_checkpoint=false",
+    ]
+    curves = {}
+    for name, extra in [("one", ["data.batch_size=4"]), ("ddp", ["trainer=ddp", "data.batch_size=2"])]:
+        tmp = tmp_path / name
+        tmp.mkdir()
+        proc = run_train(tmp, data_cache, *common, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client, run = only_run(tmp)
+        assert run.info.status == "FINISHED"
+        curves[name] = [
+            m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+        ]
+    assert len(curves["one"]) == len(curves["ddp"]) >= 3
+    assert curves["ddp"] == pytest.approx(curves["one"], rel=1e-4)

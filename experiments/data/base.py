@@ -39,14 +39,17 @@ class CachedDataModule(L.LightningDataModule):
     def resumable_loader(self, dataset: Dataset) -> DataLoader:
         """One training loader for the whole run: the remaining ``total_steps`` batches (fewer when resuming), in an
         order that depends only on the seed and the step, so a resumed run sees what an uninterrupted one would."""
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        done = (self.trainer.global_step if self.trainer is not None else 0) * accumulate
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        done = (trainer.global_step if trainer is not None else 0) * accumulate
         total = self.total_steps * accumulate
         bs = self.config.batch_size
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        order = ResumableShuffle(len(dataset), self.seed, done * bs * world, max(0, total - done) * bs, rank, world, bs)
         return DataLoader(
             dataset,
             batch_size=bs,
-            sampler=ResumableShuffle(len(dataset), self.seed, done * bs, max(0, total - done) * bs),
+            sampler=order,
             drop_last=True,
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
