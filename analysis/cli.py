@@ -2,6 +2,7 @@
 
     zoo-table --experiment retnet_ablation                 # Table 6 side by side (guessed from the sweep's name)
     zoo-table --experiment table5 --metric val/ppl --metric ood/pydoc/ppl --tracking-uri sqlite:///mlflow.db
+    zoo-table --experiment mqar --state-size-length 64     # accuracy against the state after 64 tokens, not 128
 
 The outputs are also logged as artifacts of a *summary run* (tag ``summary=true``) in the same experiment, so the
 table lives next to the runs it came from in the MLflow UI; summary runs are never counted as runs of the table.
@@ -17,7 +18,15 @@ import pandas as pd
 
 from analysis import plots
 from analysis.paper import TABLES, PaperTable, get_table
-from analysis.runs import client_for, experiment_id, load_runs, metric_history, metric_names, trials
+from analysis.runs import (
+    client_for,
+    experiment_id,
+    load_runs,
+    metric_history,
+    metric_names,
+    state_size_lengths,
+    trials,
+)
 from analysis.table import ResultTable, build_table
 
 # Which paper table a sweep reproduces, so that ``zoo-table --experiment retnet_ablation`` needs no --paper.
@@ -33,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metric",
         action="append",
         default=None,
-        help="metric to tabulate; repeat for more (default: val/ppl, every ood/*/ppl, every val_len*/ppl)",
+        help="metric to tabulate; repeat for more (default: val/ppl, every ood/*/ppl, every val_len*/ppl; "
+        "val/acc and every slice/*/acc first where slices were logged, as MQAR's are)",
     )
     parser.add_argument("--reference", default=None, help="variant label Δ is measured against")
     parser.add_argument(
@@ -41,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", *sorted(TABLES), "none"],
         default="auto",
         help="the paper's table to print beside ours (auto: from the sweep's name)",
+    )
+    parser.add_argument(
+        "--state-size-length",
+        type=int,
+        default=None,
+        help="x of the accuracy-vs-state-size plot: model.state_size.T<N> (default: the largest most runs logged)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./tables/<experiment>/)")
     parser.add_argument("--no-log", action="store_true", help="write files only; do not create a summary run")
@@ -55,7 +71,10 @@ def guess_paper(experiment: str, runs: pd.DataFrame) -> PaperTable | None:
     return None
 
 
-def write_plots(table: ResultTable, out: Path, tracking_uri: str | None) -> list[Path]:
+def write_plots(
+    table: ResultTable, out: Path, tracking_uri: str | None, state_size_length: int | None = None
+) -> list[Path]:
+    """Every plot the runs have the records for; one they lack (no accuracy, no state size) is not drawn."""
     written = []
     run_ids = list(table.runs["run_id"])
     logged = metric_names(table.runs)
@@ -66,6 +85,9 @@ def write_plots(table: ResultTable, out: Path, tracking_uri: str | None) -> list
     for metric in table.metrics:
         written.append(plots.plot_bars(table, metric, out / f"bars_{plots.slug(metric)}.png"))
     written.append(plots.plot_length(table, out / "ppl_vs_length.png"))
+    if plots.ACCURACY_METRIC in logged and state_size_lengths(table.runs):
+        path = out / f"state_size_{plots.slug(plots.ACCURACY_METRIC)}.png"
+        written.append(plots.plot_state_size(table, plots.ACCURACY_METRIC, path, state_size_length))
     return [p for p in written if p is not None]
 
 
@@ -99,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         frame = trials(load_runs(args.experiment, args.tracking_uri))
         paper = guess_paper(args.experiment, frame) if args.paper == "auto" else get_table(args.paper)
         table = build_table(frame, args.metric, args.reference, paper, args.experiment)
+        lengths = state_size_lengths(frame)
+        if args.state_size_length is not None and args.state_size_length not in lengths:
+            raise ValueError(f"no run logged model.state_size.T{args.state_size_length}; logged lengths: {lengths}")
     except ValueError as error:
         print(f"zoo-table: {error}", file=sys.stderr)
         return 2
     out = args.out or Path("tables") / args.experiment
-    files = table.write(out) + write_plots(table, out, args.tracking_uri)
+    files = table.write(out) + write_plots(table, out, args.tracking_uri, args.state_size_length)
     if not args.no_log:
         run_id = log_summary(table, files, args.tracking_uri, paper)
         print(f"logged {len(files)} files to summary run {run_id}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""PNG figures of a result table: learning curves per variant, a bar chart per metric, perplexity against length.
+"""PNG figures of a result table: learning curves per variant, a bar chart per metric, perplexity against length,
+and accuracy against decoding-state size (zoology's view of a recall task: what a mixer buys per number of state).
 
 Every figure averages only the runs the table averages (finished, finite loss); a failed or diverged run is drawn
 as a thin dotted line in the curves, so a crash or a blow-up is seen where it happened rather than vanishing.
@@ -18,9 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.runs import state_size_lengths  # noqa: E402
 from analysis.table import LENGTH_METRIC, ResultTable  # noqa: E402
 
 DPI = 150
+ACCURACY_METRIC = "val/acc"  # what the state-size plot shows by default: accuracy over every evaluated answer
 
 
 def slug(metric: str) -> str:
@@ -142,6 +145,108 @@ def plot_length(table: ResultTable, path: Path) -> Path | None:
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"{table.experiment}: perplexity against evaluation length")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def architecture_labels(runs: pd.DataFrame) -> pd.Series:
+    """Each run's line across widths: the sweep's ``variant`` param (``RetNet``, without the width the row label
+    adds), else the ``mixer`` tag, else the ``model.mixer.name`` param; the variant keeps hybrids apart."""
+    labels = pd.Series(pd.NA, index=runs.index, dtype=object)
+    for column in ("params.variant", "tags.mixer", "params.model.mixer.name"):
+        if column in runs:
+            named = runs[column].where(~runs[column].astype(str).str.strip().isin(["", "None", "nan"]))
+            labels = labels.fillna(named)  # an unset config value is logged as the string "None"
+    return labels.fillna("?").astype(str)
+
+
+def state_size_length(runs: pd.DataFrame) -> int | None:
+    """The length whose state size most runs logged, the largest of those: where the state sizes differ most."""
+    lengths = state_size_lengths(runs)
+    if not lengths:
+        return None
+    return max(lengths, key=lambda n: (runs[f"params.model.state_size.T{n}"].notna().sum(), n))
+
+
+def state_size_points(table: ResultTable, metric: str, length: int) -> pd.DataFrame:
+    """One point per table row: its architecture, width (``model.d_model``), decoding-state size after ``length``
+    tokens, and ``metric``'s mean ± std over the row's averaged seeds; lines in table order, points by state size.
+
+    A point is a row of the table, so the plot averages exactly what the table does; runs without the state size
+    or the metric are left out.
+    """
+    columns = ["architecture", "variant", "width", "state_size", "mean", "std", "seeds"]
+    runs = table.runs[table.runs["outcome"] == "ok"]
+    size, value = f"params.model.state_size.T{length}", f"metrics.{metric}"
+    if size not in runs or value not in runs:
+        return pd.DataFrame(columns=columns)
+    width = runs["params.model.d_model"] if "params.model.d_model" in runs else pd.Series(math.nan, index=runs.index)
+    frame = pd.DataFrame(
+        {
+            "architecture": architecture_labels(runs),
+            "variant": runs["variant"],
+            "width": pd.to_numeric(width, errors="coerce"),
+            "state_size": pd.to_numeric(runs[size], errors="coerce"),
+            "value": pd.to_numeric(runs[value], errors="coerce"),
+        }
+    ).dropna(subset=["state_size", "value"])
+    records = []
+    for (arch, variant, state), group in frame.groupby(["architecture", "variant", "state_size"], sort=False):
+        widths = group["width"].dropna().unique()
+        records.append(
+            {
+                "architecture": arch,
+                "variant": variant,
+                "width": int(widths[0]) if len(widths) == 1 else math.nan,
+                "state_size": int(state),
+                "mean": float(group["value"].mean()),
+                "std": float(group["value"].std(ddof=1)) if len(group) > 1 else math.nan,
+                "seeds": len(group),
+            }
+        )
+    points = pd.DataFrame(records, columns=columns)
+    rank = {v: i for i, v in enumerate(table.variants)}
+    first = points.assign(rank=points["variant"].map(rank)).groupby("architecture")["rank"].transform("min")
+    order = points.assign(first=first).sort_values(["first", "architecture", "state_size"], kind="stable").index
+    return points.loc[order].reset_index(drop=True)
+
+
+def plot_state_size(table: ResultTable, metric: str, path: Path, length: int | None = None) -> Path | None:
+    """``metric`` against decoding-state size after ``length`` tokens (default: ``state_size_length``), one line
+    of points (widths) per architecture with ± std error bars, on a log axis; chance is a dashed line when logged.
+
+    Returns None when no averaged run logged both a ``model.state_size.T<length>`` param and the metric.
+    """
+    runs = table.runs[table.runs["outcome"] == "ok"]
+    length = length or state_size_length(runs)
+    points = state_size_points(table, metric, length) if length else pd.DataFrame()
+    if points.empty:
+        return None
+    colour = colours(list(dict.fromkeys(points["architecture"])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arch, line in points.groupby("architecture", sort=False):
+        ax.errorbar(
+            line["state_size"],
+            line["mean"],
+            yerr=line["std"].fillna(0.0),
+            marker="o",
+            capsize=3,
+            color=colour[arch],
+            label=arch,
+        )
+        for x, y, w in zip(line["state_size"], line["mean"], line["width"]):
+            if math.isfinite(w):
+                ax.annotate(f"d={int(w)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    # MQAR logs chance per split as baseline/chance_acc.<split>: val/acc -> val, slice/kv8-len64/acc -> slice_kv8-len64
+    chance = f"metrics.baseline/chance_acc.{metric.removesuffix('/acc').replace('/', '_')}"
+    if chance in runs and runs[chance].nunique() == 1:
+        level = float(runs[chance].dropna().iloc[0])
+        ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=f"chance {level:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"decoding state after {length} tokens (numbers per sequence, model.state_size.T{length})")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{table.experiment}: {metric} against state size (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save(fig, path)

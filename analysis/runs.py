@@ -23,6 +23,9 @@ LOSS_METRIC = re.compile(r"^(train|val|ood/[^/]+|val_len\d+)/(loss|ppl|bpb)$")
 # What a run's outcome can be in a table; "ok" runs are the only ones averaged.
 OUTCOMES = ("ok", "failed", "diverged", "killed", "unfinished")
 
+# The decoding-state size a run logs for each of its ``state_size_lengths`` (numbers per sequence after n tokens).
+STATE_SIZE_PARAM = re.compile(r"^params\.model\.state_size\.T(\d+)$")
+
 
 def is_finite(value: float) -> bool:
     return math.isfinite(value) and abs(value) < CLAMPED_INF
@@ -124,6 +127,12 @@ def trials(frame: pd.DataFrame) -> pd.DataFrame:
 
 def metric_names(frame: pd.DataFrame) -> list[str]:
     return sorted(c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics."))
+
+
+def state_size_lengths(frame: pd.DataFrame) -> list[int]:
+    """The lengths at which some run logged its decoding-state size (``model.state_size.T<n>``), ascending."""
+    found = (int(m[1]) for c in frame.columns if (m := STATE_SIZE_PARAM.match(c)) and frame[c].notna().any())
+    return sorted(found)
 
 
 def metric_history(run_ids: Iterable[str], key: str, tracking_uri: str | None = None) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from analysis.paper import PaperTable, normalise_label
 NOT_A_VARIANT = ("seed", "hydra.", "logger.", "resume", "trainer.enable_progress_bar")
 BASELINE = "baseline"  # the label of the runs that override nothing the others do not
 LENGTH_METRIC = re.compile(r"^val_len(\d+)/ppl$")
+SLICE_ACCURACY = re.compile(r"^slice/kv(\d+)-len(\d+)/acc$")  # MQAR's accuracy on one (pairs, length) setting
 NOISE_SE = 2.0  # an effect smaller than this many standard errors of the difference is marked (n.s.)
 
 
@@ -58,11 +59,20 @@ def variant_labels(trials: pd.DataFrame) -> pd.Series:
 
 
 def default_metrics(trials: pd.DataFrame) -> list[str]:
-    """In-domain perplexity, every out-of-domain perplexity, then perplexity at each evaluation length."""
+    """In-domain perplexity, every out-of-domain perplexity, then perplexity at each evaluation length; a recall
+    task (per-slice accuracies logged) is judged by accuracy, so its overall and per-slice accuracies come first."""
     names = [c.removeprefix("metrics.") for c in trials.columns if c.startswith("metrics.")]
     ood = sorted(n for n in names if re.fullmatch(r"ood/[^/]+/ppl", n))
     lengths = sorted((n for n in names if LENGTH_METRIC.match(n)), key=lambda n: int(LENGTH_METRIC.match(n)[1]))
-    return (["val/ppl"] if "val/ppl" in names else []) + ood + lengths
+    slices = sorted((n for n in names if SLICE_ACCURACY.match(n)), key=slice_order)
+    accuracy = (["val/acc"] if slices and "val/acc" in names else []) + slices
+    return accuracy + (["val/ppl"] if "val/ppl" in names else []) + ood + lengths
+
+
+def slice_order(metric: str) -> tuple[int, int]:
+    """By length, then pairs: the order MQAR's config lists its slices in, easy to hard at each length."""
+    pairs, length = SLICE_ACCURACY.match(metric).groups()
+    return int(length), int(pairs)
 
 
 def fmt(value: float, signed: bool = False, like: float | None = None) -> str:
