@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from tests.conftest import PLUGIN_PATH
 
@@ -255,12 +256,10 @@ def test_local_text_files_with_a_locally_trained_bpe(tmp_path, data_cache):
     assert list((data_cache).glob("bpe300-*.json")), "the trained tokeniser is cached for the next run"
 
 
-@pytest.mark.slow
-def test_ddp_on_two_processes_follows_the_single_device_loss_curve(tmp_path, data_cache):
-    """trainer=ddp (2 CPU processes, gloo) at batch 2 per rank logs one MLflow run whose loss curve is that of one
-    process at batch 4: each rank reads its slice of the same global batches and gradients are averaged."""
+def loss_curves(tmp_path, data_cache, accelerator: str, parallel: list[str]) -> dict[str, list[float]]:
+    """train/loss per step of one device at batch 4 and of ``parallel`` at batch 2 per rank (two ranks)."""
     common = [
-        "trainer.accelerator=cpu",
+        f"trainer.accelerator={accelerator}",
         "trainer.precision=32-true",
         "trainer.max_steps=6",
         "trainer.log_every_n_steps=1",
@@ -269,15 +268,32 @@ def test_ddp_on_two_processes_follows_the_single_device_loss_curve(tmp_path, dat
         "logger.log_checkpoint=false",
     ]
     curves = {}
-    for name, extra in [("one", ["data.batch_size=4"]), ("ddp", ["trainer=ddp", "data.batch_size=2"])]:
+    for name, extra in [("one", ["data.batch_size=4"]), ("parallel", [*parallel, "data.batch_size=2"])]:
         tmp = tmp_path / name
         tmp.mkdir()
         proc = run_train(tmp, data_cache, *common, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         client, run = only_run(tmp)
         assert run.info.status == "FINISHED"
-        curves[name] = [
-            m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
-        ]
-    assert len(curves["one"]) == len(curves["ddp"]) >= 3
-    assert curves["ddp"] == pytest.approx(curves["one"], rel=1e-4)
+        history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+        curves[name] = [m.value for m in history]
+    assert len(curves["one"]) == len(curves["parallel"]) >= 3
+    return curves
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_follows_the_single_device_loss_curve(tmp_path, data_cache):
+    """trainer=ddp (2 CPU processes, gloo) at batch 2 per rank logs one MLflow run whose loss curve is that of one
+    process at batch 4: each rank reads its slice of the same global batches and gradients are averaged."""
+    curves = loss_curves(tmp_path, data_cache, "cpu", ["trainer=ddp"])
+    assert curves["parallel"] == pytest.approx(curves["one"], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_follow_the_single_gpu_loss_curve(tmp_path, data_cache, strategy):
+    """The same on two GPUs (NCCL), for DDP and FSDP (float32, so the curves agree to reduction order)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    curves = loss_curves(tmp_path, data_cache, "gpu", [f"trainer={strategy}"])
+    assert curves["parallel"] == pytest.approx(curves["one"], rel=1e-3)
