@@ -569,3 +569,30 @@ def test_triton_core_under_autocast_matches_the_pytorch_core():
         results[kernel] = (y.float(), x.grad, mixer.q_proj.weight.grad)
     for got, want in zip(results["triton"], results["torch"]):
         assert torch.isfinite(got).all() and rel_err(got, want) < 3e-2
+
+
+@pytest.mark.parametrize("switches", [{}, {"decay_norm": False}, {"score_norm": False}], ids=["paper", "nodn", "nosn"])
+def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, monkeypatch):
+    """The path a fast kernel takes inside the mixer (the key-sum read in its own gradient-free call, the state
+    carried across calls) gives the PyTorch core's outputs, gradients and states; run through the kernels package's
+    PyTorch backend."""
+    import arch_zoo.mixers.retnet as retnet
+
+    mixer = make(**switches)
+    x = inputs(torch.float64, length=19).requires_grad_(True)
+    results = {}
+    for path in ("torch", "adapter"):
+        if path == "adapter":
+            monkeypatch.setattr(retnet, "retention_core", lambda kernel, mode, *a, **kw: retnet.kernel_core("torch"))
+        x.grad = None
+        mixer.zero_grad()
+        y1, state = run(mixer, x[:, :11], "chunkwise")
+        y2, state = run(mixer, x[:, 11:], "chunkwise", state)
+        y = torch.cat((y1, y2), 1)
+        y.pow(2).sum().backward()
+        results[path] = (y.detach(), x.grad.clone(), mixer.q_proj.weight.grad.clone(), state)
+    (y_t, gx_t, gq_t, s_t), (y_a, gx_a, gq_a, s_a) = results["torch"], results["adapter"]
+    assert rel_err(y_a, y_t) < 1e-12 and rel_err(gx_a, gx_t) < 1e-12 and rel_err(gq_a, gq_t) < 1e-12
+    for key in ("kv", "z"):
+        if s_t[key] is not None:
+            assert rel_err(s_a[key], s_t[key]) < 1e-12, key

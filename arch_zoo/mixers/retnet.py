@@ -191,8 +191,10 @@ def kernel_core(backend: str) -> RetentionCore:
     """The retention core of the ``kernels`` package (``triton`` or ``fla``) in this module's layout.
 
     Here q, k, v are ``[B, H, T, D]`` with the key scale already applied to k; the kernels take ``[B, T, H, D]`` and
-    a per-head decay. A value width that is not a multiple of the kernels' tile (the column of ones that reads the
-    key-sum for the score normaliser) is split off and run as a second, narrow call."""
+    a per-head decay. Value widths are padded to the kernels' tile; a width past a whole number of tiles is split
+    off and run as a second, narrow call. The mixer does not append the score normaliser's column of ones for this
+    core (``separate_key_sum``): it reads the key-sum in its own call without autograd, the normaliser being
+    detached, which saves copying the values and the narrow call's backward."""
 
     def core(q, k, v, log_decay, initial_state=None, output_final_state=True, chunk_size=None):
         from kernels.dispatch import retention
@@ -206,9 +208,11 @@ def kernel_core(backend: str) -> RetentionCore:
         parts = [(0, main), (main, width)] if 0 < main < width else [(0, width)]
         outputs, states = [], []
         for lo, hi in parts:
-            pad = (-(hi - lo)) % KERNEL_VALUE_BLOCK if len(parts) > 1 else 0
-            vp = F.pad(v[..., lo:hi], (0, pad))
-            s0 = None if initial_state is None else F.pad(initial_state[..., lo:hi], (0, pad))
+            pad = (-(hi - lo)) % KERNEL_VALUE_BLOCK
+            vp = F.pad(v[..., lo:hi], (0, pad)) if pad or len(parts) > 1 else v
+            s0 = initial_state
+            if initial_state is not None and (pad or len(parts) > 1):
+                s0 = F.pad(initial_state[..., lo:hi], (0, pad))
             o, s = retention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
@@ -221,9 +225,12 @@ def kernel_core(backend: str) -> RetentionCore:
             )
             outputs.append(o.transpose(1, 2)[..., : hi - lo])
             states.append(None if s is None else s[..., : hi - lo])
+        if len(parts) == 1:
+            return outputs[0], states[0] if output_final_state else None
         state = torch.cat(states, dim=-1) if output_final_state else None
         return torch.cat(outputs, dim=-1), state
 
+    core.separate_key_sum = True  # type: ignore[attr-defined]
     return core
 
 
@@ -540,6 +547,14 @@ class RetNet(TokenMixer):
         B, H, T, _ = q.shape
         dv = self.value_dim
         core = retention_core(c.kernel, self.form(T, state is not None), q.device, c.chunk_size, trained)
+        if c.score_norm and getattr(core, "separate_key_sum", False):
+            o, kv = core(q, k, v, log_decay, None if state is None else state["kv"], output_final_state=return_state)
+            with torch.no_grad():  # the normaliser is detached: nothing to differentiate, nothing to save
+                z0 = None if state is None else state["z"][..., None]
+                ones = v.new_ones(B, H, T, 1)
+                score_sum, z = core(q, k, ones, log_decay, z0, output_final_state=return_state)
+            new_state = {"kv": kv, "z": None if z is None else z[..., 0], "r": None} if return_state else None
+            return o, score_sum, new_state
         # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
         kv0 = None if state is None else state["kv"]
         if c.score_norm:
