@@ -50,6 +50,14 @@ def _triton_chunkwise(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
     return retention_triton(*args)
 
 
+@torch.compiler.disable
+def _triton_step(*args) -> torch.Tensor:
+    """Opaque to torch.compile, like the chunkwise kernels; it updates the state in place, outside any graph."""
+    from kernels.retention_triton import retention_step_triton
+
+    return retention_step_triton(*args)
+
+
 def retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,9 +108,7 @@ def retention_step(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _resolve(backend, q.device)
     if chosen == "triton":
-        from kernels.retention_triton import retention_step_triton
-
-        return retention_step_triton(q, k, v, state, log_gamma, scale)
+        return _triton_step(q, k, v, state, log_gamma, scale)
     timed = q.dim() == 4
     if chosen == "fla":
         q4, k4, v4 = (x if timed else x[:, None] for x in (q, k, v))

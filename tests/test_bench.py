@@ -15,6 +15,8 @@ from analysis.bench import ModelSpec, build_model, model_config, parse_models
 from analysis.bench.cli import main
 from analysis.bench.decode import (
     StaticCacheAttention,
+    Stepper,
+    _tensor_leaves,
     decode_step,
     prefill,
     state_mib,
@@ -200,3 +202,28 @@ def test_a_cache_too_large_to_allocate_is_recorded_as_oom(tmp_path: Path, monkey
     rows = {r["length"]: r for r in json.loads((out / "decode.json").read_text())["rows"]}
     assert rows[32]["status"] == "ok" and rows[64]["status"] == "OOM (prefill)" and rows[64]["prefill_ms"] is None
     assert "OOM (prefill)" in (out / "decode.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["retnet", "transformer"])
+def test_compiled_decode_steps_equal_eager_steps(name):
+    """``--compile``: the compiled step (RetNet's in-place state update included) continues exactly as the eager
+    step does from the same prefill, and leaves the same state behind."""
+    torch.manual_seed(0)
+    model = tiny_model(name, dtype=torch.float32)
+    prompt = torch.randint(97, (2, 9))
+    runs = {}
+    with static_kv_cache(model) as new_states:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            _, states = prefill(model, prompt, new_states(2, 32))
+            states = model.own_states(states)
+            stepper = Stepper(model, prompt[:, -1:].clone(), states, runner=torch.compile(model) if compiled else None)
+            logits = []
+            for _ in range(4):
+                out, stepper.states = decode_step(stepper.step_model, stepper.tokens, stepper.states)
+                logits.append(out.clone())
+            runs[compiled] = (torch.stack(logits), [t.clone() for t in _tensor_leaves(stepper.states)])
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
+    for got, want in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decode.add_argument("--prefill-chunk", type=int, default=0, help="prefill in pieces of this many tokens (0: whole)")
     decode.add_argument("--no-graphs", action="store_true", help="never capture the decode step in a CUDA graph")
     decode.add_argument("--kv-attention", choices=KV_ATTENTIONS, default="sdpa", help="attention over the KV cache")
+    decode.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (the prefill stays eager)"
+    )
     train = commands.add_parser("train", parents=[common], help="training step tokens/s and peak memory")
     train.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // length (at least 1)")
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
@@ -115,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             graphs=not args.no_graphs,
             kv_attention=args.kv_attention,
             seed=args.seed,
+            compile=args.compile,
         )
         rows = [r.as_dict() for r in run_decode(specs, settings, device, dtype, log)]
         summary = (
             f"{shape}, {str(dtype).removeprefix('torch.')} weights, random prompt then greedy decoding; latency = "
             f"median of {args.steps} steps after {args.warmup}; KV cache preallocated ({args.kv_attention}); "
-            f"prefill chunk {args.prefill_chunk or 'whole prompt'}"
+            f"prefill chunk {args.prefill_chunk or 'whole prompt'}" + ("; step torch.compile'd" if args.compile else "")
         )
     else:
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}.get(args.amp)

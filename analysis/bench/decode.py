@@ -221,17 +221,22 @@ class Stepper:
     graph: torch.cuda.CUDAGraph | None = None
     note: str = "eager"
     logits: torch.Tensor | None = None  # the captured step's output buffer
+    runner: Callable[..., Any] | None = None  # what a step calls (a compiled model); ``model`` when None
+
+    @property
+    def step_model(self) -> Callable[..., Any]:
+        return self.runner if self.runner is not None else self.model
 
     def run(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         else:
-            _, new = decode_step(self.model, self.tokens, self.states)
+            _, new = decode_step(self.step_model, self.tokens, self.states)
             self.states = new
 
     def try_capture(self, warmup: int = 3) -> None:
         """Capture the step in a CUDA graph if the state allows it (see :func:`structure_change`)."""
-        _, after = decode_step(self.model, self.tokens, self.states)
+        _, after = decode_step(self.step_model, self.tokens, self.states)
         reason = structure_change(self.states, after)
         self.states = after
         if reason is not None:
@@ -241,13 +246,13 @@ class Stepper:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # graph warmup belongs on a side stream
             for _ in range(warmup):
-                _, new = decode_step(self.model, self.tokens, self.states)
+                _, new = decode_step(self.step_model, self.tokens, self.states)
                 _copy_into(self.states, new)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.logits, new = decode_step(self.model, self.tokens, self.states)
+                self.logits, new = decode_step(self.step_model, self.tokens, self.states)
                 _copy_into(self.states, new)
         except RuntimeError as error:
             if is_oom(error):
@@ -266,7 +271,7 @@ class Stepper:
         for dst, src in zip(_tensor_leaves(self.states), saved):
             dst.copy_(src)
         self.tokens.copy_(saved_tokens)
-        eager, new = decode_step(self.model, self.tokens, self.states)
+        eager, new = decode_step(self.model, self.tokens, self.states)  # plain eager, even when the step is compiled
         _copy_into(self.states, new)
         eager = eager.float()
         error = (replayed - eager).abs().max().item()
@@ -330,6 +335,7 @@ class DecodeSettings:
     graphs: bool = True
     kv_attention: str = "sdpa"
     seed: int = 0
+    compile: bool = False  # torch.compile the step: fuses the mixers' small elementwise kernels
 
 
 def _cell(
@@ -339,8 +345,10 @@ def _cell(
     settings: DecodeSettings,
     device: torch.device,
     check_graph: bool,
+    runner: Callable[..., Any] | None = None,
 ) -> None:
-    """Fill ``row`` in place (so that an OOM keeps what was measured before it)."""
+    """Fill ``row`` in place (so that an OOM keeps what was measured before it); ``runner`` (a compiled model) makes
+    the decode steps, the prefill stays eager."""
     L, B = row.length, row.batch
     row.status = "OOM (prefill)"  # until the prefill is through: the cache's allocation can be what fails
     extra = settings.warmup + settings.steps + 8  # eager probe, graph warmup and check steps write into the cache
@@ -361,7 +369,7 @@ def _cell(
 
     row.status = "OOM (decode)"
     free_memory(device)
-    stepper = Stepper(model, tokens, states)
+    stepper = Stepper(model, tokens, states, runner=runner)
     if device.type == "cuda" and settings.graphs:
         stepper.try_capture()
         if stepper.graph is not None and check_graph and row.state_mib <= CHECK_GRAPH_MAX_MIB:
@@ -375,7 +383,7 @@ def _cell(
     row.latency_ms = statistics.median(times)
     row.tokens_per_s = B / (row.latency_ms / 1e3)
     row.peak_mib = peak_mib(device)
-    row.graph = stepper.note
+    row.graph = stepper.note + (", compiled" if runner is not None else "")
     row.status = "ok"
 
 
@@ -393,10 +401,11 @@ def run_decode(
         model = build_model(config, device, dtype).eval()
         n_params = model.num_parameters()
         with static_kv_cache(model, settings.kv_attention) as new_states:
+            runner = torch.compile(model) if settings.compile else None
             # a throwaway cell first: kernel selection, cuBLAS handles and the allocator's first growth
             warm = replace(settings, steps=2, warmup=1)
             try:
-                _cell(model, new_states, DecodeRow(spec.name, min(settings.lengths), 1), warm, device, False)
+                _cell(model, new_states, DecodeRow(spec.name, min(settings.lengths), 1), warm, device, False, runner)
             except Exception as error:  # the same failure shows again, and is recorded, in the first cell
                 log(f"{spec.name}: warm-up cell failed: {type(error).__name__}")
             free_memory(device)
@@ -405,7 +414,7 @@ def run_decode(
                 for B in settings.batches:
                     row = DecodeRow(spec.name, L, B, n_params=n_params)
                     try:
-                        _cell(model, new_states, row, settings, device, check_graph=not checked)
+                        _cell(model, new_states, row, settings, device, not checked, runner)
                     except Exception as error:  # one failed cell must not lose the others
                         if not is_oom(error):
                             row.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
