@@ -517,7 +517,9 @@ class RetNet(TokenMixer):
             if c.decay_norm:
                 score_sum = score_sum * inv_sqrt_r
             o = o / score_sum.detach().abs().clamp(min=1)
-        o = o.to(x.dtype)
+        # back to the projections' dtype: under autocast x is float32 and the normalisers are, but the head norm,
+        # gate and output projection run in half precision like every other activation
+        o = o.to(v.dtype)
         if self.group_norm is not None:
             o = self.group_norm(o)
         y = o.transpose(1, 2).reshape(B, T, H * dv)
