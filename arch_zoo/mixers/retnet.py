@@ -528,15 +528,13 @@ class RetNet(TokenMixer):
         y = self.out_proj(y)
         if not return_state:
             return y, None
-        if new_state is not None:
-            if state is not None and state.get("in_place") and isinstance(state["offset"], torch.Tensor):
-                new_state["offset"] = state["offset"].add_(T)
-            elif isinstance(offset, torch.Tensor):
-                new_state["offset"] = offset + T
-            else:
-                new_state["offset"] = torch.tensor(offset + T, device=x.device)
-            if state is not None and state.get("in_place"):
-                new_state["in_place"] = True
+        owned = state is not None and state.get("in_place", False)
+        if owned and isinstance(offset, torch.Tensor):
+            new_state["offset"] = offset.add_(T)
+        else:
+            new_state["offset"] = torch.as_tensor(offset + T, device=x.device)
+        if owned:
+            new_state["in_place"] = True
         return y, new_state
 
     def _steps(self, n_tokens: int, state: Any, trained: bool) -> bool:
@@ -584,7 +582,7 @@ class RetNet(TokenMixer):
         kv, z = state["kv"], state["z"]
         if not in_place or not kv.is_contiguous():
             kv = kv.clone(memory_format=torch.contiguous_format)
-        backend = "torch" if self.config.kernel == "torch" else ("fla" if self.config.kernel == "fla" else "auto")
+        backend = self.config.kernel if self.config.kernel in ("torch", "fla") else "auto"
         q1, k1 = q[:, :, 0], k[:, :, 0]
         o = retention_step(q1, k1, v[:, :, 0].to(kv.dtype), kv, log_decay, scale=1.0, backend=backend)
         o = o[:, :, None].to(v.dtype)
