@@ -196,8 +196,7 @@ class LanguageModel(nn.Module):
         owned = []
         for block, state in zip(self.blocks, states):
             mixer_state, ffn_state = state
-            own = getattr(block.mixer, "own_state", None)  # a stand-in module (a benchmark's cache) may lack it
-            owned.append((own(mixer_state) if own is not None else mixer_state, ffn_state))
+            owned.append((block.mixer.own_state(mixer_state), ffn_state))
         return owned
 
     def num_parameters(self, non_embedding: bool = False) -> int:

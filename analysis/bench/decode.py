@@ -112,6 +112,10 @@ class StaticCacheAttention(nn.Module):
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         return weights.to(v.dtype) @ v
 
+    def own_state(self, state: Any) -> Any:
+        """The cache is written in place from the start: nothing to hand over."""
+        return state
+
     def state_size(self, seq_len: int) -> int:
         return self.inner.state_size(seq_len)
 
