@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,9 @@ from experiments.tracking import (
 from sweeps.optuna_sweeper import register_with_hydra
 
 log = logging.getLogger("arch_zoo")
+# Our training order resumes from the step count (experiments/data/sampling.py), not from a loader state_dict, so
+# Lightning's warning that a mid-epoch resume "can cause unreliable results" does not apply; the resume test proves it.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 register_configs()
 register_with_hydra()
 
