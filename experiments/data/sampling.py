@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch.utils.data import Sampler
 
@@ -24,13 +26,14 @@ class ResumableShuffle(Sampler[int]):
         self.n, self.seed, self.start, self.length = n, seed, start, length
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
-    def positions(self):
+    def positions(self) -> Iterator[int]:
+        """This rank's positions in the global stream, step by step."""
         step_stride, offset = self.batch_size * self.world_size, self.rank * self.batch_size
         for i in range(self.length):
             step, j = divmod(i, self.batch_size)
             yield self.start + step * step_stride + offset + j
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         epoch, perm = -1, None
         for p in self.positions():
             e, i = divmod(p, self.n)
