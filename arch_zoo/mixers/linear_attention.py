@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
+from arch_zoo.layers import at_least_float32
 from arch_zoo.registry import register_mixer
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -68,11 +69,6 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Half-precision inputs run in float32: the running sums ``S`` and ``z`` grow with ``T``."""
-    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
-
-
 def parallel_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,7 +78,7 @@ def parallel_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``o = tril(q k^T) v + q S_0``: the masked quadratic form, ``O(T^2)`` per head."""
     out_dtype = v.dtype
-    q, k, v = _at_least_float32(q, k, v)
+    q, k, v = at_least_float32(q, k, v)
     o = (q @ k.transpose(-1, -2)).tril() @ v
     if initial_state is not None:
         o = o + q @ initial_state
@@ -105,7 +101,7 @@ def chunkwise_linear_attention(
     """Quadratic inside chunks of ``chunk_size`` tokens (all at once), ``S`` carried across chunk boundaries by a
     prefix sum of the chunks' ``k^T v``; a last partial chunk continues from the final full chunk's state."""
     out_dtype = v.dtype
-    q, k, v = _at_least_float32(q, k, v)
+    q, k, v = at_least_float32(q, k, v)
     B, H, T, dk = q.shape
     dv = v.shape[-1]
     L = max(1, min(chunk_size, T))
@@ -140,7 +136,7 @@ def recurrent_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``S_i = S_{i-1} + k_i^T v_i``, ``o_i = q_i S_i``, one token at a time: ``O(dk dv)`` per token and head."""
     out_dtype = v.dtype
-    q, k, v = _at_least_float32(q, k, v)
+    q, k, v = at_least_float32(q, k, v)
     B, H, T, dk = q.shape
     state = initial_state if initial_state is not None else q.new_zeros(B, H, dk, v.shape[-1])
     outputs = []
@@ -210,7 +206,7 @@ class LinearAttention(TokenMixer):
         q = self.feature_map(self.q_proj(x).view(B, T, H, d).transpose(1, 2))
         k = self.feature_map(self.k_proj(x).view(B, T, H, d).transpose(1, 2))
         v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)
-        q, k, v = _at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
+        q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
         s0 = None
         if c.normalize:  # a column of ones after v: the same product then also gives q . z
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)

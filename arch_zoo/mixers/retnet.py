@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
-from arch_zoo.layers import rotary_cos_sin, rotate_pairs
+from arch_zoo.layers import at_least_float32, rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -48,11 +48,6 @@ GATE_REALLOCATIONS = ("value", "none")
 # ``log_decay`` is log(gamma): [H] (one decay per head) or [B, H, T] (per token: selective decay); token t applies
 # its own decay before writing, S_t = gamma_t S_{t-1} + k_t^T v_t. Outputs are unnormalised.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Half-precision inputs run in float32: a decay such as 1 - 1/512 rounds to 1 in bfloat16."""
-    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
 def _decay_factors(
@@ -91,7 +86,7 @@ def parallel_retention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``O = (Q K^T * D) V`` (+ the decayed read of ``initial_state``); O(T^2) time, the training form."""
     out_dtype = v.dtype
-    q, k, v = _at_least_float32(q, k, v)
+    q, k, v = at_least_float32(q, k, v)
     T = q.shape[-2]
     per_token = log_decay.dim() == 3
     a = log_decay if per_token else log_decay.view(1, -1)
@@ -122,7 +117,7 @@ def chunkwise_retention(
     one more parallel block continuing from that state, so nothing is padded and the final state is exact.
     """
     out_dtype = v.dtype
-    q, k, v = _at_least_float32(q, k, v)
+    q, k, v = at_least_float32(q, k, v)
     B, H, T, dk = q.shape
     dv = v.shape[-1]
     per_token = log_decay.dim() == 3
@@ -164,7 +159,7 @@ def recurrent_retention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``S_t = gamma_t S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, one token at a time: O(1) memory per step."""
     out_dtype = v.dtype
-    q, k, v = _at_least_float32(q, k, v)
+    q, k, v = at_least_float32(q, k, v)
     B, H, T, dk = q.shape
     per_token = log_decay.dim() == 3
     gamma = log_decay.exp().to(q.dtype)
@@ -444,7 +439,7 @@ class RetNet(TokenMixer):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """log(gamma): ``[H]`` for a per-head decay, ``[B, H, T]`` for a selective one."""
-        dtype = torch.promote_types(x.dtype, torch.float32)  # never half: see _at_least_float32
+        dtype = torch.promote_types(x.dtype, torch.float32)  # never half: see at_least_float32
         if self.decay_proj is not None:
             return F.logsigmoid(self.decay_proj(x).to(dtype)).transpose(1, 2)
         if self.decay_logit is not None:

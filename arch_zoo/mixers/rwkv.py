@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
-from arch_zoo.layers import FFNConfig, register_ffn
+from arch_zoo.layers import FFNConfig, at_least_float32, register_ffn
 from arch_zoo.registry import register_mixer
 
 MODES = ("chunkwise", "recurrent")
@@ -79,11 +79,6 @@ WKVState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (a, b, p), each [B
 # The WKV operator. k, v: [B, T, C]; w (= -exp(time_decay), negative) and u (time_first): [C].
 # The state after token t is (a, b, p) with a e^p = sum_{i<=t} e^{(t-i) w + k_i} v_i and b e^p the same without v_i.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Half-precision inputs run in float32: e^{k} and the decays need the range and the digits."""
-    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
 def empty_wkv_state(batch: int, channels: int, like: torch.Tensor) -> WKVState:
@@ -102,7 +97,7 @@ def wkv_recurrent(
 ) -> tuple[torch.Tensor, WKVState | None]:
     """WKV one token at a time, RWKV's RNN form with the max trick: ``O(C)`` per token."""
     out_dtype = v.dtype
-    w, u, k, v = _at_least_float32(w, u, k, v)
+    w, u, k, v = at_least_float32(w, u, k, v)
     B, T, C = k.shape
     a, b, p = state if state is not None else empty_wkv_state(B, C, k)
     outputs = []
@@ -181,7 +176,7 @@ def wkv_chunkwise(
     """WKV over chunks of ``chunk_size`` tokens: chunk-local sums for all chunks at once, the state ``(a, b, p)``
     carried across chunk boundaries (``T / L`` sequential steps). The same function as :func:`wkv_recurrent`."""
     out_dtype = v.dtype
-    w, u, k, v = _at_least_float32(w, u, k, v)
+    w, u, k, v = at_least_float32(w, u, k, v)
     B, T, C = k.shape
     L = max(1, min(chunk_size, T))
     N = -(-T // L)
@@ -331,7 +326,7 @@ class RWKV(TokenMixer):
         k = self.key(_mix(x, shifted, self.time_mix_k))
         v = self.value(_mix(x, shifted, self.time_mix_v))
         r = self.receptance(_mix(x, shifted, self.time_mix_r))
-        (time_decay,) = _at_least_float32(self.time_decay)
+        (time_decay,) = at_least_float32(self.time_decay)
         w = -torch.exp(time_decay)
         wkv_state = None if state is None else (state["a"], state["b"], state["p"])
         if self.config.mode == "recurrent" or (state is not None and T == 1):
