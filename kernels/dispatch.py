@@ -100,24 +100,33 @@ def retention_step(
     log_gamma: torch.Tensor,
     scale: float | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    key_sum: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One decoding step for all heads; ``state`` ``[B, H, K, V]`` is updated in place and ``o`` returned.
 
-    q, k ``[B, H, K]``, v ``[B, H, V]`` (or with a length-1 time axis ``[B, 1, H, *]``, kept in the output).
+    q, k ``[B, H, K]``, v ``[B, H, V]`` (or with a length-1 time axis ``[B, 1, H, *]``, kept in the output). With
+    ``key_sum`` ``[B, H, K]`` the decayed key sum steps in place as well and ``(o, scale * q . key_sum)`` comes back
+    (``[B, H]``): on CUDA in the same launch as the state.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _resolve(backend, q.device)
     if chosen == "triton":
-        return _triton_step(q, k, v, state, log_gamma, scale)
+        return _triton_step(q, k, v, state, log_gamma, scale, key_sum)
     timed = q.dim() == 4
+    q3, k3, v3 = (x[:, 0] if timed else x for x in (q, k, v))
     if chosen == "fla":
-        q4, k4, v4 = (x if timed else x[:, None] for x in (q, k, v))
         lg = log_gamma.to(device=q.device, dtype=torch.float32)
         o, new_state = _fla("recurrent")(
-            q4, k4, v4, g_gamma=lg, scale=scale, initial_state=state, output_final_state=True
+            q3[:, None], k3[:, None], v3[:, None], g_gamma=lg, scale=scale, initial_state=state, output_final_state=True
         )
         state.copy_(new_state)
-        return o if timed else o[:, 0]
-    if timed:
-        return retention_step_reference(q[:, 0], k[:, 0], v[:, 0], state, log_gamma, scale)[:, None]
-    return retention_step_reference(q, k, v, state, log_gamma, scale)
+        o = o[:, 0]
+        zq = None
+        if key_sum is not None:  # fla has no key-sum read: the reference's one-line update
+            key_sum.mul_(log_gamma.exp().to(key_sum.dtype)[None, :, None]).add_(k3.to(key_sum.dtype))
+            zq = scale * (q3.to(key_sum.dtype) * key_sum).sum(-1)
+    else:
+        out = retention_step_reference(q3, k3, v3, state, log_gamma, scale, key_sum)
+        o, zq = out if key_sum is not None else (out, None)
+    o = o[:, None] if timed else o
+    return o if zq is None else (o, zq)

@@ -100,6 +100,13 @@ def test_step_reference_matches_loop():
     steps = [retention_step_reference(q[:, t], k[:, t], v[:, t], state, lg, 0.3) for t in range(5)]
     assert rel(torch.stack(steps, dim=1), o_loop) < 1e-12
     assert rel(state, s_loop) < 1e-12
+    # the key sum is the same recurrence on a value of ones: its read is the loop's output there
+    z0 = torch.randn(2, 3, 8, dtype=torch.float64)
+    zq_loop, z_loop = naive_loop(q, k, torch.ones_like(v[..., :1]), lg, 0.3, z0[..., None])
+    state, z = s0.clone(), z0.clone()
+    reads = [retention_step_reference(q[:, t], k[:, t], v[:, t], state, lg, 0.3, key_sum=z)[1] for t in range(5)]
+    assert rel(torch.stack(reads, dim=1), zq_loop[..., 0]) < 1e-12
+    assert rel(z, z_loop[..., 0]) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,6 +204,24 @@ def interpreter_checks() -> dict[str, float]:
     results["decode/shape"] = 0.0 if o.shape == (3, 1, 2, 48) else math.inf
     results["decode/o"] = rel(o[:, 0], o_ref)
     results["decode/state"] = rel(state, state_ref)
+    # with the key sum, and tiles that walk the key dim in pieces and cut a ragged value dim
+    from kernels import retention_triton as rt
+
+    for tiles in ({"bk": 16, "bv": 32}, {"bk": 64, "bv": 16}):
+        rt.DECODE_TILE_OVERRIDES.update(tiles)
+        q, k, v, s0 = inputs(2, 1, 2, 40, 50, dtype=torch.float32, seed=tiles["bk"])
+        z0 = torch.randn(2, 2, 40)
+        state, state_ref, z, z_ref = s0.clone(), s0.double(), z0.clone(), z0.double()
+        o, zq = retention_step_triton(q[:, 0], k[:, 0], v[:, 0], state, lg, 0.3, key_sum=z)
+        o_ref, zq_ref = retention_step_reference(
+            q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), state_ref, lg, 0.3, key_sum=z_ref
+        )
+        name = f"decode/bk{tiles['bk']}_bv{tiles['bv']}"
+        results[f"{name}/o"] = rel(o, o_ref)
+        results[f"{name}/state"] = rel(state, state_ref)
+        results[f"{name}/key_sum"] = rel(z, z_ref)
+        results[f"{name}/key_sum_read"] = rel(zq, zq_ref)
+        rt.DECODE_TILE_OVERRIDES.clear()
 
     try:
         retention_triton(q, k, v, lg.clone().requires_grad_(), 0.25)
@@ -239,7 +264,7 @@ def test_triton_interpreter_unused_final_state(interpreter_results):
 
 def test_triton_interpreter_decode_step(interpreter_results):
     errors = {k: e for k, e in interpreter_results.items() if k.startswith("decode/")}
-    assert len(errors) == 3 and all(e < 1e-5 for e in errors.values()), errors
+    assert len(errors) == 3 + 2 * 4 and all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_triton_rejects_learned_decay(interpreter_results):
@@ -316,9 +341,12 @@ def test_triton_gpu_decode_step(shape):
     state = torch.randn(B, H, K, V, device="cuda")
     state_ref = state.double()
     lg = decays(H).cuda()
-    o = retention_step_triton(q, k, v, state, lg.float(), K**-0.5)
-    o_ref = retention_step_reference(q.double(), k.double(), v.double(), state_ref, lg, K**-0.5)
-    assert rel(state, state_ref) < 1e-6
+    z = torch.randn(B, H, K, device="cuda")
+    z_ref = z.double()
+    o, zq = retention_step_triton(q, k, v, state, lg.float(), K**-0.5, key_sum=z)
+    o_ref, zq_ref = retention_step_reference(q.double(), k.double(), v.double(), state_ref, lg, K**-0.5, z_ref)
+    assert rel(state, state_ref) < 1e-6 and rel(z, z_ref) < 1e-6
+    assert rel(zq, zq_ref) < 1e-5
     assert rel(o, o_ref) < 1e-2  # the output is rounded to bf16
 
 

@@ -42,6 +42,7 @@ KERNELS = ("auto", "torch", "triton", "fla")
 DECAY_SCHEDULES = ("paper", "torchscale")
 GROUP_NORM_KINDS = ("rmsnorm", "layernorm")
 GATE_REALLOCATIONS = ("value", "none")
+STATE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The retention core. Layout is head-first: q, k [B, H, T, dk]; v [B, H, T, dv]; state [B, H, dk, dv].
@@ -299,6 +300,9 @@ class RetNetConfig(MixerConfig):
     xpos_base: float = 10000.0
     decay_norm: bool = True  # divide decay-mask rows by sqrt(row sum)
     score_norm: bool = True  # divide retention scores by max(|row sum|, 1), detached
+    # what S is kept in between calls: auto = the core's (float32 or wider); bfloat16 / float16 halve a decoding
+    # step's state traffic (the arithmetic stays float32, each step rounds once), as torchscale's fp16 models do
+    state_dtype: str = "auto"
 
     def check(self, d_model: int) -> None:
         def choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -310,6 +314,7 @@ class RetNetConfig(MixerConfig):
         choice("decay_schedule", self.decay_schedule, DECAY_SCHEDULES)
         choice("group_norm_kind", self.group_norm_kind, GROUP_NORM_KINDS)
         choice("gate_realloc", self.gate_realloc, GATE_REALLOCATIONS)
+        choice("state_dtype", self.state_dtype, tuple(STATE_DTYPES))
         if self.head_dim is None and (self.n_heads <= 0 or d_model % self.n_heads):
             raise ConfigError(
                 f"retnet: d_model={d_model} is not divisible by n_heads={self.n_heads}; "
@@ -542,19 +547,22 @@ class RetNet(TokenMixer):
         B, H, T, _ = q.shape
         dv = self.value_dim
         core = retention_core(c.kernel, self.form(T, state is not None), q.device, c.chunk_size, trained)
+        kv0 = None if state is None else state["kv"]
+        if kv0 is not None and kv0.dtype != torch.promote_types(kv0.dtype, torch.float32):
+            kv0 = kv0.float()  # a half-precision state (state_dtype) enters the core's arithmetic as float32
         if c.score_norm and getattr(core, "separate_key_sum", False):
-            o, kv = core(q, k, v, log_decay, None if state is None else state["kv"], output_final_state=return_state)
+            o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
             with torch.no_grad():  # the normaliser is detached: nothing to differentiate, nothing to save
                 z0 = None if state is None else state["z"][..., None]
                 ones = v.new_ones(B, H, T, 1)
                 score_sum, z = core(q, k, ones, log_decay, z0, output_final_state=return_state)
-            new_state = {"kv": kv, "z": None if z is None else z[..., 0], "r": None} if return_state else None
-            return o, score_sum, new_state
+            if not return_state:
+                return o, score_sum, None
+            return o, score_sum, {"kv": self._stored(kv), "z": None if z is None else z[..., 0], "r": None}
         # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
-        kv0 = None if state is None else state["kv"]
         if c.score_norm:
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
-            kv0 = None if state is None else torch.cat((state["kv"], state["z"][..., None]), dim=-1)
+            kv0 = None if state is None else torch.cat((kv0, state["z"][..., None].to(kv0.dtype)), dim=-1)
         o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
         score_sum = None
         if c.score_norm:
@@ -562,32 +570,35 @@ class RetNet(TokenMixer):
         if not return_state:
             return o, score_sum, None
         new_state = {
-            "kv": kv[..., :dv] if c.score_norm else kv,
+            "kv": self._stored(kv[..., :dv] if c.score_norm else kv),
             "z": kv[..., dv] if c.score_norm else None,
             "r": None,
         }
         return o, score_sum, new_state
 
+    def _stored(self, kv: torch.Tensor) -> torch.Tensor:
+        """The state as kept between calls: rounded to ``state_dtype`` when one is set."""
+        dtype = STATE_DTYPES[self.config.state_dtype]
+        return kv if dtype is None else kv.to(dtype)
+
     def _step(self, q, k, v, log_decay, state):
-        """One token: ``S = gamma S + k^T v`` and ``z = gamma z + k`` in one pass over the state (the fused kernel
-        on CUDA), in place when the caller owns the state (:meth:`own_state`), into copies otherwise."""
+        """One token: ``S = gamma S + k^T v`` and ``z = gamma z + k`` with their reads in one pass over the state (one
+        fused kernel launch on CUDA), in place when the caller owns the state (:meth:`own_state`), into copies
+        otherwise."""
         from kernels.dispatch import retention_step
 
         in_place = bool(state.get("in_place"))
         kv, z = state["kv"], state["z"]
         if not in_place or not kv.is_contiguous():
-            kv = kv.clone(memory_format=torch.contiguous_format)
+            kv = self._stored(kv).clone(memory_format=torch.contiguous_format)
+        if z is not None and (not in_place or not z.is_contiguous()):
+            z = z.clone(memory_format=torch.contiguous_format)
         backend = self.config.kernel if self.config.kernel in ("torch", "fla") else "auto"
-        q1, k1 = q[:, :, 0], k[:, :, 0]
-        o = retention_step(q1, k1, v[:, :, 0].to(kv.dtype), kv, log_decay, scale=1.0, backend=backend)
-        o = o[:, :, None].to(v.dtype)
-        score_sum = None
-        if z is not None:
-            gamma = log_decay.exp().to(z.dtype)[None, :, None]
-            z = z.mul_(gamma) if in_place else z * gamma
-            z = z.add_(k1.to(z.dtype))
-            score_sum = (q1.to(z.dtype) * z).sum(-1)[:, :, None, None].to(v.dtype)
-        return o, score_sum, {"kv": kv, "z": z, "r": None}
+        v1 = v[:, :, 0].to(torch.promote_types(kv.dtype, torch.float32))
+        out = retention_step(q[:, :, 0], k[:, :, 0], v1, kv, log_decay, scale=1.0, backend=backend, key_sum=z)
+        o, key_sum_read = out if z is not None else (out, None)
+        score_sum = None if key_sum_read is None else key_sum_read[:, :, None, None].to(v.dtype)
+        return o[:, :, None].to(v.dtype), score_sum, {"kv": kv, "z": z, "r": None}
 
     def state_size(self, seq_len: int) -> int:
         """Constant in length: S, z (score norm), r (selective decay with the decay norm) and the position."""
