@@ -118,6 +118,16 @@ def test_overrides_reach_the_mixer_and_the_ffn_and_typos_fail():
         model_config(ModelSpec("retnet", mixer={"head_dimm": 16}), 64, 2, 97)
 
 
+def test_labelled_variants_of_one_mixer_run_side_by_side():
+    specs = parse_models("retnet,retnet-f16=retnet", ["retnet-f16.state_dtype=float16", "retnet.head_dim=16"])
+    assert [(s.name, s.mixer_name) for s in specs] == [("retnet", "retnet"), ("retnet-f16", "retnet")]
+    variant = model_config(specs[1], 64, 2, 97)
+    assert variant.mixer.name == "retnet" and variant.mixer.state_dtype == "float16"
+    assert model_config(specs[0], 64, 2, 97).mixer.state_dtype == "auto"
+    with pytest.raises(ConfigError, match="twice"):
+        parse_models("retnet,retnet", None)
+
+
 def _run(tracking_uri: str, experiment: str):
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])

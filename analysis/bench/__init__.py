@@ -27,11 +27,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 @dataclass
 class ModelSpec:
-    """One benchmarked model: a registered mixer plus overrides of its config fields and of the FFN."""
+    """One benchmarked model: a registered mixer plus overrides of its config fields and of the FFN.
+
+    ``name`` labels the model in tables and overrides; ``mixer_name`` is the registered mixer (the same unless the
+    model was listed as ``label=mixer``, which lets variants of one mixer run side by side).
+    """
 
     name: str
     mixer: dict[str, Any] = field(default_factory=dict)
     ffn: dict[str, Any] = field(default_factory=dict)
+    mixer_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.mixer_name = self.mixer_name or self.name
 
 
 def _value(text: str) -> Any:
@@ -50,10 +58,21 @@ def _value(text: str) -> Any:
 def parse_models(names: str, overrides: list[str] | None, mode: str | None = None) -> list[ModelSpec]:
     """``"retnet,transformer"`` and ``["retnet.head_dim=256", "transformer.ffn.mult=4"]`` -> specs.
 
+    An entry ``label=mixer`` (``"retnet,retnet-f16=retnet"``) adds a model of a registered mixer under its own
+    label, which its overrides then name (``retnet-f16.state_dtype=float16``).
+
     ``mode`` (e.g. ``chunkwise``) is given to every mixer whose config has a ``mode`` field and accepts it, unless an
     override sets it: the benchmarks need the memory-bounded form of a long prompt, whatever a config defaults to.
     """
-    specs = {name: ModelSpec(name) for name in (n.strip() for n in names.split(",")) if name}
+    specs: dict[str, ModelSpec] = {}
+    for entry in (n.strip() for n in names.split(",")):
+        if not entry:
+            continue
+        label, _, mixer_name = entry.rpartition("=")
+        label, mixer_name = label.strip() or mixer_name.strip(), mixer_name.strip()
+        if label in specs:
+            raise ConfigError(f"--models lists {label!r} twice; give a variant its own label: LABEL={mixer_name}")
+        specs[label] = ModelSpec(label, mixer_name=mixer_name)
     if not specs:
         raise ConfigError("--models names no mixer")
     for item in overrides or []:
@@ -66,19 +85,19 @@ def parse_models(names: str, overrides: list[str] | None, mode: str | None = Non
         else:
             specs[name].mixer[path] = _value(text)
     for spec in specs.values():
-        fields = {f.name for f in dataclasses.fields(get_mixer(spec.name).config_class)}
+        fields = {f.name for f in dataclasses.fields(get_mixer(spec.mixer_name).config_class)}
         if mode and "mode" in fields and "mode" not in spec.mixer:
             spec.mixer["mode"] = mode
     return list(specs.values())
 
 
 def model_config(spec: ModelSpec, d_model: int, n_layers: int, vocab_size: int) -> ModelConfig:
-    mixer = make_config({"name": spec.name, **spec.mixer})
+    mixer = make_config({"name": spec.mixer_name, **spec.mixer})
     if "mode" in spec.mixer:
         try:
             mixer.check(d_model)
         except ConfigError:  # the mode came from --mode and this mixer has no such form: keep its default
-            defaults = get_mixer(spec.name).config_class()
+            defaults = get_mixer(spec.mixer_name).config_class()
             mixer = dataclasses.replace(mixer, mode=defaults.mode)
     ffn = dataclasses.replace(FFNConfig(), **spec.ffn)
     return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, mixer=mixer, ffn=ffn)

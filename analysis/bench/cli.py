@@ -38,7 +38,11 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--models", default="retnet,transformer", help="registered mixer names, comma-separated")
+    common.add_argument(
+        "--models",
+        default="retnet,transformer",
+        help="registered mixer names, comma-separated; LABEL=MIXER adds a variant (its overrides: --set LABEL.FIELD=V)",
+    )
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODEL.FIELD=VALUE")
     common.add_argument("--mode", default="chunkwise", help="form of a whole sequence, for mixers with a mode field")
     common.add_argument("--d-model", type=int, default=2048)
