@@ -54,6 +54,10 @@ class TokenMixer(nn.Module):
     """Base class of token mixers. Subclasses set ``config_class`` and implement ``forward``/``state_size``."""
 
     config_class: ClassVar[type[MixerConfig]] = MixerConfig
+    # where the mixer computes: a CUDA-only kernel library says ("cuda",); one without float64 kernels says False,
+    # and the contract tests then check it in float32 with float32 tolerances
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    supports_float64: ClassVar[bool] = True
 
     def __init__(self, d_model: int, config: MixerConfig, layer_idx: int = 0) -> None:
         super().__init__()

@@ -46,9 +46,13 @@ class FLAMixer(TokenMixer):
     """Wraps one fla layer class (``fla_class``) behind the token-mixer contract."""
 
     config_class = FLAConfig
+    devices = ("cuda",)
+    supports_float64 = False  # Triton kernels: float32 and half precision
     fla_class: ClassVar[str] = ""
     head_arg: ClassVar[str] = "num_heads"  # constructor argument that takes the head count
     takes_mode: ClassVar[bool] = True
+    # constructor arguments whose fla defaults would override the head count (options still win over these)
+    defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -60,11 +64,16 @@ class FLAMixer(TokenMixer):
         if reason is not None:
             raise ConfigError(f"mixer {config.name!r} {reason}; on this machine choose a built-in mixer instead")
         layers = importlib.import_module("fla.layers")
-        kwargs = {"hidden_size": d_model, self.head_arg: config.num_heads, "layer_idx": 0, **config.options}
+        kwargs = {"hidden_size": d_model, self.head_arg: config.num_heads, "layer_idx": 0}
+        kwargs.update({**self.defaults, **self.derived_args(d_model, config), **config.options})
         if self.takes_mode:
             kwargs["mode"] = config.mode
         self.layer = getattr(layers, self.fla_class)(**kwargs)
         self._state_numel: int | None = None
+
+    def derived_args(self, d_model: int, config: FLAConfig) -> dict[str, Any]:
+        """Constructor arguments that follow from d_model and the head count (none by default)."""
+        return {}
 
     def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
         if state is None and return_state:
@@ -94,19 +103,32 @@ def _numel(value: Any) -> int:
     return 0
 
 
-def _fla_mixer(class_name: str, head_arg: str = "num_heads", takes_mode: bool = True) -> type[FLAMixer]:
-    return type(
-        f"FLA{class_name}",
-        (FLAMixer,),
-        {"fla_class": class_name, "head_arg": head_arg, "takes_mode": takes_mode, "__module__": __name__},
-    )
+def _fla_mixer(
+    class_name: str, head_arg: str = "num_heads", takes_mode: bool = True, defaults: dict[str, Any] | None = None
+) -> type[FLAMixer]:
+    attrs = {"fla_class": class_name, "head_arg": head_arg, "takes_mode": takes_mode, "defaults": defaults or {}}
+    return type(f"FLA{class_name}", (FLAMixer,), {**attrs, "__module__": __name__})
+
+
+class Mamba2(FLAMixer):
+    """fla's Mamba-2: its head dim follows from the head count, ``expand * d_model / num_heads``."""
+
+    fla_class = "Mamba2"
+    takes_mode = False
+
+    def derived_args(self, d_model: int, config: FLAConfig) -> dict[str, Any]:
+        expand = config.options.get("expand", 2)
+        if (expand * d_model) % config.num_heads:
+            raise ConfigError(f"fla_mamba2: expand * d_model = {expand * d_model} is not divisible by num_heads")
+        return {"head_dim": expand * d_model // config.num_heads}
 
 
 GatedLinearAttention = _fla_mixer("GatedLinearAttention")
 RWKV6 = _fla_mixer("RWKV6Attention")
-RWKV7 = _fla_mixer("RWKV7Attention")
-Mamba2 = _fla_mixer("Mamba2", takes_mode=False)
+# fla's RWKV-7 sizes heads by head_dim=64 unless told otherwise, and needs a depth for its layer-wise init; each of
+# our mixers is its own fla "layer 0" (one cache per mixer), so every layer gets the first layer's initialisation
+RWKV7 = _fla_mixer("RWKV7Attention", defaults={"head_dim": None, "num_hidden_layers": 2})
 GatedDeltaNet = _fla_mixer("GatedDeltaNet")
 DeltaNet = _fla_mixer("DeltaNet")
-HGRN2 = _fla_mixer("HGRN2Attention")
+HGRN2 = _fla_mixer("HGRN2Attention", defaults={"expand_ratio": None})  # else expand_ratio=128 sets the heads
 Retention = _fla_mixer("MultiScaleRetention")
