@@ -585,6 +585,19 @@ def _chunk_dkv(
     return dk, dv
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous with the canonical strides. ``Tensor.contiguous`` leaves any stride on a size-1 dim (a batch
+    of one from a compiled graph can carry its own), and the kernels index q and k, or v and the output, with one
+    set of strides; for a contiguous tensor re-striding size-1 dims is a view, not a copy."""
+    x = x.contiguous()
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= size
+    canonical = tuple(reversed(strides))
+    return x if x.stride() == canonical else x.as_strided(x.shape, canonical)
+
+
 class RetentionFunction(torch.autograd.Function):
     """Chunkwise retention with fixed per-head decay; gradients for q, k, v and the initial state."""
 
@@ -634,7 +647,7 @@ class RetentionFunction(torch.autograd.Function):
     def backward(ctx, do: torch.Tensor, d_final: torch.Tensor | None):
         q, k, v, log_gamma, h = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        do = torch.zeros_like(v) if do is None else do.contiguous()  # only the final state was used
+        do = torch.zeros_like(v) if do is None else _dense(do)  # only the final state was used
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
         need_dh = plan.nb > 1 or d_final is not None
         dh, ds0 = None, None
@@ -714,9 +727,9 @@ def retention_triton(
     scale = K**-0.5 if scale is None else float(scale)
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     return RetentionFunction.apply(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        _dense(q),
+        _dense(k),
+        _dense(v),
         lg,
         scale,
         initial_state,

@@ -237,3 +237,10 @@ def test_compiled_decode_steps_equal_eager_steps(name):
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
     for got, want in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_error_without_a_message_still_makes_a_status_line():
+    from analysis.bench import error_line
+
+    assert error_line(AssertionError()) == "AssertionError"
+    assert error_line(ValueError("bad\nmore")) == "ValueError: bad"

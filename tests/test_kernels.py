@@ -196,6 +196,12 @@ def interpreter_checks() -> dict[str, float]:
     for name, a, b in zip(["dq", "dk", "dv"], leaves, ref):
         results[f"unused_final/{name}"] = rel(a.grad, b.grad)
 
+    # a batch of one whose tensors disagree on the (meaningless) stride of the batch dim, as compiled graphs give
+    q, k, v, _ = inputs(1, 40, 2, 16, 16, dtype=torch.float32, seed=5)
+    k_odd = k.as_strided(k.shape, (12345, *k.stride()[1:]))
+    o, _ = retention_triton(q, k_odd, v, lg, 0.25, chunk_size=16, sub_chunks=1)
+    results["odd_batch_stride/o"] = rel(o, retention_parallel_reference(q, k, v, lg, 0.25)[0])
+
     # decode step: [B, 1, H, *] inputs keep their time axis
     q, k, v, s0 = inputs(3, 1, 2, 32, 48, dtype=torch.float32)
     state, state_ref = s0.clone(), s0.double()
@@ -265,6 +271,10 @@ def test_triton_interpreter_unused_final_state(interpreter_results):
 def test_triton_interpreter_decode_step(interpreter_results):
     errors = {k: e for k, e in interpreter_results.items() if k.startswith("decode/")}
     assert len(errors) == 3 + 2 * 4 and all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):
+    assert interpreter_results["odd_batch_stride/o"] < 1e-5
 
 
 def test_triton_rejects_learned_decay(interpreter_results):

@@ -156,3 +156,9 @@ def peak_mib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def error_line(error: BaseException, width: int = 160) -> str:
+    """``"Type: first line of the message"`` for a table cell; a bare ``Type`` when the message is empty."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:width]}" if lines else type(error).__name__

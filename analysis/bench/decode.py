@@ -33,6 +33,7 @@ from torch import nn
 from analysis.bench import (
     ModelSpec,
     build_model,
+    error_line,
     free_memory,
     is_oom,
     model_config,
@@ -261,7 +262,7 @@ class Stepper:
         except RuntimeError as error:
             if is_oom(error):
                 raise
-            self.note = f"eager: capture failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+            self.note = f"eager: capture failed ({error_line(error, 120)})"
             return
         self.graph = graph
         self.note = "graph"
@@ -421,7 +422,7 @@ def run_decode(
                         _cell(model, new_states, row, settings, device, not checked, runner)
                     except Exception as error:  # one failed cell must not lose the others
                         if not is_oom(error):
-                            row.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                            row.status = f"error: {error_line(error)}"
                     free_memory(device)
                     checked = checked or row.graph == "graph (checked against eager)"
                     rows.append(row)

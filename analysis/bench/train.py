@@ -16,7 +16,16 @@ from typing import Any
 
 import torch
 
-from analysis.bench import ModelSpec, build_model, free_memory, is_oom, model_config, peak_mib, synchronize
+from analysis.bench import (
+    ModelSpec,
+    build_model,
+    error_line,
+    free_memory,
+    is_oom,
+    model_config,
+    peak_mib,
+    synchronize,
+)
 
 
 @dataclass
@@ -115,7 +124,7 @@ def run_train(
                 _measure(model, optimizer, row, settings)
             except Exception as error:  # one failed cell must not lose the others
                 if not is_oom(error):
-                    row.status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                    row.status = f"error: {error_line(error)}"
             optimizer.zero_grad(set_to_none=True)
             free_memory(device)
             rows.append(row)
