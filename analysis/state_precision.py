@@ -1,0 +1,403 @@
+"""What RetNet's ``state_dtype`` costs in model quality, measured on a trained checkpoint.
+
+    python -m analysis.state_precision --checkpoint RUN_DIR/checkpoints/last.ckpt --length 1024 --prompt 128
+
+Storing the recurrent state in bfloat16 or float16 halves a decoding step's memory traffic, but every step rounds
+the state once, and the rounding accumulates over a long continuation. This command takes validation sequences of
+the run's own data, computes the reference logits with one whole-sequence forward (the training form), then for each
+state dtype runs the prompt as one call and decodes the rest one token per call (teacher forcing: the true next
+token goes in), and compares: NLL of the decoded positions, its difference from the reference on the same
+positions, logit error and greedy agreement. The table is printed, written as Markdown and CSV, and logged to MLflow.
+
+The model and the data are rebuilt from the config the run saved beside its checkpoints (``config_resolved.yaml``,
+else ``.hydra/config.yaml``), through the same functions ``zoo-train`` uses, so the validation windows are the ones
+the run reports as ``val_len<N>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import hydra
+import mlflow
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from analysis.bench import device_label, resolve_device
+from analysis.bench.report import markdown
+from arch_zoo import LanguageModel
+from arch_zoo.contract import ConfigError
+from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
+
+EXPERIMENT = "state_precision"
+REFERENCE = "reference"
+CONFIG_NAMES = ("config_resolved.yaml", ".hydra/config.yaml")  # beside checkpoints/, in order of preference
+
+# (field, header, format) of the table; the CSV keeps every field of a row
+COLUMNS = [
+    ("state_dtype", "state dtype", "{}"),
+    ("nll", "NLL (nats/token)", "{:.5f}"),
+    ("bits", "bits/token", "{:.5f}"),
+    ("delta_nll", "ΔNLL vs reference (nats)", "{:+.2e}"),
+    ("rel_delta_nll", "ΔNLL relative", "{:+.2e}"),
+    ("max_logit_diff", "max abs Δlogit", "{:.2e}"),
+    ("rel_logit_error", "relative logit error", "{:.2e}"),
+    ("greedy_agreement", "greedy agreement (%)", "{:.2f}"),
+]
+DEFAULT_DTYPES = ["auto", "float16", "bfloat16"]  # in the order of their cost
+METRICS = ("nll", "bits", "delta_nll", "rel_delta_nll", "max_logit_diff", "rel_logit_error", "greedy_agreement")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: config, data and weights, rebuilt with the training entry point's own code
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_config(checkpoint: Path) -> Path:
+    """The config a ``zoo-train`` run saved: ``RUN/checkpoints/last.ckpt`` -> ``RUN/config_resolved.yaml``."""
+    run_dir = checkpoint.resolve().parent.parent
+    for name in CONFIG_NAMES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ConfigError(
+        f"no {' or '.join(CONFIG_NAMES)} in {run_dir}, the run directory of {checkpoint}; pass --config PATH"
+    )
+
+
+def data_config(cfg: DictConfig) -> Any:
+    """The typed data config: the run's values merged into the schema that ``zoo-train`` registered for its
+    ``_target_`` (a saved YAML is untyped; the data modules expect their dataclass)."""
+    from experiments.config_store import register_configs
+
+    register_configs()
+    target = cfg.data.get("_target_")
+    for name, node in ConfigStore.instance().repo["data"].items():
+        if node.node.get("_target_") == target:
+            return OmegaConf.to_object(OmegaConf.merge(ConfigStore.instance().load(f"data/{name}").node, cfg.data))
+    raise ConfigError(f"the run's data._target_={target!r} has no registered data schema")
+
+
+def build_data(cfg: DictConfig, length: int) -> Any:
+    """The run's data module, with ``length`` among its evaluation lengths (the ``val_len<N>`` windows)."""
+    config = data_config(cfg)
+    if not hasattr(config, "eval_lengths"):
+        raise ConfigError(
+            f"{type(config).__name__}: state_precision scores continuations of a text validation split; this run's "
+            "data has none (use a run trained on text, e.g. data=stdlib)"
+        )
+    if length != config.block_size and length not in config.eval_lengths:
+        config = dataclasses.replace(config, eval_lengths=[*config.eval_lengths, length])
+    data = hydra.utils.get_class(config._target_)(config, seed=cfg.get("seed", 0))
+    data.prepare_data()
+    return data
+
+
+def validation_sequences(data: Any, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` validation windows of ``length`` tokens, spread evenly over the split (deterministic):
+    ``(inputs, targets)``, each ``[count, length]``."""
+    split = "val" if length == data.config.block_size else f"val_len{length}"
+    dataset = data.val_dataloader()[data.eval_split_names.index(split)].dataset
+    if count > len(dataset):
+        raise ConfigError(
+            f"the validation split holds {len(dataset)} windows of {length} tokens, fewer than --sequences {count}; "
+            "lower --sequences or --length"
+        )
+    indices = [round(i * (len(dataset) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
+    inputs, targets = zip(*(dataset[i] for i in indices))
+    return torch.stack(inputs), torch.stack(targets)
+
+
+def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch.device) -> tuple[LanguageModel, int]:
+    """The trained ``LanguageModel`` (float32, eval mode) and the checkpoint's step. Weights only: the Lightning
+    task's keys are ``model.<name>`` (``model._orig_mod.<name>`` when it was compiled)."""
+    from experiments.train import model_config
+
+    model = LanguageModel(model_config(cfg, vocab_size))  # vocab_size fills a null model.vocab_size, as in training
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights = {}
+    for key, value in saved["state_dict"].items():
+        if key.startswith("model."):
+            weights[key.removeprefix("model.").removeprefix("_orig_mod.")] = value
+    model.load_state_dict(weights)
+    return model.to(device=device, dtype=torch.float32).eval(), int(saved.get("global_step", -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def retnet_mixers(model: torch.nn.Module) -> list[RetNet]:
+    """Every RetNet mixer of ``model``; an error naming the mixers it has when there is none."""
+    mixers = [m for m in model.modules() if isinstance(m, RetNet)]
+    if not mixers:
+        names = sorted({type(b.mixer).__name__ for b in getattr(model, "blocks", [])}) or ["none"]
+        raise ConfigError(
+            f"the model has no RetNet mixer (its mixers: {', '.join(names)}); state_dtype is a setting of RetNet's "
+            "recurrent state, so there is nothing to measure"
+        )
+    return mixers
+
+
+@contextmanager
+def state_dtype(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Every RetNet mixer keeps its state in ``name`` inside the block; their configs are restored on exit."""
+    if name not in STATE_DTYPES:
+        raise ConfigError(f"state dtype {name!r} is not one of {', '.join(STATE_DTYPES)}")
+    mixers = retnet_mixers(model)
+    saved = [m.config for m in mixers]
+    try:
+        for mixer in mixers:
+            mixer.config = dataclasses.replace(mixer.config, state_dtype=name)
+        yield
+    finally:
+        for mixer, config in zip(mixers, saved):
+            mixer.config = config
+
+
+@torch.no_grad()
+def reference_logits(model: LanguageModel, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of one whole-sequence forward per sequence (the training form; one at a time bounds the memory of a
+    parallel form at long lengths)."""
+    return torch.cat([model(row[None])[0].float() for row in inputs])
+
+
+@torch.no_grad()
+def decode_logits(model: LanguageModel, inputs: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of positions ``prompt..T-1``: the prompt in one call, its states owned (in-place decoding, as
+    ``generate`` does), then one token per call, each the true token at that position."""
+    _, states = model(inputs[:, :prompt], return_states=True)
+    states = model.own_states(states)
+    out = []
+    for t in range(prompt, inputs.shape[1]):
+        logits, states = model(inputs[:, t : t + 1], states, return_states=True)
+        out.append(logits[:, -1].float())
+    return torch.stack(out, dim=1)
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean negative log-likelihood in nats (float64 accumulation: deltas of 1e-7 must survive the mean)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return float(per_token.double().mean())
+
+
+def compare(name: str, logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """One row: ``logits`` against ``reference`` on the same positions (``[B, n, vocab]`` both)."""
+    value, ref_value = nll(logits, targets), nll(reference, targets)
+    diff = (logits.double() - reference.double()).nan_to_num(nan=math.inf)
+    return {
+        "state_dtype": name,
+        "positions": targets.numel(),
+        "nll": value,
+        "bits": value / math.log(2),
+        "reference_nll": ref_value,
+        "delta_nll": value - ref_value,
+        "rel_delta_nll": (value - ref_value) / ref_value,
+        "max_logit_diff": float(diff.abs().max()),
+        "rel_logit_error": float(diff.norm() / reference.double().norm()),
+        "greedy_agreement": 100.0 * float((logits.argmax(-1) == reference.argmax(-1)).double().mean()),
+        "nonfinite_logits": int((~torch.isfinite(logits)).sum()),
+    }
+
+
+def reference_row(reference: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """The training form's own row, on the decoded positions: the NLL every delta is taken from."""
+    value = nll(reference, targets)
+    return {"state_dtype": REFERENCE, "positions": targets.numel(), "nll": value, "bits": value / math.log(2)}
+
+
+def measure(
+    model: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor, prompt: int, dtypes: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The reference row, then one row per state dtype; scored positions are ``prompt..T-1`` of every sequence
+    (those whose logits came from a decoding step)."""
+    if not 1 <= prompt < inputs.shape[1]:
+        raise ConfigError(f"--prompt {prompt} must lie in 1..{inputs.shape[1] - 1} (below --length)")
+    retnet_mixers(model)  # fail before the reference forward
+    reference = reference_logits(model, inputs)[:, prompt:]
+    scored = targets[:, prompt:]
+    rows = [reference_row(reference, scored)]
+    for name in dtypes:
+        start = time.perf_counter()
+        with state_dtype(model, name):
+            logits = decode_logits(model, inputs, prompt)
+        rows.append({**compare(name, logits, reference, scored), "decode_s": time.perf_counter() - start})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: Markdown table, CSV, MLflow run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The table, headed by what was measured where (a number means nothing without its settings)."""
+    body = [[_cell(r.get(field), fmt) for field, _, fmt in COLUMNS] for r in rows]
+    return f"**state precision** {meta['summary']}\n\n" + markdown([header for _, header, _ in COLUMNS], body)
+
+
+def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
+    """``state_precision.md`` and ``state_precision.csv`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(rows, meta)
+    files = [out / "state_precision.md", out / "state_precision.csv"]
+    files[0].write_text(text)
+    pd.DataFrame(rows).to_csv(files[1], index=False)
+    return text, files
+
+
+def log_run(
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    files: list[Path],
+    table: str,
+    tracking_uri: str | None,
+    experiment: str = EXPERIMENT,
+) -> str:
+    """One FINISHED run: settings as params, a metric ``<dtype>/<quantity>`` per number, the files as artifacts and
+    the table as the run's description."""
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"state precision: {meta['params']['checkpoint']}"[:250],
+        tags={"device": meta["device"], "mlflow.note.content": table},
+    )
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in meta["params"].items()]
+    metrics = [
+        mlflow.entities.Metric(f"{r['state_dtype']}/{name}", float(r[name]), now, 0)
+        for r in rows
+        for name in METRICS
+        if r.get(name) is not None
+    ]
+    client.log_batch(run_id, params=params, metrics=metrics)
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dtypes(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in STATE_DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(STATE_DTYPES)}, got {text!r}"
+        )
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m analysis.state_precision", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a zoo-train checkpoint, or its run directory")
+    parser.add_argument("--config", type=Path, default=None, help="the run's config (default: found beside it)")
+    parser.add_argument("--length", type=_positive, default=1024, help="tokens per validation sequence")
+    parser.add_argument("--prompt", type=_positive, default=128, help="tokens run as one call before decoding")
+    parser.add_argument("--sequences", type=_positive, default=8, help="validation sequences (decoded as one batch)")
+    parser.add_argument("--dtypes", type=_dtypes, default=DEFAULT_DTYPES, help="state dtypes, comma-separated")
+    parser.add_argument("--device", default="auto", help="auto (cuda if there is one), cuda, cpu")
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "state_precision", help="output folder")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
+    parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment")
+    parser.add_argument("--no-log", action="store_true", help="write files only; no MLflow run")
+    args = parser.parse_args(argv)
+    if args.checkpoint.is_dir():
+        args.checkpoint = args.checkpoint / "checkpoints" / "last.ckpt"
+    return args
+
+
+def _meta(args: argparse.Namespace, model: LanguageModel, step: int, device: torch.device, seconds: float) -> dict:
+    c = model.config
+    mixer = c.mixer.name if hasattr(c.mixer, "name") else str(c.mixer)
+    decoded = args.length - args.prompt
+    summary = (
+        f"of `{args.checkpoint}` (step {step}; {mixer}, d_model {c.d_model}, {c.n_layers} layers, "
+        f"{model.num_parameters() / 1e6:.2f}M parameters) on {device_label(device)}, float32 weights and arithmetic. "
+        f"{args.sequences} validation sequences of {args.length} tokens: the first {args.prompt} in one call, the "
+        f"other {decoded} decoded one token per call (teacher forcing); {args.sequences * decoded:,} scored "
+        f"positions. Reference: one whole-sequence forward (mode {getattr(c.mixer, 'mode', '?')}), same positions. "
+        f"Wall time {seconds:.0f} s."
+    )
+    params = {
+        "checkpoint": str(args.checkpoint),
+        "step": step,
+        "length": args.length,
+        "prompt": args.prompt,
+        "sequences": args.sequences,
+        "dtypes": ",".join(args.dtypes),
+        "mixer": mixer,
+        "d_model": c.d_model,
+        "n_layers": c.n_layers,
+        "n_params": model.num_parameters(),
+        "device_name": device_label(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    return {"device": device_label(device), "summary": summary, "params": params}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    try:
+        device = resolve_device(args.device)
+        if not args.checkpoint.is_file():
+            raise ConfigError(f"no checkpoint at {args.checkpoint}")
+        cfg = OmegaConf.load(args.config or find_config(args.checkpoint))
+        data = build_data(cfg, args.length)
+        inputs, targets = validation_sequences(data, args.length, args.sequences)
+        model, step = load_model(cfg, args.checkpoint, data.vocab_size, device)
+        log(f"{args.sequences} x {args.length} tokens, prompt {args.prompt}, state dtypes {', '.join(args.dtypes)}")
+        rows = measure(model, inputs.to(device), targets.to(device), args.prompt, args.dtypes)
+    except ConfigError as error:
+        print(f"state_precision: {error}", file=sys.stderr)
+        return 2
+    meta = _meta(args, model, step, device, time.perf_counter() - start)
+    table, files = write_outputs(rows, meta, args.out)
+    if not args.no_log:
+        run_id = log_run(rows, meta, files, table, args.tracking_uri, args.experiment)
+        log(f"logged to MLflow run {run_id} (experiment {args.experiment})")
+    log(f"wrote {', '.join(str(p) for p in files)}")
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
