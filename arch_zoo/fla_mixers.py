@@ -117,9 +117,14 @@ class Mamba2(FLAMixer):
     takes_mode = False
 
     def derived_args(self, d_model: int, config: FLAConfig) -> dict[str, Any]:
+        if "head_dim" in config.options:
+            return {}
         expand = config.options.get("expand", 2)
         if (expand * d_model) % config.num_heads:
-            raise ConfigError(f"fla_mamba2: expand * d_model = {expand * d_model} is not divisible by num_heads")
+            raise ConfigError(
+                f"fla_mamba2: expand * d_model = {expand * d_model} is not divisible by num_heads={config.num_heads}; "
+                "change model.mixer.num_heads or set model.mixer.options.head_dim"
+            )
         return {"head_dim": expand * d_model // config.num_heads}
 
 
