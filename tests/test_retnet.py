@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -525,6 +526,19 @@ def test_half_precision_state_stays_close_to_float32(state_dtype, bound):
     assert outputs[state_dtype][2] == getattr(torch, state_dtype) and outputs["auto"][2] == torch.float32
     assert rel_err(outputs[state_dtype][0], outputs["auto"][0]) < bound
     assert rel_err(outputs[state_dtype][1], outputs["auto"][1]) < bound
+
+
+def test_half_state_warns_when_it_cannot_hold_a_decay():
+    """bfloat16 (epsilon 2^-7) cannot hold the paper schedule's slow decays (1 - gamma down to 1/512); float16
+    (2^-10) can, but not the torchscale schedule's slowest two of 8 heads (1 - gamma = 2^-11, 2^-12)."""
+    with pytest.warns(UserWarning, match=r"state_dtype=bfloat16 cannot represent the decay of heads \[.*3\]"):
+        make(torch.float32, state_dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(torch.float32, state_dtype="float16")
+        make(torch.float32, state_dtype="auto", decay_schedule="torchscale", head_dim=4)
+    with pytest.warns(UserWarning, match=r"float16 cannot represent the decay of heads \[6, 7\]"):
+        make(torch.float32, state_dtype="float16", decay_schedule="torchscale", head_dim=4)
 
 
 def test_decode_position_is_a_device_tensor():

@@ -24,6 +24,7 @@ replace it through the config field ``kernel``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -418,6 +419,7 @@ class RetNet(TokenMixer):
             self.decay_proj = nn.Linear(d_model, H, bias=True)
             set_optim(self.decay_proj.bias, weight_decay=0.0)
         self.reset_parameters()
+        self._check_state_dtype()
 
     def reset_parameters(self) -> None:
         """torchscale's initialisation: xavier with gain 2^-2.5 for q, k, v, g; gain 1 for the output (0.3.0)."""
@@ -432,6 +434,25 @@ class RetNet(TokenMixer):
             nn.init.xavier_uniform_(self.decay_proj.weight, gain=2**-2.5)
             with torch.no_grad():
                 self.decay_proj.bias.copy_(_logit_from_log(self._initial_log_decay()))
+
+    def _check_state_dtype(self) -> None:
+        """Warn when a half-precision state cannot hold a head's decay: once 1 - gamma is under the dtype's epsilon,
+        ``gamma * S`` rounds back to (or far from) ``S``, so that head's memory stops decaying between decoding steps
+        (measured in docs/results/state_precision_cpu: bfloat16 already does this to the paper schedule's slow heads).
+        """
+        dtype = STATE_DTYPES[self.config.state_dtype]
+        if dtype is None:
+            return
+        one_minus_gamma = -torch.expm1(self._initial_log_decay())
+        eps = torch.finfo(dtype).eps
+        heads = [h for h, gap in enumerate(one_minus_gamma.tolist()) if 0 < gap < eps]
+        if heads:
+            warnings.warn(
+                f"retnet: state_dtype={self.config.state_dtype} cannot represent the decay of heads {heads} "
+                f"(1 - gamma below its epsilon {eps:.1e}): their decoding state decays wrongly between steps; "
+                "use state_dtype=float16 (if its epsilon allows) or auto",
+                stacklevel=3,
+            )
 
     def _initial_log_decay(self) -> torch.Tensor:
         """Fixed (or initial) per-head log(gamma), float64."""
