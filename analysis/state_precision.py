@@ -36,7 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.bench import device_label, resolve_device
-from analysis.bench.report import markdown
+from analysis.bench.report import markdown, record_run
 from arch_zoo import LanguageModel
 from arch_zoo.contract import ConfigError
 from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
@@ -274,28 +274,16 @@ def log_run(
 ) -> str:
     """One FINISHED run: settings as params, a metric ``<dtype>/<quantity>`` per number, the files as artifacts and
     the table as the run's description."""
-    client = mlflow.MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(
-        experiment_id,
-        run_name=f"state precision: {meta['params']['checkpoint']}"[:250],
-        tags={"device": meta["device"], "mlflow.note.content": table},
-    )
-    run_id = run.info.run_id
     now = int(time.time() * 1000)
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in meta["params"].items()]
     metrics = [
         mlflow.entities.Metric(f"{r['state_dtype']}/{name}", float(r[name]), now, 0)
         for r in rows
         for name in METRICS
         if r.get(name) is not None
     ]
-    client.log_batch(run_id, params=params, metrics=metrics)
-    for path in files:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
+    tags = {"device": meta["device"], "mlflow.note.content": table}
+    run_name = f"state precision: {meta['params']['checkpoint']}"
+    return record_run(tracking_uri, experiment, run_name, tags, meta["params"], metrics, files)
 
 
 # ----------------------------------------------------------------------------------------------------------------

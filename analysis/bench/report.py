@@ -240,27 +240,37 @@ def log_run(
 ) -> str:
     """One FINISHED run in ``experiment``: the settings as params, every number as a metric (step = length), the
     files as artifacts and the table as the run's description."""
-    client = mlflow.MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     models = ",".join(dict.fromkeys(r["model"] for r in rows))
-    run = client.create_run(
-        experiment_id,
-        run_name=f"{kind}: {models} on {meta['device']}",
-        tags={"bench": kind, "device": meta["device"], "mlflow.note.content": table},
-    )
-    run_id = run.info.run_id
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in meta.get("params", {}).items()]
-    params.append(mlflow.entities.Param("device_name", meta["device"]))
-    metrics = []
+    params = {**meta.get("params", {}), "device_name": meta["device"]}
     now = int(time.time() * 1000)
+    metrics = []
     for r in _ok(rows):
         prefix = f"{r['model']}/B{r['batch']}" if kind == "decode" else r["model"]
         for name in METRICS[kind]:
             if r.get(name) is not None:
                 metrics.append(mlflow.entities.Metric(f"{prefix}/{name}", float(r[name]), now, int(r["length"])))
-    client.log_batch(run_id, params=params)
-    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+    tags = {"bench": kind, "device": meta["device"], "mlflow.note.content": table}
+    return record_run(tracking_uri, experiment, f"{kind}: {models} on {meta['device']}", tags, params, metrics, files)
+
+
+def record_run(
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    metrics: list[mlflow.entities.Metric],
+    files: list[Path],
+) -> str:
+    """Write one measurement as a FINISHED MLflow run in one go (the experiment made if new), for the commands that
+    measure outside a training run: params (values cut to MLflow's 6,000 characters), metrics in MLflow's batches of
+    at most 1,000, the files as artifacts. Returns the run id."""
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name[:250], tags=tags).info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     for path in files:
         client.log_artifact(run_id, str(path))
