@@ -21,7 +21,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Throughput(L.Callback):
-    """Tokens per second over each logging window (excluding validation), and overall at the end of training."""
+    """Tokens per second over each logging window (excluding validation), and overall at the end of training; all
+    devices together (``perf/tokens_per_sec``) and per device (``..._per_device``)."""
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
@@ -44,15 +45,20 @@ class Throughput(L.Callback):
         self._total_tokens += tokens
         self._total_seconds += elapsed
         if trainer.global_step % self.window == 0 and self._seconds > 0:
-            pl_module.log("perf/tokens_per_sec", self._tokens / self._seconds, on_step=True, on_epoch=False)
+            rate = self._tokens / self._seconds
+            pl_module.log("perf/tokens_per_sec", rate, on_step=True, on_epoch=False)
+            # against one device's perf/tokens_per_sec at the same per-device batch: the scaling efficiency
+            pl_module.log("perf/tokens_per_sec_per_device", rate / trainer.world_size, on_step=True, on_epoch=False)
             pl_module.log("perf/peak_mem_mb", peak_memory_mb(pl_module.device), on_step=True, on_epoch=False)
             self._tokens, self._seconds = 0, 0.0
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._total_seconds > 0 and trainer.logger is not None:
+            rate = self._total_tokens / self._total_seconds
             trainer.logger.log_metrics(
                 {
-                    "perf/train_tokens_per_sec": self._total_tokens / self._total_seconds,
+                    "perf/train_tokens_per_sec": rate,
+                    "perf/train_tokens_per_sec_per_device": rate / trainer.world_size,
                     "perf/train_tokens": float(self._total_tokens),
                     "perf/peak_mem_mb": peak_memory_mb(pl_module.device),
                 },

@@ -277,6 +277,9 @@ def loss_curves(tmp_path, data_cache, accelerator: str, parallel: list[str]) -> 
         assert run.info.status == "FINISHED"
         history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
         curves[name] = [m.value for m in history]
+        world = 1 if name == "one" else 2  # the per-device rate is what the scaling efficiency compares
+        per_device = run.data.metrics["perf/train_tokens_per_sec_per_device"]
+        assert per_device == pytest.approx(run.data.metrics["perf/train_tokens_per_sec"] / world)
     assert len(curves["one"]) == len(curves["parallel"]) >= 3
     return curves
 
