@@ -568,9 +568,8 @@ class RetNet(TokenMixer):
         B, H, T, _ = q.shape
         dv = self.value_dim
         core = retention_core(c.kernel, self.form(T, state is not None), q.device, c.chunk_size, trained)
-        kv0 = None if state is None else state["kv"]
-        if kv0 is not None and kv0.dtype != torch.promote_types(kv0.dtype, torch.float32):
-            kv0 = kv0.float()  # a half-precision state (state_dtype) enters the core's arithmetic as float32
+        # a half-precision state (state_dtype) enters the core's arithmetic as float32
+        kv0 = None if state is None else at_least_float32(state["kv"])[0]
         if c.score_norm and getattr(core, "separate_key_sum", False):
             o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
             with torch.no_grad():  # the normaliser is detached: nothing to differentiate, nothing to save
