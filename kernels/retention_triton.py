@@ -36,6 +36,14 @@ CHUNK = 64  # tokens per sub-chunk: the [C, C] intra-chunk scores and the tensor
 
 
 @triton.jit
+def _load_rows(base_ptr, row, row_ok, cols, cols_ok, row_stride):
+    """A [rows, cols] tile of a [B, T, H, D] tensor (rows are time steps); masked entries read as zero."""
+    return tl.load(
+        base_ptr + row[:, None] * row_stride + cols[None, :], mask=row_ok[:, None] & cols_ok[None, :], other=0.0
+    )
+
+
+@triton.jit
 def _state_pass_kernel(
     k_ptr,
     v_ptr,
@@ -44,6 +52,12 @@ def _state_pass_kernel(
     final_ptr,
     log_gamma_ptr,
     kv_scale,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     T,
     NB,
     NC,
@@ -83,8 +97,8 @@ def _state_pass_kernel(
             g = g * tl.exp(lg)
     else:
         g = tl.zeros([BK, BV], dtype=tl.float32)
-    k_base = k_ptr + (i_b.to(tl.int64) * T * H + i_h) * DK
-    v_base = v_ptr + (i_b.to(tl.int64) * T * H + i_h) * DV
+    k_base = k_ptr + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v_ptr + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     for c in range(0, n_chunks):
         if STORE_H:
             if c % NC == 0:
@@ -96,12 +110,8 @@ def _state_pass_kernel(
             row = T - 1 - t
         else:
             row = t
-        kt = tl.load(
-            k_base + row[:, None] * (H * DK) + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < DK), other=0.0
-        )
-        vt = tl.load(
-            v_base + row[:, None] * (H * DV) + rv[None, :], mask=row_ok[:, None] & (rv[None, :] < DV), other=0.0
-        )
+        kt = _load_rows(k_base, row, row_ok, rk, rk < DK, stride_kt)
+        vt = _load_rows(v_base, row, row_ok, rv, rv < DV, stride_vt)
         length = tl.minimum(T - c * C, C)
         shift = tl.where(c == n_chunks - 1, FINAL_SHIFT, 0)
         span = length - shift
@@ -114,11 +124,51 @@ def _state_pass_kernel(
 
 
 @triton.jit
-def _load_rows(base_ptr, row, row_ok, cols, cols_ok, row_stride):
-    """A [rows, cols] tile of a [B, T, H, D] tensor (rows are time steps); masked entries read as zero."""
-    return tl.load(
-        base_ptr + row[:, None] * row_stride + cols[None, :], mask=row_ok[:, None] & cols_ok[None, :], other=0.0
-    )
+def _chunk_scores_kernel(
+    q_ptr,
+    k_ptr,
+    a_ptr,
+    log_gamma_ptr,
+    scale,
+    stride_b,
+    stride_t,
+    stride_h,
+    T,
+    n_chunks,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    BK: tl.constexpr,
+    C: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One chunk's masked, decayed scores ``scale * (query . key^T) * gamma^(i-j)`` (i >= j), ``[C, C]``, stored at
+    ``a[b, h, chunk]``: computed once here with the whole key dim instead of once per value block of the output
+    kernel (eight times at the paper's value head dim of 512)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
+    i = tl.arange(0, C)
+    t = i_c * C + i
+    row_ok = t < T
+    if REVERSE:
+        row = T - 1 - t
+    else:
+        row = t
+    q_base = q_ptr + i_b.to(tl.int64) * stride_b + i_h * stride_h
+    k_base = k_ptr + i_b.to(tl.int64) * stride_b + i_h * stride_h
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < DK
+        qt = _load_rows(q_base, row, row_ok, rk, k_ok, stride_t)
+        kt = _load_rows(k_base, row, row_ok, rk, k_ok, stride_t)
+        acc = tl.dot(qt, tl.trans(kt), acc=acc, input_precision=PRECISION)
+    gap = (i[:, None] - i[None, :]).to(tl.float32)
+    decay = tl.where(i[:, None] >= i[None, :], tl.exp(lg * tl.maximum(gap, 0.0)), 0.0) * scale
+    a_base = a_ptr + (i_bh.to(tl.int64) * n_chunks + i_c) * C * C
+    tl.store(a_base + i[:, None] * C + i[None, :], (acc * decay).to(a_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -127,6 +177,7 @@ def _chunk_output_kernel(
     k_ptr,
     v_ptr,
     h_ptr,
+    a_ptr,
     o_ptr,
     log_gamma_ptr,
     scale,
@@ -144,6 +195,7 @@ def _chunk_output_kernel(
     T,
     NB,
     NC,
+    n_chunks,
     H: tl.constexpr,
     DK: tl.constexpr,
     DV: tl.constexpr,
@@ -153,6 +205,7 @@ def _chunk_output_kernel(
     REVERSE: tl.constexpr,
     HAS_STATE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    SCORES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One block of ``C * NC`` tokens and ``BV`` value columns: the block's output, its state carried in registers.
@@ -161,6 +214,11 @@ def _chunk_output_kernel(
     backward pass can use the forward states transposed, or a slice of their key dim. Query and key share one
     layout (strides), value and output another, so a 512-wide key dim can be handled as two 256-wide views, the
     second call adding into the first one's output (ACCUMULATE). Without HAS_STATE the block starts from zero.
+
+    SCORES says where the intra-chunk scores come from: computed from query and key (0), read from ``a`` as
+    ``_chunk_scores_kernel`` stored them in this kernel's frame (1), read from scores stored in the opposite time
+    direction, flipped and transposed (2: the backward reuses one score matrix for two gradients; T a multiple of
+    C), or none (3: a later key piece, whose scores the first piece already added).
     """
     i_v, i_blk, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // H
@@ -200,8 +258,17 @@ def _chunk_output_kernel(
         vt = _load_rows(v_base, row, row_ok, rv, v_ok, stride_vt)
         # the decays scale rows of the small results, not the [C, key dim] tiles: q goes straight into the product
         out = tl.dot(qt, g.to(dtype), input_precision=PRECISION) * q_decay[:, None]
-        scores = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * decay
-        out = tl.dot(scores.to(dtype), vt, acc=out, input_precision=PRECISION)
+        chunk = i_blk * NC + ci
+        if SCORES == 0:
+            scores = (tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * decay).to(dtype)
+        elif SCORES == 1:
+            a_ptrs = a_ptr + (i_bh.to(tl.int64) * n_chunks + chunk) * C * C + i[:, None] * C + i[None, :]
+            scores = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        elif SCORES == 2:  # element [i, j] of this frame is [C-1-j, C-1-i] of the mirrored chunk
+            a_base = a_ptr + (i_bh.to(tl.int64) * n_chunks + n_chunks - 1 - chunk) * C * C
+            scores = tl.load(a_base + (C - 1 - i)[:, None] + (C - 1 - i)[None, :] * C, mask=row_ok[:, None], other=0.0)
+        if SCORES != 3:
+            out = tl.dot(scores, vt, acc=out, input_precision=PRECISION)
         o_ptrs = o_base + row[:, None] * stride_vt + rv[None, :]
         o_mask = row_ok[:, None] & v_ok[None, :]
         if ACCUMULATE:
@@ -222,6 +289,12 @@ def _chunk_dkv_kernel(
     dv_ptr,
     log_gamma_ptr,
     scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     T,
     NB,
     NC,
@@ -261,30 +334,30 @@ def _chunk_dkv_kernel(
     q_decay = tl.exp(lg * i.to(tl.float32))
     k_decay = tl.exp(lg * (C - i).to(tl.float32)) * scale
     chunk_decay = tl.exp(lg * C)
-    k_off = (i_b.to(tl.int64) * T * H + i_h) * DK
-    v_off = (i_b.to(tl.int64) * T * H + i_h) * DV
+    k_off = i_b.to(tl.int64) * stride_qb + i_h * stride_qh  # q, k and dk share a layout; v, do and dv another
+    v_off = i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     t_block = i_blk * C * NC
     for ci in range(0, NC):
         t = t_block + ci * C + i
         row_ok = t < T
         row = T - 1 - t
-        qt = _load_rows(q_ptr + k_off, row, row_ok, rk, k_ok, H * DK)
-        kt = _load_rows(k_ptr + k_off, row, row_ok, rk, k_ok, H * DK)
-        vt = _load_rows(v_ptr + v_off, row, row_ok, rv, v_ok, H * DV)
-        dot_ = _load_rows(do_ptr + v_off, row, row_ok, rv, v_ok, H * DV)
+        qt = _load_rows(q_ptr + k_off, row, row_ok, rk, k_ok, stride_qt)
+        kt = _load_rows(k_ptr + k_off, row, row_ok, rk, k_ok, stride_qt)
+        vt = _load_rows(v_ptr + v_off, row, row_ok, rv, v_ok, stride_vt)
+        dot_ = _load_rows(do_ptr + v_off, row, row_ok, rv, v_ok, stride_vt)
         gc = g.to(dtype)
         # dv_m = scale sum_{n>=m} gamma^(n-m) (k_m . q_n) do_n + gamma^i k_m G
         dv = tl.dot(kt, gc, input_precision=PRECISION) * q_decay[:, None]
         a = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * decay
         dv = tl.dot(a.to(dtype), dot_, acc=dv, input_precision=PRECISION)
         kv_mask = row_ok[:, None] & v_ok[None, :]
-        tl.store(dv_ptr + v_off + row[:, None] * (H * DV) + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + v_off + row[:, None] * stride_vt + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
         # dk_m = scale sum_{n>=m} gamma^(n-m) (v_m . do_n) q_n + gamma^i v_m G^T
         dk = tl.dot(vt, tl.trans(gc), input_precision=PRECISION) * q_decay[:, None]
         a = tl.dot(vt, tl.trans(dot_), input_precision=PRECISION) * decay
         dk = tl.dot(a.to(dtype), qt, acc=dk, input_precision=PRECISION)
         kk_mask = row_ok[:, None] & k_ok[None, :]
-        tl.store(dk_ptr + k_off + row[:, None] * (H * DK) + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kk_mask)
+        tl.store(dk_ptr + k_off + row[:, None] * stride_qt + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kk_mask)
         dow = (dot_.to(tl.float32) * k_decay[:, None]).to(dtype)
         g = tl.dot(tl.trans(qt), dow, acc=g * chunk_decay, input_precision=PRECISION)
 
@@ -376,13 +449,18 @@ class _Plan:
         self.bv_bwd = min(kp, 64, max(16, 16384 // min(vp, 256)))
         self.warps_fwd = 4
         self.warps_bwd = 4
-        self.stages = 2
+        # software pipelining of the output kernels' loads: at K = 256 its buffers crowd out the state tiles (one
+        # stage took the paper's 256 x 512 forward + backward from 11.5 to 9.2 ms on an H100); two below that
+        self.stages = 1 if kp >= 256 else 2
         # the state sweep is sequential in time: with few sequences, narrower state tiles give more programs
         few = B * H * triton.cdiv(K, 64) * triton.cdiv(V, 64) < 264
         self.bk_state = min(32 if few else 64, kp)
         self.bv_state = min(32 if few else 64, vp)
         self.warps_state = 4
         self.fused_dkv = int(kp * vp <= 16384)  # the whole [K, V] state of the dk/dv kernel fits in registers
+        # compute each chunk's scores once (a [C, C] matrix per chunk) rather than once per value block, where
+        # there are many value blocks; the backward then reuses one matrix for two gradients when T % C == 0
+        self.shared_scores = int(triton.cdiv(V, self.bv_fwd) >= 4)
         self.warps_dkv = 8
         self.nc = 0
         for name, value in TILE_OVERRIDES.items():
@@ -424,6 +502,8 @@ def _state_pass(
         final,
         log_gamma,
         kv_scale,
+        *key.stride()[:3],
+        *value.stride()[:3],
         T,
         plan.nb,
         plan.nc,
@@ -447,6 +527,48 @@ def _state_pass(
     return h, final
 
 
+# Where the output kernel's intra-chunk scores come from (its SCORES argument)
+COMPUTE, LOAD, FLIPPED, NONE = 0, 1, 2, 3
+
+
+class Scores:
+    """Chunk scores made once by ``_chunk_scores`` and how an output kernel call reads them (LOAD or FLIPPED)."""
+
+    def __init__(self, a: torch.Tensor, mode: int) -> None:
+        self.a, self.mode = a, mode
+
+
+def _chunk_scores(
+    query: torch.Tensor, key: torch.Tensor, log_gamma: torch.Tensor, scale: float, chunk: int, reverse: bool
+) -> torch.Tensor:
+    """``[B, H, n_chunks, C, C]`` masked decayed scores of each chunk, in forward or reversed time."""
+    B, T, H, K = query.shape
+    assert _same_layout(query, key) and query.stride(-1) == 1
+    n_chunks = triton.cdiv(T, chunk)
+    a = query.new_empty(B, H, n_chunks, chunk, chunk)
+    _chunk_scores_kernel[(n_chunks, B * H)](
+        query,
+        key,
+        a,
+        log_gamma,
+        scale,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        T,
+        n_chunks,
+        H,
+        K,
+        BK=min(64, _pow2(K)),
+        C=chunk,
+        REVERSE=reverse,
+        PRECISION=_precision(query.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    return a
+
+
 def _chunk_output(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -463,26 +585,31 @@ def _chunk_output(
     kv_scale: float,
     reverse: bool,
     out: torch.Tensor | None = None,
+    scores: Scores | None = None,
+    skip_scores: bool = False,
 ) -> torch.Tensor:
     """Launch the output kernel; ``h_layout`` = (element offset, key stride, value stride) of the state in ``h``.
 
     ``query``/``key`` may be views with a common layout (slices of a wider tensor); with ``out`` the result is
-    added into it.
+    added into it. ``scores``: read the intra-chunk scores instead of computing them; ``skip_scores``: leave the
+    intra-chunk term out (another call adds it).
     """
     B, T, H, K = query.shape
     V = value.shape[-1]
-    assert query.stride() == key.stride() and query.stride(-1) == 1 and value.stride(-1) == 1
+    assert _same_layout(query, key) and query.stride(-1) == 1 and value.stride(-1) == 1
     accumulate = out is not None
     if out is None:
-        out = torch.empty_like(value, memory_format=torch.contiguous_format)
-    assert out.stride() == value.stride()
+        out = torch.empty_like(value)  # value's layout: value is dense (see _usable)
+    assert _same_layout(out, value)
     offset, stride_hk, stride_hv = h_layout
+    mode = NONE if skip_scores else (scores.mode if scores is not None else COMPUTE)
     grid = (triton.cdiv(V, bv), plan.nb, B * H)
     _chunk_output_kernel[grid](
         query,
         key,
         value,
         h.view(-1)[offset:] if h is not None else None,
+        scores.a if scores is not None else None,
         out,
         log_gamma,
         scale,
@@ -500,6 +627,7 @@ def _chunk_output(
         T,
         plan.nb,
         plan.nc,
+        triton.cdiv(T, plan.chunk),
         H,
         K,
         V,
@@ -509,6 +637,7 @@ def _chunk_output(
         REVERSE=reverse,
         HAS_STATE=h is not None,
         ACCUMULATE=accumulate,
+        SCORES=mode,
         PRECISION=_precision(query.dtype),
         num_warps=warps,
         num_stages=plan.stages,
@@ -537,11 +666,14 @@ def _chunk_output_pieces(
     """
     width = query.shape[-1]
     state_v = h.shape[-1] if h is not None else 0
+    shared = kw.get("scores") is not None
     out = None
     for lo in range(0, width, KEY_PIECE):
         hi = min(lo + KEY_PIECE, width)
         layout = (lo, 1, state_v) if transposed else (lo * state_v, state_v, 1)
-        out = _chunk_output(query[..., lo:hi], key[..., lo:hi], value, h, layout, log_gamma, plan, out=out, **kw)
+        skip = shared and lo > 0  # shared scores cover the whole key dim: the first piece adds them
+        piece = (query[..., lo:hi], key[..., lo:hi], value, h, layout, log_gamma, plan)
+        out = _chunk_output(*piece, out=out, skip_scores=skip, **kw)
     return out
 
 
@@ -557,6 +689,7 @@ def _chunk_dkv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
+    assert _same_layout(q, k) and _same_layout(v, do)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _chunk_dkv_kernel[(plan.nb, B * H)](
         q,
@@ -568,6 +701,8 @@ def _chunk_dkv(
         dv,
         log_gamma,
         scale,
+        *q.stride()[:3],
+        *v.stride()[:3],
         T,
         plan.nb,
         plan.nc,
@@ -585,17 +720,29 @@ def _chunk_dkv(
     return dk, dv
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """``x`` contiguous with the canonical strides. ``Tensor.contiguous`` leaves any stride on a size-1 dim (a batch
-    of one from a compiled graph can carry its own), and the kernels index q and k, or v and the output, with one
-    set of strides; for a contiguous tensor re-striding size-1 dims is a view, not a copy."""
-    x = x.contiguous()
-    strides, step = [], 1
-    for size in reversed(x.shape):
-        strides.append(step)
-        step *= size
-    canonical = tuple(reversed(strides))
-    return x if x.stride() == canonical else x.as_strided(x.shape, canonical)
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether one set of strides indexes both (strides of size-1 dims never matter: the index there is 0)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _usable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when the kernels can read it through its strides, else a contiguous copy.
+
+    The kernels index every tensor through its own strides, so a ``[B, T, H, D]`` view of a ``[B, H, T, D]``
+    tensor (the layout a compiled graph hands over) is read in place: copying it would cost as much as a pass of
+    the kernels. They need a unit stride on the last dim, and a dense layout (outputs are allocated like it)."""
+    dims = sorted((stride, n) for stride, n in zip(x.stride(), x.shape) if n > 1)
+    expected = 1
+    for stride, n in dims:
+        if stride != expected:
+            return x.contiguous()
+        expected *= n
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``like``'s layout (a copy only when they differ): pairs of tensors share one set of strides."""
+    return x if _same_layout(x, like) else torch.empty_like(like).copy_(x)
 
 
 class RetentionFunction(torch.autograd.Function):
@@ -633,11 +780,12 @@ class RetentionFunction(torch.autograd.Function):
                 store_h=need_h,
                 final_shift=1 if output_final_state else None,
             )
-        fwd = dict(bv=plan.bv_fwd, warps=plan.warps_fwd)
+        a = _chunk_scores(q, k, log_gamma, scale, plan.chunk, reverse=False) if plan.shared_scores else None
+        fwd = dict(bv=plan.bv_fwd, warps=plan.warps_fwd, scores=Scores(a, LOAD) if a is not None else None)
         o = _chunk_output_pieces(
             q, k, v, h, False, log_gamma, plan, **fwd, scale=scale, state_scale=scale, kv_scale=1.0, reverse=False
         )
-        ctx.save_for_backward(q, k, v, log_gamma, h)
+        ctx.save_for_backward(q, k, v, log_gamma, h, a)
         ctx.plan, ctx.scale = plan, scale
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         ctx.set_materialize_grads(False)  # an unused final state must cost no backward sweep
@@ -645,9 +793,9 @@ class RetentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do: torch.Tensor, d_final: torch.Tensor | None):
-        q, k, v, log_gamma, h = ctx.saved_tensors
+        q, k, v, log_gamma, h, a = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
-        do = torch.zeros_like(v) if do is None else _dense(do)  # only the final state was used
+        do = torch.zeros_like(v) if do is None else _like(_usable(do), v)  # None: only the final state was used
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
         need_dh = plan.nb > 1 or d_final is not None
         dh, ds0 = None, None
@@ -666,12 +814,29 @@ class RetentionFunction(torch.autograd.Function):
             )
         fwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_fwd, warps=plan.warps_fwd)
         bwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_bwd, warps=plan.warps_bwd)
-        dq = _chunk_output_pieces(do, v, k, h, True, state_scale=scale, kv_scale=1.0, reverse=False, **bwd)
+        dq_scores = dk_scores = dv_scores = None
+        if a is not None:
+            # dq reads (do . v^T), dk the same matrix in reversed time, dv the forward's (q . k^T) in reversed time
+            da = _chunk_scores(do, v, log_gamma, scale, plan.chunk, reverse=False)
+            dq_scores = Scores(da, LOAD)
+            if not plan.fused_dkv:
+                if q.shape[1] % plan.chunk == 0:
+                    dk_scores, dv_scores = Scores(da, FLIPPED), Scores(a, FLIPPED)
+                else:  # reversed chunks straddle the forward ones: score them in reversed time
+                    dk_scores = Scores(_chunk_scores(v, do, log_gamma, scale, plan.chunk, reverse=True), LOAD)
+                    dv_scores = Scores(_chunk_scores(k, q, log_gamma, scale, plan.chunk, reverse=True), LOAD)
+        dq = _chunk_output_pieces(
+            do, v, k, h, True, state_scale=scale, kv_scale=1.0, reverse=False, scores=dq_scores, **bwd
+        )
         if plan.fused_dkv:
             dk, dv = _chunk_dkv(q, k, v, do, dh, log_gamma, plan, scale)
         else:
-            dv = _chunk_output_pieces(k, q, do, dh, False, state_scale=1.0, kv_scale=scale, reverse=True, **fwd)
-            dk = _chunk_output_pieces(v, do, q, dh, True, state_scale=1.0, kv_scale=scale, reverse=True, **bwd)
+            dv = _chunk_output_pieces(
+                k, q, do, dh, False, state_scale=1.0, kv_scale=scale, reverse=True, scores=dv_scores, **fwd
+            )
+            dk = _chunk_output_pieces(
+                v, do, q, dh, True, state_scale=1.0, kv_scale=scale, reverse=True, scores=dk_scores, **bwd
+            )
         if ds0 is not None:
             ds0 = ds0.to(ctx.s0_dtype)
         return dq, dk, dv, None, None, ds0, None, None, None
@@ -726,10 +891,11 @@ def retention_triton(
         raise ValueError(f"retention: initial_state must be {(B, H, K, V)}; got {tuple(initial_state.shape)}")
     scale = K**-0.5 if scale is None else float(scale)
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    q = _usable(q)
     return RetentionFunction.apply(
-        _dense(q),
-        _dense(k),
-        _dense(v),
+        q,
+        _like(_usable(k), q),
+        _usable(v),
         lg,
         scale,
         initial_state,

@@ -135,19 +135,29 @@ def test_dispatch_cpu():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# (B, T, H, K, V, chunk, sub_chunks): partial chunks and blocks, one partial chunk, one block, a state too large for
-# the fused dk/dv kernel (V > 256: dq and dk run as 256-wide key pieces), and pieces in a single block (no state)
+# (B, T, H, K, V, chunk, sub_chunks, tiles): partial chunks and blocks, one partial chunk, one block, a state too
+# large for the fused dk/dv kernel (V > 256: dq and dk run as 256-wide key pieces; many value blocks: the chunk
+# scores are made once and shared, T not a multiple of the chunk), pieces in a single block (no state), and shared
+# scores reused mirrored by dk and dv (T a multiple of the chunk, with and without key pieces) or not
 INTERPRETER_CASES = [
-    (2, 77, 2, 16, 32, 16, 2),
-    (1, 9, 2, 16, 16, 16, None),
-    (1, 40, 2, 32, 16, 16, 4),
-    (1, 45, 2, 64, 260, 16, 2),
-    (1, 30, 2, 16, 272, 16, 2),
+    (2, 77, 2, 16, 32, 16, 2, ""),
+    (1, 9, 2, 16, 16, 16, None, ""),
+    (1, 40, 2, 32, 16, 16, 4, ""),
+    (1, 45, 2, 64, 260, 16, 2, ""),
+    (1, 30, 2, 16, 272, 16, 2, ""),
+    (2, 48, 2, 16, 40, 16, 2, "shared"),
+    (1, 32, 2, 16, 272, 16, 1, "shared"),
+    (1, 48, 2, 16, 40, 16, 2, "recomputed"),
 ]
+TILES = {
+    "": {},
+    "shared": {"shared_scores": 1, "fused_dkv": 0},
+    "recomputed": {"shared_scores": 0, "fused_dkv": 0},
+}
 
 
 def case_id(case: tuple) -> str:
-    return "B{}_T{}_H{}_K{}_V{}_C{}_NC{}".format(*case)
+    return "B{}_T{}_H{}_K{}_V{}_C{}_NC{}".format(*case[:7]) + (f"_{case[7]}" if case[7] else "")
 
 
 def interpreter_checks() -> dict[str, float]:
@@ -159,13 +169,16 @@ def interpreter_checks() -> dict[str, float]:
     """
     import triton
 
+    from kernels import retention_triton as rt
     from kernels.retention_triton import retention_step_triton, retention_triton
 
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 did not take effect"
     results = {}
     for case in INTERPRETER_CASES:
         for with_state in (False, True):
-            B, T, H, K, V, chunk, nc = case
+            B, T, H, K, V, chunk, nc, tiles = case
+            rt.TILE_OVERRIDES.clear()
+            rt.TILE_OVERRIDES.update(TILES[tiles])
             q, k, v, s0 = inputs(B, T, H, K, V, dtype=torch.float32, seed=T + K + V)
             lg, scale = decays(H).float(), K**-0.5
             leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([s0.clone().requires_grad_()] * with_state)
@@ -183,6 +196,7 @@ def interpreter_checks() -> dict[str, float]:
             results[f"{prefix}/final"] = rel(s, s_ref)
             for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
                 results[f"{prefix}/{name}"] = rel(a.grad, b.grad)
+    rt.TILE_OVERRIDES.clear()
 
     # only the output used: the reversed sweep starts from zero and no final state is made
     q, k, v, _ = inputs(1, 50, 2, 16, 16, dtype=torch.float32, seed=3)
@@ -202,6 +216,21 @@ def interpreter_checks() -> dict[str, float]:
     o, _ = retention_triton(q, k_odd, v, lg, 0.25, chunk_size=16, sub_chunks=1)
     results["odd_batch_stride/o"] = rel(o, retention_parallel_reference(q, k, v, lg, 0.25)[0])
 
+    # [B, T, H, D] views of [B, H, T, D] tensors (the layout a compiled graph hands over), read in place; the
+    # incoming gradient in yet another layout
+    q, k, v, s0 = inputs(2, 40, 2, 16, 24, dtype=torch.float32, seed=7)
+    bases = [x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+    o, s = retention_triton(*(b.transpose(1, 2) for b in bases), lg, 0.25, None, True, chunk_size=16, sub_chunks=2)
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    o_ref, s_ref = retention_parallel_reference(*ref, lg.double(), 0.25, None, True)
+    do = torch.randn(o.shape[::-1], generator=torch.Generator().manual_seed(2)).permute(3, 2, 1, 0)
+    o.backward(do)
+    o_ref.backward(do.double())
+    results["strided/o"] = rel(o, o_ref)
+    results["strided/final"] = rel(s, s_ref)
+    for name, a, b in zip(["dq", "dk", "dv"], bases, ref):
+        results[f"strided/{name}"] = rel(a.grad.transpose(1, 2), b.grad)
+
     # decode step: [B, 1, H, *] inputs keep their time axis
     q, k, v, s0 = inputs(3, 1, 2, 32, 48, dtype=torch.float32)
     state, state_ref = s0.clone(), s0.double()
@@ -211,8 +240,6 @@ def interpreter_checks() -> dict[str, float]:
     results["decode/o"] = rel(o[:, 0], o_ref)
     results["decode/state"] = rel(state, state_ref)
     # with the key sum, and tiles that walk the key dim in pieces and cut a ragged value dim
-    from kernels import retention_triton as rt
-
     for tiles in ({"bk": 16, "bv": 32}, {"bk": 64, "bv": 16}):
         rt.DECODE_TILE_OVERRIDES.update(tiles)
         q, k, v, s0 = inputs(2, 1, 2, 40, 50, dtype=torch.float32, seed=tiles["bk"])
@@ -277,6 +304,27 @@ def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):
     assert interpreter_results["odd_batch_stride/o"] < 1e-5
 
 
+def test_triton_reads_transposed_layouts_in_place(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("strided/")}
+    assert len(errors) == 5 and all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_kernels_read_dense_views_without_copying():
+    """A compiled graph hands the kernels [B, T, H, D] views of [B, H, T, D] tensors: copying them would cost a
+    pass over q, k and v per call; a view they cannot index (last dim strided, or holes) is copied."""
+    pytest.importorskip("triton")
+    from kernels.retention_triton import _like, _usable
+
+    x = torch.randn(2, 3, 40, 16).transpose(1, 2)  # [B, T, H, D] over [B, H, T, D] memory
+    assert _usable(x) is x
+    assert _usable(x[..., :8]).is_contiguous()  # holes: copied
+    assert _usable(torch.randn(2, 40, 16, 3).transpose(2, 3)).is_contiguous()  # last dim strided: copied
+    y = torch.randn(2, 40, 3, 16)
+    moved = _like(y, x)
+    assert moved.stride() == x.stride() and torch.equal(moved, y)
+    assert _like(x.clone(), x).stride() == x.stride()
+
+
 def test_triton_rejects_learned_decay(interpreter_results):
     assert interpreter_results["rejects_learned_decay"] == 0.0
 
@@ -315,6 +363,7 @@ GPU_CASES = [
     (torch.float32, (2, 2100, 4, 128, 128)),
     (torch.bfloat16, (2, 4133, 4, 128, 128)),
     (torch.bfloat16, (1, 1337, 2, 256, 512)),
+    (torch.bfloat16, (2, 1024, 2, 256, 512)),  # T a multiple of the chunk: the backward mirrors the shared scores
 ]
 
 
