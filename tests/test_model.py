@@ -103,3 +103,21 @@ def test_target_params_picks_the_ffn_width_that_matches_the_budget():
         assert abs(model.num_parameters(non_embedding=True) - target) <= 3 * 64  # one hidden unit per layer
     with pytest.raises(ConfigError, match="below what the mixers alone need"):
         LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=3, mixer="transformer", target_params=1000))
+
+
+def test_cached_rotary_tables_match_a_fresh_computation_and_grow():
+    from arch_zoo.layers import _ROTARY_TABLES, cached_rotary_cos_sin, rotary_cos_sin
+
+    inv_freq = 10000.0 ** -torch.linspace(0, 1, 8, dtype=torch.float64)
+    name = ("test-rotary", 10000.0, 16)
+    for start, length in [(0, 5), (3, 20), (40, 100)]:  # the last one outgrows the first table
+        cos, sin = cached_rotary_cos_sin(name, inv_freq, start, length, torch.bfloat16)
+        ref_cos, ref_sin = rotary_cos_sin(inv_freq, start, length, torch.bfloat16)
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    assert _ROTARY_TABLES[(name, inv_freq.device, torch.bfloat16)][0].shape[0] == 256
+    # a position held in a tensor (a captured decoding step) is not cached: it must follow the tensor's value
+    position = torch.tensor(7)
+    assert torch.equal(
+        cached_rotary_cos_sin(name, inv_freq, position, 1, torch.float32)[0],
+        rotary_cos_sin(inv_freq, 7, 1, torch.float32)[0],
+    )

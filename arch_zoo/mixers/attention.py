@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
-from arch_zoo.layers import rotary_cos_sin, rotate_pairs
+from arch_zoo.layers import cached_rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
 
@@ -55,7 +55,8 @@ class Attention(TokenMixer):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         start = 0 if state is None else state["k"].shape[2]
         if self.config.rotary:
-            cos, sin = rotary_cos_sin(self.inv_freq, start, T, q.dtype)
+            name = ("rope", self.config.rotary_base, self.head_dim)
+            cos, sin = cached_rotary_cos_sin(name, self.inv_freq, start, T, q.dtype)
             q, k = rotate_pairs(q, cos, sin, False), rotate_pairs(k, cos, sin, False)
         if state is not None:
             k = torch.cat((state["k"], k), dim=2)

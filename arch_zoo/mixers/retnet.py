@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
-from arch_zoo.layers import at_least_float32, rotary_cos_sin, rotate_pairs
+from arch_zoo.layers import at_least_float32, cached_rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -220,8 +220,10 @@ def kernel_core(backend: str) -> RetentionCore:
                 output_final_state=output_final_state,
                 backend=backend,
             )
-            outputs.append(o.transpose(1, 2)[..., : hi - lo])
-            states.append(None if s is None else s[..., : hi - lo])
+            # slice only what was padded: a no-op slice still costs a zero-filled copy of the gradient in backward
+            o = o.transpose(1, 2)
+            outputs.append(o[..., : hi - lo] if pad else o)
+            states.append(s[..., : hi - lo] if s is not None and pad else s)
         if len(parts) == 1:
             return outputs[0], states[0] if output_final_state else None
         state = torch.cat(states, dim=-1) if output_final_state else None
@@ -513,7 +515,8 @@ class RetNet(TokenMixer):
         v = self.v_proj(x).view(B, T, H, dv).transpose(1, 2)
         if c.xpos:
             # in q's dtype, not x's: under autocast the projections are already half precision
-            cos, sin = rotary_cos_sin(self._inv_freq(x.device), offset, T, q.dtype)
+            name = ("xpos", self.config.xpos_base, dk)
+            cos, sin = cached_rotary_cos_sin(name, self._inv_freq(x.device), offset, T, q.dtype)
             q, k = rotate_pairs(q, cos, sin, True), rotate_pairs(k, cos, sin, True)
         log_decay = self.log_decay(x)
         trained = c.learnable_decay or c.selective_decay
