@@ -41,10 +41,9 @@ def _fla(name: str):
     return fn
 
 
-@torch.compiler.disable
 def _triton_chunkwise(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Opaque to torch.compile: Inductor would re-compile our hand-tiled kernels (and fails to); a compiled model
-    breaks its graph here, so the elementwise work around the core is still fused."""
+    """Our kernels behind registered operators: a compiled model keeps them in its graph as opaque calls (no graph
+    break, no re-compilation of the hand-tiled kernels) and fuses the elementwise work around them."""
     from kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
 
     return retention_triton(*args)

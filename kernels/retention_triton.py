@@ -745,101 +745,199 @@ def _like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x if _same_layout(x, like) else torch.empty_like(like).copy_(x)
 
 
-class RetentionFunction(torch.autograd.Function):
-    """Chunkwise retention with fixed per-head decay; gradients for q, k, v and the initial state."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        log_gamma: torch.Tensor,
-        scale: float,
-        initial_state: torch.Tensor | None,
-        output_final_state: bool,
-        chunk_size: int,
-        sub_chunks: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        plan = _Plan(B, T, H, K, V, chunk_size, sub_chunks)
-        s0 = initial_state.contiguous() if initial_state is not None else None
-        need_h = plan.nb > 1 or s0 is not None
-        h, final = None, None
-        if need_h or output_final_state:
-            h, final = _state_pass(
-                k,
-                v,
-                log_gamma,
-                plan,
-                g0=s0,
-                g0_decay=True,
-                kv_scale=1.0,
-                reverse=False,
-                store_h=need_h,
-                final_shift=1 if output_final_state else None,
-            )
-        a = _chunk_scores(q, k, log_gamma, scale, plan.chunk, reverse=False) if plan.shared_scores else None
-        fwd = dict(bv=plan.bv_fwd, warps=plan.warps_fwd, scores=Scores(a, LOAD) if a is not None else None)
-        o = _chunk_output_pieces(
-            q, k, v, h, False, log_gamma, plan, **fwd, scale=scale, state_scale=scale, kv_scale=1.0, reverse=False
+def _chunkwise_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    s0: torch.Tensor | None,
+    output_final_state: bool,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(o, final state, block states h, chunk scores a)``: the last two are what the backward pass reads."""
+    h, final = None, None
+    if _needs_block_states(plan, s0 is not None) or output_final_state:
+        h, final = _state_pass(
+            k,
+            v,
+            log_gamma,
+            plan,
+            g0=s0,
+            g0_decay=True,
+            kv_scale=1.0,
+            reverse=False,
+            store_h=_needs_block_states(plan, s0 is not None),
+            final_shift=1 if output_final_state else None,
         )
-        ctx.save_for_backward(q, k, v, log_gamma, h, a)
-        ctx.plan, ctx.scale = plan, scale
-        ctx.s0_dtype = s0.dtype if s0 is not None else None
-        ctx.set_materialize_grads(False)  # an unused final state must cost no backward sweep
-        return o, final
+    a = _chunk_scores(q, k, log_gamma, scale, plan.chunk, reverse=False) if plan.shared_scores else None
+    fwd = dict(bv=plan.bv_fwd, warps=plan.warps_fwd, scores=Scores(a, LOAD) if a is not None else None)
+    o = _chunk_output_pieces(
+        q, k, v, h, False, log_gamma, plan, **fwd, scale=scale, state_scale=scale, kv_scale=1.0, reverse=False
+    )
+    return o, final, h, a
 
-    @staticmethod
-    def backward(ctx, do: torch.Tensor, d_final: torch.Tensor | None):
-        q, k, v, log_gamma, h, a = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        do = torch.zeros_like(v) if do is None else _like(_usable(do), v)  # None: only the final state was used
-        want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
-        need_dh = plan.nb > 1 or d_final is not None
-        dh, ds0 = None, None
-        if need_dh or want_ds0:
-            dh, ds0 = _state_pass(
-                q,
-                do,
-                log_gamma,
-                plan,
-                g0=d_final.contiguous() if d_final is not None else None,
-                g0_decay=False,
-                kv_scale=scale,
-                reverse=True,
-                store_h=need_dh,
-                final_shift=0 if want_ds0 else None,
-            )
-        fwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_fwd, warps=plan.warps_fwd)
-        bwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_bwd, warps=plan.warps_bwd)
-        dq_scores = dk_scores = dv_scores = None
-        if a is not None:
-            # dq reads (do . v^T), dk the same matrix in reversed time, dv the forward's (q . k^T) in reversed time
-            da = _chunk_scores(do, v, log_gamma, scale, plan.chunk, reverse=False)
-            dq_scores = Scores(da, LOAD)
-            if not plan.fused_dkv:
-                if q.shape[1] % plan.chunk == 0:
-                    dk_scores, dv_scores = Scores(da, FLIPPED), Scores(a, FLIPPED)
-                else:  # reversed chunks straddle the forward ones: score them in reversed time
-                    dk_scores = Scores(_chunk_scores(v, do, log_gamma, scale, plan.chunk, reverse=True), LOAD)
-                    dv_scores = Scores(_chunk_scores(k, q, log_gamma, scale, plan.chunk, reverse=True), LOAD)
-        dq = _chunk_output_pieces(
-            do, v, k, h, True, state_scale=scale, kv_scale=1.0, reverse=False, scores=dq_scores, **bwd
+
+def _needs_block_states(plan: _Plan, has_s0: bool) -> bool:
+    return plan.nb > 1 or has_s0
+
+
+def _chunkwise_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    h: torch.Tensor | None,
+    a: torch.Tensor | None,
+    do: torch.Tensor,
+    d_final: torch.Tensor | None,
+    scale: float,
+    want_ds0: bool,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk, dv, d initial state)``; ``do`` in v's layout."""
+    need_dh = plan.nb > 1 or d_final is not None
+    dh, ds0 = None, None
+    if need_dh or want_ds0:
+        dh, ds0 = _state_pass(
+            q,
+            do,
+            log_gamma,
+            plan,
+            g0=d_final,
+            g0_decay=False,
+            kv_scale=scale,
+            reverse=True,
+            store_h=need_dh,
+            final_shift=0 if want_ds0 else None,
         )
-        if plan.fused_dkv:
-            dk, dv = _chunk_dkv(q, k, v, do, dh, log_gamma, plan, scale)
-        else:
-            dv = _chunk_output_pieces(
-                k, q, do, dh, False, state_scale=1.0, kv_scale=scale, reverse=True, scores=dv_scores, **fwd
-            )
-            dk = _chunk_output_pieces(
-                v, do, q, dh, True, state_scale=1.0, kv_scale=scale, reverse=True, scores=dk_scores, **bwd
-            )
-        if ds0 is not None:
-            ds0 = ds0.to(ctx.s0_dtype)
-        return dq, dk, dv, None, None, ds0, None, None, None
+    fwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_fwd, warps=plan.warps_fwd)
+    bwd = dict(log_gamma=log_gamma, plan=plan, scale=scale, bv=plan.bv_bwd, warps=plan.warps_bwd)
+    dq_scores = dk_scores = dv_scores = None
+    if a is not None:
+        # dq reads (do . v^T), dk the same matrix in reversed time, dv the forward's (q . k^T) in reversed time
+        da = _chunk_scores(do, v, log_gamma, scale, plan.chunk, reverse=False)
+        dq_scores = Scores(da, LOAD)
+        if not plan.fused_dkv:
+            if q.shape[1] % plan.chunk == 0:
+                dk_scores, dv_scores = Scores(da, FLIPPED), Scores(a, FLIPPED)
+            else:  # reversed chunks straddle the forward ones: score them in reversed time
+                dk_scores = Scores(_chunk_scores(v, do, log_gamma, scale, plan.chunk, reverse=True), LOAD)
+                dv_scores = Scores(_chunk_scores(k, q, log_gamma, scale, plan.chunk, reverse=True), LOAD)
+    dq = _chunk_output_pieces(
+        do, v, k, h, True, state_scale=scale, kv_scale=1.0, reverse=False, scores=dq_scores, **bwd
+    )
+    if plan.fused_dkv:
+        dk, dv = _chunk_dkv(q, k, v, do, dh, log_gamma, plan, scale)
+    else:
+        dv = _chunk_output_pieces(
+            k, q, do, dh, False, state_scale=1.0, kv_scale=scale, reverse=True, scores=dv_scores, **fwd
+        )
+        dk = _chunk_output_pieces(
+            v, do, q, dh, True, state_scale=1.0, kv_scale=scale, reverse=True, scores=dk_scores, **bwd
+        )
+    return dq, dk, dv, ds0
+
+
+# The chunkwise core as two registered operators (forward, backward) with shape functions and an autograd rule:
+# a compiled model traces through them as opaque calls in one graph, where a graph break per layer would leave
+# the GPU idle between the pieces (seen as a fifth of a compiled 8k training step). Optional results come back
+# as empty tensors (an operator returns tensors only).
+
+
+def _plan_of(q: torch.Tensor, v: torch.Tensor, chunk_size: int, sub_chunks: int | None) -> _Plan:
+    B, T, H, K = q.shape
+    return _Plan(B, T, H, K, v.shape[-1], chunk_size, sub_chunks)
+
+
+def _nothing(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("arch_zoo::retention_chunkwise", mutates_args=())
+def _retention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int,
+    sub_chunks: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    o, final, h, a = _chunkwise_forward(q, k, v, log_gamma, scale, initial_state, output_final_state, plan)
+    return o, _nothing(v) if final is None else final, _nothing(k) if h is None else h, _nothing(q) if a is None else a
+
+
+@_retention_op.register_fake
+def _(q, k, v, log_gamma, scale, initial_state, output_final_state, chunk_size, sub_chunks):
+    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    final = v.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else _nothing(v)
+    h = k.new_empty(B, plan.nb, H, K, V) if _needs_block_states(plan, initial_state is not None) else _nothing(k)
+    a = q.new_empty(B, H, triton.cdiv(T, plan.chunk), plan.chunk, plan.chunk) if plan.shared_scores else _nothing(q)
+    return torch.empty_like(v), final, h, a
+
+
+@torch.library.custom_op("arch_zoo::retention_chunkwise_backward", mutates_args=())
+def _retention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    h: torch.Tensor | None,
+    a: torch.Tensor | None,
+    do: torch.Tensor,
+    d_final: torch.Tensor | None,
+    scale: float,
+    want_ds0: bool,
+    chunk_size: int,
+    sub_chunks: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    dq, dk, dv, ds0 = _chunkwise_backward(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, plan)
+    return dq, dk, dv, _nothing(v) if ds0 is None else ds0
+
+
+@_retention_backward_op.register_fake
+def _(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, chunk_size, sub_chunks):
+    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    B, T, H, K = q.shape
+    ds0 = v.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if want_ds0 else _nothing(v)
+    # the layouts the launchers allocate: each output is made like the tensor in its "value" role
+    if plan.fused_dkv:
+        return torch.empty_like(k), torch.empty_like(k), torch.empty_like(v), ds0
+    return torch.empty_like(k), torch.empty_like(q), torch.empty_like(do), ds0
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, log_gamma, scale, initial_state, output_final_state, chunk_size, sub_chunks = inputs
+    _, _, h, a = output
+    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    has_h = _needs_block_states(plan, initial_state is not None)
+    ctx.save_for_backward(q, k, v, log_gamma, h if has_h else None, a if plan.shared_scores else None)
+    ctx.args = (scale, chunk_size, sub_chunks)
+    ctx.s0_dtype = initial_state.dtype if initial_state is not None else None
+    ctx.set_materialize_grads(False)  # an unused final state must cost no backward sweep
+
+
+def _backward(ctx, do, d_final, _dh, _da):
+    q, k, v, log_gamma, h, a = ctx.saved_tensors
+    scale, chunk_size, sub_chunks = ctx.args
+    do = torch.zeros_like(v) if do is None else _like(_usable(do), v)  # None: only the final state was used
+    want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
+    d_final = d_final.contiguous() if d_final is not None else None
+    dq, dk, dv, ds0 = _retention_backward_op(
+        q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, chunk_size, sub_chunks
+    )
+    ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
+    return dq, dk, dv, None, None, ds0, None, None, None
+
+
+_retention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supported(dtype: torch.dtype, K: int, V: int, on_gpu: bool = True) -> bool:
@@ -892,17 +990,11 @@ def retention_triton(
     scale = K**-0.5 if scale is None else float(scale)
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     q = _usable(q)
-    return RetentionFunction.apply(
-        q,
-        _like(_usable(k), q),
-        _usable(v),
-        lg,
-        scale,
-        initial_state,
-        output_final_state,
-        chunk_size,
-        sub_chunks,
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    o, final, _, _ = _retention_op(
+        q, _like(_usable(k), q), _usable(v), lg, scale, s0, output_final_state, chunk_size, sub_chunks
     )
+    return o, final if output_final_state else None
 
 
 # Decode tile choices can be pinned here ("bv", "bk", "warps") to time alternatives; empty in normal use.
@@ -974,4 +1066,4 @@ def retention_step_triton(
     return o if zq is None else (o, zq)
 
 
-__all__ = ["RetentionFunction", "retention_triton", "retention_step_triton", "supported", "CHUNK"]
+__all__ = ["retention_triton", "retention_step_triton", "supported", "CHUNK"]

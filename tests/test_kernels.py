@@ -231,6 +231,30 @@ def interpreter_checks() -> dict[str, float]:
     for name, a, b in zip(["dq", "dk", "dv"], bases, ref):
         results[f"strided/{name}"] = rel(a.grad.transpose(1, 2), b.grad)
 
+    # the registered operators: real against fake shapes and strides, the autograd rule, and a compiled function
+    # that must trace through them in one graph (fullgraph), forward and backward, with and without the block states
+    from torch.library import opcheck
+
+    q, k, v, s0 = inputs(1, 40, 2, 16, 24, dtype=torch.float32, seed=9)
+    for nc, shared in ((2, 0), (None, 1)):
+        rt.TILE_OVERRIDES["shared_scores"] = shared
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+        opcheck(rt._retention_op, (*leaves[:3], lg, 0.25, leaves[3], True, 16, nc))
+
+        def core(q, k, v, s0, nc=nc):
+            return retention_triton(q, k, v, lg, 0.25, s0, True, chunk_size=16, sub_chunks=nc)
+
+        o, s = torch.compile(core, fullgraph=True, backend="aot_eager")(*leaves)
+        (o.square().sum() + s.sum()).backward()
+        ref = [x.double().requires_grad_() for x in (q, k, v, s0)]
+        o_ref, s_ref = retention_parallel_reference(*ref[:3], lg.double(), 0.25, ref[3], True)
+        (o_ref.square().sum() + s_ref.sum()).backward()
+        results[f"compiled/nc{nc}/o"] = rel(o, o_ref)
+        results[f"compiled/nc{nc}/final"] = rel(s, s_ref)
+        for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
+            results[f"compiled/nc{nc}/{name}"] = rel(a.grad, b.grad)
+    rt.TILE_OVERRIDES.clear()
+
     # decode step: [B, 1, H, *] inputs keep their time axis
     q, k, v, s0 = inputs(3, 1, 2, 32, 48, dtype=torch.float32)
     state, state_ref = s0.clone(), s0.double()
@@ -302,6 +326,11 @@ def test_triton_interpreter_decode_step(interpreter_results):
 
 def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):
     assert interpreter_results["odd_batch_stride/o"] < 1e-5
+
+
+def test_triton_operators_pass_opcheck_and_compile_in_one_graph(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("compiled/")}
+    assert len(errors) == 2 * 6 and all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_triton_reads_transposed_layouts_in_place(interpreter_results):
