@@ -109,8 +109,39 @@ def _time(fn: Callable[[tuple], object], sets: list[tuple]) -> float:
     return do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=leaves or None)
 
 
-def retention_methods(H: int, T: int, K: int) -> dict[str, Callable]:
-    """name -> f(q, k, v) -> o for every method in the table; each is built lazily so a missing package is a note."""
+def parse_tiles(text: str) -> dict[str, int]:
+    """``stages=2,shared_scores=0`` -> a ``TILE_OVERRIDES`` dict (tile choices of our kernels to time side by side)."""
+    from kernels.retention_triton import _Plan
+
+    tiles = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in _Plan.FIELDS or name == "nb" or not value.lstrip("-").isdigit():
+            choices = ", ".join(f for f in _Plan.FIELDS if f != "nb")
+            raise ValueError(f"--tiles: {item!r} is not NAME=INT with NAME one of {choices}")
+        tiles[name] = int(value)
+    return tiles
+
+
+def _ours_with(tiles: dict[str, int], lg: torch.Tensor, scale: float) -> Callable:
+    def ours(q, k, v):
+        from kernels import retention_triton as rt
+
+        saved = dict(rt.TILE_OVERRIDES)
+        rt.TILE_OVERRIDES.clear()
+        rt.TILE_OVERRIDES.update(tiles)
+        try:  # the backward pass keeps the tiles its forward call chose
+            return rt.retention_triton(q, k, v, lg, scale)[0]
+        finally:
+            rt.TILE_OVERRIDES.clear()
+            rt.TILE_OVERRIDES.update(saved)
+
+    return ours
+
+
+def retention_methods(H: int, T: int, K: int, variants: list[str] = ()) -> dict[str, Callable]:
+    """name -> f(q, k, v) -> o for every method in the table; each is built lazily so a missing package is a note.
+    ``variants``: tile choices of ours (``--tiles``), each a row of its own."""
     lg = torch.log1p(-(2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32)))).cuda()  # RetNet's per-head decays
     scale = K**-0.5
 
@@ -140,6 +171,7 @@ def retention_methods(H: int, T: int, K: int) -> dict[str, Callable]:
 
     methods = {
         "ours (triton)": ours,
+        **{f"ours [{text}]": _ours_with(parse_tiles(text), lg, scale) for text in variants},
         "fla chunk_retention": fla_chunk,
         "fla parallel_retention": fla_parallel,
         "torch reference": torch_reference,
@@ -149,12 +181,16 @@ def retention_methods(H: int, T: int, K: int) -> dict[str, Callable]:
 
 
 def bench_retention(
-    shapes: list[tuple[int, int, int, int, int]], ceilings: tuple[float, float], log, only: list[str] | None = None
+    shapes: list[tuple[int, int, int, int, int]],
+    ceilings: tuple[float, float],
+    log,
+    only: list[str] | None = None,
+    variants: list[str] = (),
 ) -> list[Row]:
     rows = []
     peak_tflops, peak_gbs = ceilings
     for B, T, H, K, V in shapes:
-        for name, fn in retention_methods(H, T, K).items():
+        for name, fn in retention_methods(H, T, K, variants).items():
             if only and not any(o in name for o in only):
                 continue
             if name == "torch reference" and B * T * H * max(K, V) > 2**27:
@@ -325,12 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dims", nargs="+", default=["64", "128", "256", "256x512"], help="K or KxV")
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--methods", nargs="+", help="only methods whose name contains one of these (e.g. ours chunk)")
+    p.add_argument(
+        "--tiles",
+        nargs="+",
+        default=[],
+        metavar="NAME=INT,...",
+        help="extra rows of ours with these tile choices, e.g. stages=2,shared_scores=0 (kernels.retention_triton)",
+    )
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--quick", action="store_true", help="T=2048 at K=V=128 and the paper's 256x512 only")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--experiment", default="kernels-benchmark")
     p.add_argument("--out", type=Path, default=Path("outputs/kernels_benchmark"))
     args = p.parse_args(argv)
+    for text in args.tiles:
+        try:
+            parse_tiles(text)
+        except ValueError as err:
+            p.error(str(err))
     if not torch.cuda.is_available():
         print("kernels.benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -351,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings()
     log(f"measured ceilings: {ceilings[0]:.0f} TFLOP/s bf16 matmul, {ceilings[1]:.0f} GB/s copy")
     shapes = [(max(1, args.tokens // T), T, args.heads, K, V) for K, V in dims for T in lengths]
-    rows = bench_retention(shapes, ceilings, log, args.methods)
+    rows = bench_retention(shapes, ceilings, log, args.methods, args.tiles)
     if not args.no_decode:
         rows += bench_decode([(args.decode_batch, args.heads, K, V) for K, V in dims], ceilings[1], log)
     table = markdown_table(rows)

@@ -475,6 +475,23 @@ class _Plan:
                 self.nc //= 2
         self.nb = triton.cdiv(T, chunk * self.nc)
 
+    FIELDS = (
+        "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
+        "fused_dkv", "warps_dkv", "shared_scores", "nc", "nb",
+    )  # fmt: skip
+
+    def as_list(self) -> list[int]:
+        """The choices as the operators carry them: made once, at the forward call, so the backward pass uses the
+        same tiles even if ``TILE_OVERRIDES`` changed in between."""
+        return [int(getattr(self, name)) for name in self.FIELDS]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> _Plan:
+        plan = cls.__new__(cls)
+        for name, value in zip(cls.FIELDS, values, strict=True):
+            setattr(plan, name, value)
+        return plan
+
 
 def _state_pass(
     key: torch.Tensor,
@@ -845,11 +862,6 @@ def _chunkwise_backward(
 # as empty tensors (an operator returns tensors only).
 
 
-def _plan_of(q: torch.Tensor, v: torch.Tensor, chunk_size: int, sub_chunks: int | None) -> _Plan:
-    B, T, H, K = q.shape
-    return _Plan(B, T, H, K, v.shape[-1], chunk_size, sub_chunks)
-
-
 def _nothing(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
@@ -863,17 +875,16 @@ def _retention_op(
     scale: float,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
-    chunk_size: int,
-    sub_chunks: int | None,
+    tiles: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    plan = _Plan.from_list(tiles)
     o, final, h, a = _chunkwise_forward(q, k, v, log_gamma, scale, initial_state, output_final_state, plan)
     return o, _nothing(v) if final is None else final, _nothing(k) if h is None else h, _nothing(q) if a is None else a
 
 
 @_retention_op.register_fake
-def _(q, k, v, log_gamma, scale, initial_state, output_final_state, chunk_size, sub_chunks):
-    plan = _plan_of(q, v, chunk_size, sub_chunks)
+def _(q, k, v, log_gamma, scale, initial_state, output_final_state, tiles):
+    plan = _Plan.from_list(tiles)
     B, T, H, K = q.shape
     V = v.shape[-1]
     final = v.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else _nothing(v)
@@ -894,17 +905,16 @@ def _retention_backward_op(
     d_final: torch.Tensor | None,
     scale: float,
     want_ds0: bool,
-    chunk_size: int,
-    sub_chunks: int | None,
+    tiles: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    plan = _Plan.from_list(tiles)
     dq, dk, dv, ds0 = _chunkwise_backward(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, plan)
     return dq, dk, dv, _nothing(v) if ds0 is None else ds0
 
 
 @_retention_backward_op.register_fake
-def _(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, chunk_size, sub_chunks):
-    plan = _plan_of(q, v, chunk_size, sub_chunks)
+def _(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, tiles):
+    plan = _Plan.from_list(tiles)
     B, T, H, K = q.shape
     ds0 = v.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if want_ds0 else _nothing(v)
     # the layouts the launchers allocate: each output is made like the tensor in its "value" role
@@ -914,27 +924,25 @@ def _(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, chunk_size, sub_ch
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_gamma, scale, initial_state, output_final_state, chunk_size, sub_chunks = inputs
+    q, k, v, log_gamma, scale, initial_state, output_final_state, tiles = inputs
     _, _, h, a = output
-    plan = _plan_of(q, v, chunk_size, sub_chunks)
+    plan = _Plan.from_list(tiles)
     has_h = _needs_block_states(plan, initial_state is not None)
     ctx.save_for_backward(q, k, v, log_gamma, h if has_h else None, a if plan.shared_scores else None)
-    ctx.args = (scale, chunk_size, sub_chunks)
+    ctx.args = (scale, tiles)
     ctx.s0_dtype = initial_state.dtype if initial_state is not None else None
     ctx.set_materialize_grads(False)  # an unused final state must cost no backward sweep
 
 
 def _backward(ctx, do, d_final, _dh, _da):
     q, k, v, log_gamma, h, a = ctx.saved_tensors
-    scale, chunk_size, sub_chunks = ctx.args
+    scale, tiles = ctx.args
     do = torch.zeros_like(v) if do is None else _like(_usable(do), v)  # None: only the final state was used
     want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
     d_final = d_final.contiguous() if d_final is not None else None
-    dq, dk, dv, ds0 = _retention_backward_op(
-        q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, chunk_size, sub_chunks
-    )
+    dq, dk, dv, ds0 = _retention_backward_op(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, tiles)
     ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
-    return dq, dk, dv, None, None, ds0, None, None, None
+    return dq, dk, dv, None, None, ds0, None, None
 
 
 _retention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -991,9 +999,8 @@ def retention_triton(
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     q = _usable(q)
     s0 = initial_state.contiguous() if initial_state is not None else None
-    o, final, _, _ = _retention_op(
-        q, _like(_usable(k), q), _usable(v), lg, scale, s0, output_final_state, chunk_size, sub_chunks
-    )
+    tiles = _Plan(B, T, H, K, V, chunk_size, sub_chunks).as_list()
+    o, final, _, _ = _retention_op(q, _like(_usable(k), q), _usable(v), lg, scale, s0, output_final_state, tiles)
     return o, final if output_final_state else None
 
 

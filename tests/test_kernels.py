@@ -239,7 +239,9 @@ def interpreter_checks() -> dict[str, float]:
     for nc, shared in ((2, 0), (None, 1)):
         rt.TILE_OVERRIDES["shared_scores"] = shared
         leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-        opcheck(rt._retention_op, (*leaves[:3], lg, 0.25, leaves[3], True, 16, nc))
+        opcheck(
+            rt._retention_op, (*leaves[:3], lg, 0.25, leaves[3], True, rt._Plan(1, 40, 2, 16, 24, 16, nc).as_list())
+        )
 
         def core(q, k, v, s0, nc=nc):
             return retention_triton(q, k, v, lg, 0.25, s0, True, chunk_size=16, sub_chunks=nc)
@@ -254,6 +256,17 @@ def interpreter_checks() -> dict[str, float]:
         for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
             results[f"compiled/nc{nc}/{name}"] = rel(a.grad, b.grad)
     rt.TILE_OVERRIDES.clear()
+
+    # the backward pass runs on the forward's tiles, whatever the overrides are by then
+    rt.TILE_OVERRIDES.update({"shared_scores": 1, "fused_dkv": 0, "nc": 2})  # by default: 1 block state each chunk
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, _ = retention_triton(*leaves, lg, 0.25, chunk_size=16)
+    rt.TILE_OVERRIDES.clear()
+    o.square().sum().backward()
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    retention_parallel_reference(*ref, lg.double(), 0.25)[0].square().sum().backward()
+    for name, a, b in zip(["dq", "dk", "dv"], leaves, ref):
+        results[f"tiles_kept/{name}"] = rel(a.grad, b.grad)
 
     # decode step: [B, 1, H, *] inputs keep their time axis
     q, k, v, s0 = inputs(3, 1, 2, 32, 48, dtype=torch.float32)
@@ -333,6 +346,11 @@ def test_triton_operators_pass_opcheck_and_compile_in_one_graph(interpreter_resu
     assert len(errors) == 2 * 6 and all(e < 1e-5 for e in errors.values()), errors
 
 
+def test_triton_backward_keeps_the_forward_tiles(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("tiles_kept/")}
+    assert len(errors) == 3 and all(e < 1e-5 for e in errors.values()), errors
+
+
 def test_triton_reads_transposed_layouts_in_place(interpreter_results):
     errors = {k: e for k, e in interpreter_results.items() if k.startswith("strided/")}
     assert len(errors) == 5 and all(e < 1e-5 for e in errors.values()), errors
@@ -379,6 +397,18 @@ def test_benchmark_table_and_mlflow(tmp_path, monkeypatch):
     (run,) = mlflow.search_runs(experiment_names=["kernels-test"], output_format="list")
     assert run.data.metrics["fwd_bwd/ours_triton/T2048_K128_V128_B32/ms"] == 1.0
     assert run.data.params["device"] == "test"
+
+
+def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
+    pytest.importorskip("triton")
+    from kernels.benchmark import main, parse_tiles
+
+    assert parse_tiles("stages=2,shared_scores=0") == {"stages": 2, "shared_scores": 0}
+    with pytest.raises(SystemExit) as exit_:
+        main(["--tiles", "stage=2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'stage=2' is not NAME=INT" in err and "shared_scores" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------
