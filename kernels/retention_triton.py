@@ -747,14 +747,10 @@ def _usable(x: torch.Tensor) -> torch.Tensor:
 
     The kernels index every tensor through its own strides, so a ``[B, T, H, D]`` view of a ``[B, H, T, D]``
     tensor (the layout a compiled graph hands over) is read in place: copying it would cost as much as a pass of
-    the kernels. They need a unit stride on the last dim, and a dense layout (outputs are allocated like it)."""
-    dims = sorted((stride, n) for stride, n in zip(x.stride(), x.shape) if n > 1)
-    expected = 1
-    for stride, n in dims:
-        if stride != expected:
-            return x.contiguous()
-        expected *= n
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+    the kernels. Those two layouts are taken (outputs are allocated like the input, so it must be dense); any
+    other is copied. (``is_contiguous`` rather than a sort of the strides: a compiler traces it with symbolic
+    shapes.)"""
+    return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
 
 
 def _like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,16 @@ def interpreter_checks() -> dict[str, float]:
             results[f"compiled/nc{nc}/{name}"] = rel(a.grad, b.grad)
     rt.TILE_OVERRIDES.clear()
 
+    # symbolic shapes (a compiler's automatic dynamic lengths): two lengths through one compiled function
+    def core_t(q, k, v):
+        return retention_triton(q, k, v, lg, 0.25, None, True, chunk_size=16)
+
+    compiled = torch.compile(core_t, fullgraph=True, backend="aot_eager", dynamic=True)
+    for T in (37, 53):
+        q, k, v, _ = inputs(1, T, 2, 16, 24, dtype=torch.float32, seed=T)
+        o, _ = compiled(q, k, v)
+        results[f"dynamic/T{T}"] = rel(o, retention_parallel_reference(q, k, v, lg, 0.25)[0])
+
     # the backward pass runs on the forward's tiles, whatever the overrides are by then
     rt.TILE_OVERRIDES.update({"shared_scores": 1, "fused_dkv": 0, "nc": 2})  # by default: 1 block state each chunk
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -344,6 +354,11 @@ def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):
 def test_triton_operators_pass_opcheck_and_compile_in_one_graph(interpreter_results):
     errors = {k: e for k, e in interpreter_results.items() if k.startswith("compiled/")}
     assert len(errors) == 2 * 6 and all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_triton_operators_compile_with_symbolic_lengths(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("dynamic/")}
+    assert len(errors) == 2 and all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_triton_backward_keeps_the_forward_tiles(interpreter_results):
