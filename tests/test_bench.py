@@ -188,6 +188,32 @@ def test_train_command_measures_a_full_step_per_length(tmp_path: Path):
     assert {"train.md", "train.png", "train.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_train_profile_writes_where_a_step_went_and_logs_it(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "train"
+    args = ["train", "--models", "retnet,transformer", "--tokens-per-step", "64", "--profile", *TINY]
+    args += ["--experiment", "prof"]
+    assert main([*args, "--out", str(out), "--tracking-uri", uri]) == 0
+    for name in ("retnet_T32", "retnet_T64", "transformer_T32", "transformer_T64"):
+        text = (out / f"profile_{name}.txt").read_text()
+        assert text.startswith("one training step under the profiler:") and "Self CPU" in text
+    row = json.loads((out / "train.json").read_text())["rows"][0]
+    assert row["status"] == "ok" and row["busy_pct"] is None  # the CPU has no separate kernel time
+    assert "GPU busy" not in (out / "train.md").read_text()  # a column only where there is a number
+    client, run = _run(uri, "prof")
+    assert "profile_retnet_T32.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_profiled_kernels_are_grouped_by_kind():
+    from analysis.bench.train import kernel_kind
+
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("_chunk_output_kernel") == "retention kernels"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>") == "optimizer"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert kernel_kind("triton_poi_fused__to_copy_add_view_5") == "other"
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["decode", "--models", "retnett", "--device", "cpu", "--no-log"]) == 2
     assert "Did you mean 'retnet'" in capsys.readouterr().err

@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--compile", action="store_true", help="torch.compile the loss (the first steps compile)")
+    train.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one more step per cell: profile_<model>_T<length>.txt (kernel time by kind, top ops)",
+    )
     args = parser.parse_args(argv)
     if args.lengths is None:
         args.lengths = [1024, 2048, 4096, 8192, 16384] if args.command == "decode" else [2048, 8192]
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             seed=args.seed,
             compile=args.compile,
+            profile_dir=(args.out or Path("outputs") / "bench" / args.command) if args.profile else None,
         )
         rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
         summary = (
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": device_label(device), "summary": summary, "n_params": n_params, "params": _params(args)}
     out = args.out or Path("outputs") / "bench" / args.command
     table, files = write_outputs(args.command, rows, meta, out, args.reference)
+    if args.command == "train" and args.profile:
+        files += sorted(out.glob("profile_*.txt"))
     if not args.no_log:
         run_id = log_run(args.command, rows, meta, files, table, args.tracking_uri, args.experiment)
         log(f"logged {len(files)} files to MLflow run {run_id} (experiment {args.experiment})")

@@ -50,12 +50,14 @@ COLUMNS = {
         ("tokens_per_s", "throughput (tokens/s)", "{:,.0f}"),
         ("peak_mib", "peak memory (MiB)", "{:,.0f}"),
         ("loss", "loss", "{:.3f}"),
+        ("busy_pct", "GPU busy (%)", "{:.0f}"),
         ("status", "status", "{}"),
     ],
 }
+OPTIONAL = {"busy_pct"}  # columns shown only when some row has a value (--profile on a GPU)
 METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib"),
-    "train": ("step_ms", "tokens_per_s", "peak_mib", "loss"),
+    "train": ("step_ms", "tokens_per_s", "peak_mib", "loss", "busy_pct"),
 }
 
 
@@ -97,7 +99,7 @@ def ratio_table(kind: str, rows: list[dict[str, Any]], reference: str) -> str:
 
 
 def to_markdown(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], reference: str | None = None) -> str:
-    columns = COLUMNS[kind]
+    columns = [c for c in COLUMNS[kind] if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
     body = [[_cell(r[field], fmt) for field, _, fmt in columns] for r in rows]
     params = ", ".join(f"{name} {n / 1e6:,.1f}M" for name, n in meta.get("n_params", {}).items())
     text = f"**{kind}** on {meta['device']}; {meta['summary']}\n\n"
