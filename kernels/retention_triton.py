@@ -18,6 +18,13 @@ inputs ("query", "key", "value"), in forward or reversed time (``REVERSE`` reads
   ``out = scale * (masked decayed query.key^T) value + state_scale * (decayed query) G`` and G moves on.
   Forward o: (q, k, v). dq: (do, v, k) with the forward states transposed. dv: (k, q, do) and dk: (v, do, q),
   reversed, with the backward states; ``_chunk_dkv_kernel`` does these two in one pass where the state fits.
+* ``_chunk_scores_kernel``: where a call has many value blocks (the paper's V = 512: eight), each chunk's
+  ``[C, C]`` scores are made once with the whole key dim and read by every block, instead of recomputed by each;
+  the backward reads the forward's matrix and its own ``do . v^T`` mirrored for dv and dk.
+
+The chunkwise core is registered as two operators (``arch_zoo::retention_chunkwise`` and its backward) with shape
+functions and an autograd rule, so a compiled model keeps it in its graph; tile choices are made once per forward
+call and carried to the backward.
 
 States are kept in the "G" convention ``G = gamma * S`` (the state already decayed into the next token), so that a
 state at a block start contributes ``gamma^i`` to the block's i-th row and no kernel ever divides by gamma.
