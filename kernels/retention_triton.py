@@ -43,6 +43,16 @@ CHUNK = 64  # tokens per sub-chunk: the [C, C] intra-chunk scores and the tensor
 
 
 @triton.jit
+def _time_rows(t, T, REVERSE: tl.constexpr):
+    """The rows of time steps ``t`` (counted from the end when REVERSE) and which of them exist."""
+    if REVERSE:
+        row = T - 1 - t
+    else:
+        row = t
+    return row, t < T
+
+
+@triton.jit
 def _load_rows(base_ptr, row, row_ok, cols, cols_ok, row_stride):
     """A [rows, cols] tile of a [B, T, H, D] tensor (rows are time steps); masked entries read as zero."""
     return tl.load(
@@ -112,11 +122,7 @@ def _state_pass_kernel(
                 h_off = ((i_b * NB + c // NC) * H + i_h).to(tl.int64) * DK * DV
                 tl.store(h_ptr + h_off + rk[:, None] * DV + rv[None, :], g.to(h_ptr.dtype.element_ty), mask=mask_kv)
         t = c * C + j
-        row_ok = t < T
-        if REVERSE:
-            row = T - 1 - t
-        else:
-            row = t
+        row, row_ok = _time_rows(t, T, REVERSE)
         kt = _load_rows(k_base, row, row_ok, rk, rk < DK, stride_kt)
         vt = _load_rows(v_base, row, row_ok, rv, rv < DV, stride_vt)
         length = tl.minimum(T - c * C, C)
@@ -157,12 +163,7 @@ def _chunk_scores_kernel(
     i_h = i_bh % H
     lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
     i = tl.arange(0, C)
-    t = i_c * C + i
-    row_ok = t < T
-    if REVERSE:
-        row = T - 1 - t
-    else:
-        row = t
+    row, row_ok = _time_rows(i_c * C + i, T, REVERSE)
     q_base = q_ptr + i_b.to(tl.int64) * stride_b + i_h * stride_h
     k_base = k_ptr + i_b.to(tl.int64) * stride_b + i_h * stride_h
     acc = tl.zeros([C, C], dtype=tl.float32)
@@ -254,12 +255,7 @@ def _chunk_output_kernel(
     o_base = o_ptr + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     t_block = i_blk * C * NC
     for ci in range(0, NC):  # a last partial block runs past T: its rows are masked (no traffic)
-        t = t_block + ci * C + i
-        row_ok = t < T
-        if REVERSE:
-            row = T - 1 - t
-        else:
-            row = t
+        row, row_ok = _time_rows(t_block + ci * C + i, T, REVERSE)
         qt = _load_rows(q_base, row, row_ok, rk, k_ok, stride_qt)
         kt = _load_rows(k_base, row, row_ok, rk, k_ok, stride_qt)
         vt = _load_rows(v_base, row, row_ok, rv, v_ok, stride_vt)
@@ -765,29 +761,45 @@ def _like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x if _same_layout(x, like) else torch.empty_like(like).copy_(x)
 
 
-def _chunkwise_forward(
+def _needs_block_states(plan: _Plan, has_s0: bool) -> bool:
+    return plan.nb > 1 or has_s0
+
+
+# The chunkwise core as two registered operators (forward, backward) with shape functions and an autograd rule:
+# a compiled model traces through them as opaque calls in one graph, where a graph break per layer left the GPU
+# waiting between the pieces (docs/results/cost.md). Optional results come back as empty tensors.
+
+
+def _nothing(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("arch_zoo::retention_chunkwise", mutates_args=())
+def _retention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     log_gamma: torch.Tensor,
     scale: float,
-    s0: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
     output_final_state: bool,
-    plan: _Plan,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(o, final state, block states h, chunk scores a)``: the last two are what the backward pass reads."""
+    tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, final state, block states h, chunk scores a)``: the last two are what the backward pass reads; a result
+    that is not made comes back empty (an operator returns tensors only)."""
+    plan = _Plan.from_list(tiles)
     h, final = None, None
-    if _needs_block_states(plan, s0 is not None) or output_final_state:
+    if _needs_block_states(plan, initial_state is not None) or output_final_state:
         h, final = _state_pass(
             k,
             v,
             log_gamma,
             plan,
-            g0=s0,
+            g0=initial_state,
             g0_decay=True,
             kv_scale=1.0,
             reverse=False,
-            store_h=_needs_block_states(plan, s0 is not None),
+            store_h=_needs_block_states(plan, initial_state is not None),
             final_shift=1 if output_final_state else None,
         )
     a = _chunk_scores(q, k, log_gamma, scale, plan.chunk, reverse=False) if plan.shared_scores else None
@@ -795,14 +807,22 @@ def _chunkwise_forward(
     o = _chunk_output_pieces(
         q, k, v, h, False, log_gamma, plan, **fwd, scale=scale, state_scale=scale, kv_scale=1.0, reverse=False
     )
-    return o, final, h, a
+    return o, _nothing(v) if final is None else final, _nothing(k) if h is None else h, _nothing(q) if a is None else a
 
 
-def _needs_block_states(plan: _Plan, has_s0: bool) -> bool:
-    return plan.nb > 1 or has_s0
+@_retention_op.register_fake
+def _(q, k, v, log_gamma, scale, initial_state, output_final_state, tiles):
+    plan = _Plan.from_list(tiles)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    final = v.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else _nothing(v)
+    h = k.new_empty(B, plan.nb, H, K, V) if _needs_block_states(plan, initial_state is not None) else _nothing(k)
+    a = q.new_empty(B, H, triton.cdiv(T, plan.chunk), plan.chunk, plan.chunk) if plan.shared_scores else _nothing(q)
+    return torch.empty_like(v), final, h, a
 
 
-def _chunkwise_backward(
+@torch.library.custom_op("arch_zoo::retention_chunkwise_backward", mutates_args=())
+def _retention_backward_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -813,9 +833,10 @@ def _chunkwise_backward(
     d_final: torch.Tensor | None,
     scale: float,
     want_ds0: bool,
-    plan: _Plan,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    tiles: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, d initial state)``; ``do`` in v's layout."""
+    plan = _Plan.from_list(tiles)
     need_dh = plan.nb > 1 or d_final is not None
     dh, ds0 = None, None
     if need_dh or want_ds0:
@@ -856,62 +877,6 @@ def _chunkwise_backward(
         dk = _chunk_output_pieces(
             v, do, q, dh, True, state_scale=1.0, kv_scale=scale, reverse=True, scores=dk_scores, **bwd
         )
-    return dq, dk, dv, ds0
-
-
-# The chunkwise core as two registered operators (forward, backward) with shape functions and an autograd rule:
-# a compiled model traces through them as opaque calls in one graph, where a graph break per layer would leave
-# the GPU idle between the pieces (seen as a fifth of a compiled 8k training step). Optional results come back
-# as empty tensors (an operator returns tensors only).
-
-
-def _nothing(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(0)
-
-
-@torch.library.custom_op("arch_zoo::retention_chunkwise", mutates_args=())
-def _retention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gamma: torch.Tensor,
-    scale: float,
-    initial_state: torch.Tensor | None,
-    output_final_state: bool,
-    tiles: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _Plan.from_list(tiles)
-    o, final, h, a = _chunkwise_forward(q, k, v, log_gamma, scale, initial_state, output_final_state, plan)
-    return o, _nothing(v) if final is None else final, _nothing(k) if h is None else h, _nothing(q) if a is None else a
-
-
-@_retention_op.register_fake
-def _(q, k, v, log_gamma, scale, initial_state, output_final_state, tiles):
-    plan = _Plan.from_list(tiles)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    final = v.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else _nothing(v)
-    h = k.new_empty(B, plan.nb, H, K, V) if _needs_block_states(plan, initial_state is not None) else _nothing(k)
-    a = q.new_empty(B, H, triton.cdiv(T, plan.chunk), plan.chunk, plan.chunk) if plan.shared_scores else _nothing(q)
-    return torch.empty_like(v), final, h, a
-
-
-@torch.library.custom_op("arch_zoo::retention_chunkwise_backward", mutates_args=())
-def _retention_backward_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_gamma: torch.Tensor,
-    h: torch.Tensor | None,
-    a: torch.Tensor | None,
-    do: torch.Tensor,
-    d_final: torch.Tensor | None,
-    scale: float,
-    want_ds0: bool,
-    tiles: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _Plan.from_list(tiles)
-    dq, dk, dv, ds0 = _chunkwise_backward(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, plan)
     return dq, dk, dv, _nothing(v) if ds0 is None else ds0
 
 
