@@ -267,6 +267,29 @@ def interpreter_checks() -> dict[str, float]:
         o, _ = compiled(q, k, v)
         results[f"dynamic/T{T}"] = rel(o, retention_parallel_reference(q, k, v, lg, 0.25)[0])
 
+    # a whole RetNet layer on the kernels' path (the dispatch lets CPU tensors through to them here, as it sends CUDA
+    # tensors on a GPU), compiled in one graph, against the same layer on the PyTorch core
+    from arch_zoo.mixers.retnet import RetNet, RetNetConfig
+    from kernels import dispatch
+
+    resolve = dispatch._resolve
+    dispatch._resolve = lambda backend, *a, **kw: "triton" if backend == "triton" else resolve(backend, *a, **kw)
+    layers = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        layers[kernel] = RetNet(64, RetNetConfig(name="retnet", head_dim=16, mode="chunkwise", kernel=kernel))
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for kernel, layer in layers.items():
+        forward = layer if kernel == "torch" else torch.compile(layer, fullgraph=True, backend="aot_eager")
+        xi = x.clone().requires_grad_()
+        y, state = forward(xi)
+        y.square().sum().backward()
+        outs[kernel] = (y, state["kv"], xi.grad, layer.q_proj.weight.grad)
+    dispatch._resolve = resolve
+    for name, a, b in zip(["y", "state", "dx", "dWq"], outs["triton"], outs["torch"]):
+        results[f"layer/{name}"] = rel(a, b)
+
     # the backward pass runs on the forward's tiles, whatever the overrides are by then
     rt.TILE_OVERRIDES.update({"shared_scores": 1, "fused_dkv": 0, "nc": 2})  # by default: 1 block state each chunk
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -359,6 +382,11 @@ def test_triton_operators_pass_opcheck_and_compile_in_one_graph(interpreter_resu
 def test_triton_operators_compile_with_symbolic_lengths(interpreter_results):
     errors = {k: e for k, e in interpreter_results.items() if k.startswith("dynamic/")}
     assert len(errors) == 2 and all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_a_retnet_layer_on_the_kernels_compiles_in_one_graph(interpreter_results):
+    errors = {k: e for k, e in interpreter_results.items() if k.startswith("layer/")}
+    assert len(errors) == 4 and all(e < 1e-5 for e in errors.values()), errors
 
 
 def test_triton_backward_keeps_the_forward_tiles(interpreter_results):
