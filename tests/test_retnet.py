@@ -634,3 +634,32 @@ def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, mon
     for key in ("kv", "z"):
         if s_t[key] is not None:
             assert rel_err(s_a[key], s_t[key]) < 1e-12, key
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_head_norm_gradients_match_the_formula_and_keep_only_the_half_input(kind):
+    """The head norm's own backward against autograd of the plain formula (float64, exact), then at bfloat16: close
+    to the float64 gradient, with only the bf16 input and the per-row scale kept for the backward pass."""
+    from arch_zoo.mixers.retnet import HeadNorm
+
+    norm = HeadNorm(3, 32, kind, 1e-6, affine=False)
+
+    def formula(o):
+        x = o - o.mean(-1, keepdim=True) if kind == "layernorm" else o
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    torch.manual_seed(0)
+    o = (torch.randn(2, 3, 10, 32, dtype=torch.float64) * 3 + 1).requires_grad_()
+    dy = torch.randn(2, 3, 10, 32, dtype=torch.float64)
+    (got,) = torch.autograd.grad(norm(o), o, dy)
+    (want,) = torch.autograd.grad(formula(o), o, dy)
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda x: norm(x), (o[:1, :1, :4, :8].detach().clone().requires_grad_(),))
+
+    saved = []
+    half = o.detach().bfloat16().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = norm(half)
+    assert sum(t.numel() * t.element_size() for t in saved) == half.nbytes + 2 * 3 * 10 * 4  # input + fp32 scale
+    (g_half,) = torch.autograd.grad(y, half, dy.bfloat16())
+    assert rel_err(g_half.double(), want) < 1e-2

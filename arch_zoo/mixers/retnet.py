@@ -367,6 +367,39 @@ class RetNetConfig(MixerConfig):
         return cls(head_dim=16, mode="chunkwise", chunk_size=16)
 
 
+class _NormalizeLastDim(torch.autograd.Function):
+    """``x / rms(x)`` over the last dim (centred first for a layer norm), float32 inside for half inputs.
+
+    Why a Function: autograd of the plain formula keeps the float32 copy of the input for the backward pass (twice
+    the input's bytes at bf16: RetNet's head norm sees the widest activation of the layer, 2 d per token); this one
+    keeps the input as it came and the per-row scale, and recomputes the rest."""
+
+    @staticmethod
+    def _normalized(o: torch.Tensor, eps: float, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
+        if center:
+            x = x - x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x * rstd, rstd
+
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, eps: float, center: bool) -> torch.Tensor:
+        y, rstd = _NormalizeLastDim._normalized(o, eps, center)
+        ctx.save_for_backward(o, rstd)
+        ctx.eps, ctx.center = eps, center
+        return y.to(o.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        o, rstd = ctx.saved_tensors
+        y, _ = _NormalizeLastDim._normalized(o, ctx.eps, ctx.center)
+        g = dy.to(y.dtype)
+        dx = rstd * (g - y * (g * y).mean(-1, keepdim=True))
+        if ctx.center:  # the centring is a projection: its gradient is centred too
+            dx = dx - dx.mean(-1, keepdim=True)
+        return dx.to(o.dtype), None, None
+
+
 class HeadNorm(nn.Module):
     """The per-head "GroupNorm": RMS- or layer-normalise each head's value channels (float32 for half inputs)."""
 
@@ -377,10 +410,7 @@ class HeadNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_heads, 1, head_dim)) if affine and kind == "layernorm" else None
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:  # [B, H, T, dv]
-        x = o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
-        if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(o.dtype)
+        y = _NormalizeLastDim.apply(o, self.eps, self.kind == "layernorm")
         if self.weight is not None:
             y = y * self.weight
         return y + self.bias if self.bias is not None else y
