@@ -91,6 +91,7 @@ def _state_pass_kernel(
     STORE_H: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     FINAL_SHIFT: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Sweep the sequence once (per [BK, BV] tile of the state): G <- gamma^L G + kv_scale sum_j gamma^(L-j) k_j^T v_j.
@@ -98,8 +99,15 @@ def _state_pass_kernel(
     ``h[b, blk, h]`` gets G at the start of each block of ``C * NC`` tokens (in the input dtype). The final output is
     ``gamma^(-FINAL_SHIFT)`` times G after the last token, computed without a division: FINAL_SHIFT = 1 gives the
     forward final state S_{T-1}, 0 gives the initial state's gradient in the reversed sweep.
+
+    With SPLIT each program sweeps one block from zero (the grid's last axis is batch x head x block) and leaves its
+    block's own contribution where ``_state_combine_kernel`` chains them: in ``h[blk + 1]``, or in ``final`` for
+    the last block. A sweep of few sequences then has blocks' worth of programs in flight, not one per state tile.
     """
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if SPLIT:
+        i_k, i_v, i_bh, i_blk = tl.program_id(0), tl.program_id(1), tl.program_id(2) // NB, tl.program_id(2) % NB
+    else:
+        i_k, i_v, i_bh, i_blk = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
     i_b = i_bh // H
     i_h = i_bh % H
     lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
@@ -116,7 +124,10 @@ def _state_pass_kernel(
         g = tl.zeros([BK, BV], dtype=tl.float32)
     k_base = k_ptr + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_base = v_ptr + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    for c in range(0, n_chunks):
+    c_start, c_end = 0, n_chunks
+    if SPLIT:
+        c_start, c_end = i_blk * NC, tl.minimum(i_blk * NC + NC, n_chunks)
+    for c in range(c_start, c_end):
         if STORE_H:
             if c % NC == 0:
                 h_off = ((i_b * NB + c // NC) * H + i_h).to(tl.int64) * DK * DV
@@ -132,8 +143,64 @@ def _state_pass_kernel(
         kw = (kt.to(tl.float32) * w[:, None]).to(kt.dtype)
         g = g * tl.exp(lg * span.to(tl.float32))
         g = tl.dot(tl.trans(kw), vt, acc=g, input_precision=PRECISION)
-    if STORE_FINAL:
+    if SPLIT:
+        if i_blk < NB - 1:
+            h_off = ((i_b * NB + i_blk + 1) * H + i_h).to(tl.int64) * DK * DV
+            tl.store(h_ptr + h_off + rk[:, None] * DV + rv[None, :], g.to(h_ptr.dtype.element_ty), mask=mask_kv)
+        elif STORE_FINAL:
+            tl.store(final_ptr + state_off, g, mask=mask_kv)
+    elif STORE_FINAL:
         tl.store(final_ptr + state_off, g, mask=mask_kv)
+
+
+@triton.jit
+def _state_combine_kernel(
+    g0_ptr,
+    h_ptr,
+    tail_ptr,
+    final_ptr,
+    log_gamma_ptr,
+    T,
+    NB,
+    block_tokens,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G0: tl.constexpr,
+    G0_DECAY: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    FINAL_SHIFT: tl.constexpr,
+):
+    """Chain the blocks' own contributions (from a SPLIT state pass) into the states at the block starts, in place
+    in ``h``: G_(blk+1) = gamma^(block tokens) G_blk + contribution_blk; and the final state from the last one."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    lg = tl.load(log_gamma_ptr + i_h).to(tl.float32)
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mask_kv = (rk[:, None] < DK) & (rv[None, :] < DV)
+    tile = rk[:, None] * DV + rv[None, :]
+    state_off = (i_b * H + i_h).to(tl.int64) * DK * DV
+    if HAS_G0:
+        g = tl.load(g0_ptr + state_off + tile, mask=mask_kv, other=0.0).to(tl.float32)
+        if G0_DECAY:
+            g = g * tl.exp(lg)
+    else:
+        g = tl.zeros([BK, BV], dtype=tl.float32)
+    block_decay = tl.exp(lg * block_tokens)  # every block but the last is whole
+    for blk in range(0, NB):
+        h_ptrs = h_ptr + ((i_b * NB + blk) * H + i_h).to(tl.int64) * DK * DV + tile
+        if blk > 0:
+            g = g * block_decay + tl.load(h_ptrs, mask=mask_kv, other=0.0).to(tl.float32)
+        tl.store(h_ptrs, g.to(h_ptr.dtype.element_ty), mask=mask_kv)
+    if STORE_FINAL:
+        last_span = T - (NB - 1) * block_tokens - FINAL_SHIFT
+        g = g * tl.exp(lg * last_span.to(tl.float32))
+        g += tl.load(tail_ptr + state_off + tile, mask=mask_kv, other=0.0)
+        tl.store(final_ptr + state_off + tile, g, mask=mask_kv)
 
 
 @triton.jit
@@ -435,6 +502,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+MAX_GRID_Z = 65535  # CUDA's limit on a grid's last axis (a split state pass puts batch x head x block there)
+
 # Tile choices can be pinned here (keys of _Plan's attributes) to time alternatives; empty in normal use.
 TILE_OVERRIDES: dict[str, int] = {}
 
@@ -455,8 +524,10 @@ class _Plan:
         # software pipelining of the output kernels' loads: at K = 256 its buffers crowd out the state tiles (one
         # stage took the paper's 256 x 512 forward + backward from 11.5 to 9.2 ms on an H100); two below that
         self.stages = 1 if kp >= 256 else 2
-        # the state sweep is sequential in time: with few sequences, narrower state tiles give more programs
+        # the state sweep is sequential in time: with few sequences, it runs split into blocks swept at once and
+        # chained after (state_split), or, with a single block, on narrower state tiles for more programs
         few = B * H * triton.cdiv(K, 64) * triton.cdiv(V, 64) < 264
+        self.state_split = -1  # decided below, from the number of blocks
         self.bk_state = min(32 if few else 64, kp)
         self.bv_state = min(32 if few else 64, vp)
         self.warps_state = 4
@@ -477,10 +548,14 @@ class _Plan:
             while self.nc > 1 and triton.cdiv(T, chunk * self.nc) * per_block < 4 * 132:
                 self.nc //= 2
         self.nb = triton.cdiv(T, chunk * self.nc)
+        if self.state_split < 0:
+            self.state_split = int(few and self.nb > 1 and B * H * self.nb <= MAX_GRID_Z)
+            if self.state_split and not {"bk_state", "bv_state"} & TILE_OVERRIDES.keys():
+                self.bk_state, self.bv_state = min(64, kp), min(64, vp)  # the blocks give the programs
 
     FIELDS = (
         "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
-        "fused_dkv", "warps_dkv", "shared_scores", "nc", "nb",
+        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "nc", "nb",
     )  # fmt: skip
 
     def as_list(self) -> list[int]:
@@ -514,12 +589,14 @@ def _state_pass(
     h = key.new_empty(B, plan.nb, H, K, V) if store_h else None
     final = key.new_empty(B, H, K, V, dtype=torch.float32) if final_shift is not None else None
     grid = (triton.cdiv(K, plan.bk_state), triton.cdiv(V, plan.bv_state), B * H)
-    _state_pass_kernel[grid](
+    split = bool(plan.state_split) and store_h and plan.nb > 1 and B * H * plan.nb <= MAX_GRID_Z
+    tail = torch.empty_like(final) if split and final is not None else final  # the last block's own part
+    _state_pass_kernel[grid[:2] + (B * H * plan.nb,) if split else grid](
         key,
         value,
-        g0,
+        None if split else g0,
         h,
-        final,
+        tail,
         log_gamma,
         kv_scale,
         *key.stride()[:3],
@@ -535,15 +612,37 @@ def _state_pass(
         BV=plan.bv_state,
         C=plan.chunk,
         REVERSE=reverse,
-        HAS_G0=g0 is not None,
+        HAS_G0=g0 is not None and not split,
         G0_DECAY=g0_decay,
-        STORE_H=store_h,
+        STORE_H=store_h and not split,
         STORE_FINAL=final is not None,
         FINAL_SHIFT=final_shift or 0,
+        SPLIT=split,
         PRECISION=_precision(key.dtype),
         num_warps=plan.warps_state,
         num_stages=3,
     )
+    if split:
+        _state_combine_kernel[grid](
+            g0,
+            h,
+            tail,
+            final,
+            log_gamma,
+            T,
+            plan.nb,
+            plan.chunk * plan.nc,
+            H,
+            K,
+            V,
+            BK=plan.bk_state,
+            BV=plan.bv_state,
+            HAS_G0=g0 is not None,
+            G0_DECAY=g0_decay,
+            STORE_FINAL=final is not None,
+            FINAL_SHIFT=final_shift or 0,
+            num_warps=plan.warps_state,
+        )
     return h, final
 
 

@@ -137,8 +137,9 @@ def test_dispatch_cpu():
 
 # (B, T, H, K, V, chunk, sub_chunks, tiles): partial chunks and blocks, one partial chunk, one block, a state too
 # large for the fused dk/dv kernel (V > 256: dq and dk run as 256-wide key pieces; many value blocks: the chunk
-# scores are made once and shared, T not a multiple of the chunk), pieces in a single block (no state), and shared
-# scores reused mirrored by dk and dv (T a multiple of the chunk, with and without key pieces) or not
+# scores are made once and shared, T not a multiple of the chunk), pieces in a single block (no state), shared
+# scores reused mirrored by dk and dv (T a multiple of the chunk, with and without key pieces) or not, and the state
+# passes as one sweep per state tile (the others, with several blocks, sweep the blocks at once and chain them)
 INTERPRETER_CASES = [
     (2, 77, 2, 16, 32, 16, 2, ""),
     (1, 9, 2, 16, 16, 16, None, ""),
@@ -148,9 +149,11 @@ INTERPRETER_CASES = [
     (2, 48, 2, 16, 40, 16, 2, "shared"),
     (1, 32, 2, 16, 272, 16, 1, "shared"),
     (1, 48, 2, 16, 40, 16, 2, "recomputed"),
+    (2, 77, 2, 16, 32, 16, 2, "unsplit"),
 ]
 TILES = {
-    "": {},
+    "": {},  # few sequences: the state passes run split into blocks (state_split) where there are several
+    "unsplit": {"state_split": 0},
     "shared": {"shared_scores": 1, "fused_dkv": 0},
     "recomputed": {"shared_scores": 0, "fused_dkv": 0},
 }
