@@ -26,8 +26,9 @@ from analysis.bench.decode import (
 from arch_zoo.contract import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = ["--d-model", "64", "--layers", "2", "--vocab", "97", "--lengths", "32,64", "--steps", "3", "--warmup", "1"]
-TINY += ["--set", "retnet.head_dim=16", "--set", "transformer.n_heads=4", "--device", "cpu"]
+TINY_RETNET = ["--d-model", "64", "--layers", "2", "--vocab", "97", "--lengths", "32,64", "--steps", "3"]
+TINY_RETNET += ["--warmup", "1", "--set", "retnet.head_dim=16", "--device", "cpu"]
+TINY = [*TINY_RETNET, "--set", "transformer.n_heads=4"]
 
 
 def tiny_model(name: str, dtype: torch.dtype = torch.float64, **mixer):
@@ -204,14 +205,26 @@ def test_train_profile_writes_where_a_step_went_and_logs_it(tmp_path: Path):
     assert "profile_retnet_T32.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_decode_profile_writes_each_cell(tmp_path: Path):
+    out = tmp_path / "decode"
+    args = ["decode", "--models", "retnet", "--batches", "1", "--profile", *TINY_RETNET, "--no-log", "--out", str(out)]
+    assert main(args) == 0
+    for length in (32, 64):
+        text = (out / f"profile_retnet_T{length}_B1.txt").read_text()
+        assert text.startswith("one decoding step (eager: CUDA graphs need a GPU) under the profiler:")
+    assert all(r["busy_pct"] is None for r in json.loads((out / "decode.json").read_text())["rows"])
+
+
 def test_profiled_kernels_are_grouped_by_kind():
-    from analysis.bench.train import kernel_kind
+    from analysis.bench.profiling import kernel_kind
 
     assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
     assert kernel_kind("_chunk_output_kernel") == "retention kernels"
     assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>") == "optimizer"
     assert kernel_kind("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kernel_kind("triton_poi_fused__to_copy_add_view_5") == "other"
+    assert kernel_kind("triton_poi_fused__chunk_cat_0") == "other"  # a compiler's kernel named after an op
+    assert kernel_kind("_decode_step_kernel") == "retention kernels"
 
 
 def test_unknown_model_is_a_clear_error(capsys):

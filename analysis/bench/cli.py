@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
     common.add_argument("--experiment", default="bench", help="MLflow experiment")
     common.add_argument("--no-log", action="store_true", help="write files only; no MLflow run")
+    common.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one more step per cell: profile_<cell>.txt (GPU kernels by kind against the wall time, top ops)",
+    )
 
     parser = argparse.ArgumentParser(prog="zoo-bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,11 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--compile", action="store_true", help="torch.compile the loss (the first steps compile)")
-    train.add_argument(
-        "--profile",
-        action="store_true",
-        help="profile one more step per cell: profile_<model>_T<length>.txt (kernel time by kind, top ops)",
-    )
     args = parser.parse_args(argv)
     if args.lengths is None:
         args.lengths = [1024, 2048, 4096, 8192, 16384] if args.command == "decode" else [2048, 8192]
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     shape = f"d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}"
+    out = args.out or Path("outputs") / "bench" / args.command
+    profile_dir = out if args.profile else None
     if args.command == "decode":
         dtype = resolve_dtype(args.dtype, device)
         settings = DecodeSettings(
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_attention=args.kv_attention,
             seed=args.seed,
             compile=args.compile,
+            profile_dir=profile_dir,
         )
         rows = [r.as_dict() for r in run_decode(specs, settings, device, dtype, log)]
         summary = (
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             seed=args.seed,
             compile=args.compile,
-            profile_dir=(args.out or Path("outputs") / "bench" / args.command) if args.profile else None,
+            profile_dir=profile_dir,
         )
         rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
         summary = (
@@ -161,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     n_params = {r["model"]: r["n_params"] for r in rows}
     meta = {"device": device_label(device), "summary": summary, "n_params": n_params, "params": _params(args)}
-    out = args.out or Path("outputs") / "bench" / args.command
     table, files = write_outputs(args.command, rows, meta, out, args.reference)
-    if args.command == "train" and args.profile:
+    if args.profile:
         files += sorted(out.glob("profile_*.txt"))
     if not args.no_log:
         run_id = log_run(args.command, rows, meta, files, table, args.tracking_uri, args.experiment)

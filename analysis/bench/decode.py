@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from analysis.bench import (
     peak_mib,
     synchronize,
 )
+from analysis.bench.profiling import profile_step
 from arch_zoo.layers import rotary_cos_sin, rotate_pairs
 from arch_zoo.mixers.attention import Attention
 from arch_zoo.model import LanguageModel
@@ -322,6 +324,7 @@ class DecodeRow:
     state_mib: float | None = None
     graph: str = ""
     n_params: int = 0
+    busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -341,6 +344,7 @@ class DecodeSettings:
     kv_attention: str = "sdpa"
     seed: int = 0
     compile: bool = False  # torch.compile the step: fuses the mixers' small elementwise kernels
+    profile_dir: Path | None = None  # profile one more step per cell and write where its time went here
 
 
 def _cell(
@@ -389,6 +393,9 @@ def _cell(
     row.tokens_per_s = B / (row.latency_ms / 1e3)
     row.peak_mib = peak_mib(device)
     row.graph = stepper.note + (", compiled" if runner is not None else "")
+    if settings.profile_dir is not None:
+        path = settings.profile_dir / f"profile_{row.model}_T{L}_B{B}.txt"
+        row.busy_pct = profile_step(stepper.run, device, path, f"one decoding step ({row.graph})")
     row.status = "ok"
 
 

@@ -40,6 +40,7 @@ COLUMNS = {
         ("prefill_peak_mib", "prefill peak (MiB)", "{:,.0f}"),
         ("state_mib", "state (MiB)", "{:,.1f}"),
         ("graph", "CUDA graph", "{}"),
+        ("busy_pct", "GPU busy (%)", "{:.0f}"),
         ("status", "status", "{}"),
     ],
     "train": [
@@ -56,7 +57,7 @@ COLUMNS = {
 }
 OPTIONAL = {"busy_pct"}  # columns shown only when some row has a value (--profile on a GPU)
 METRICS = {
-    "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib"),
+    "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
     "train": ("step_ms", "tokens_per_s", "peak_mib", "loss", "busy_pct"),
 }
 

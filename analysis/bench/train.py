@@ -27,6 +27,7 @@ from analysis.bench import (
     peak_mib,
     synchronize,
 )
+from analysis.bench.profiling import profile_step
 
 
 @dataclass
@@ -105,59 +106,9 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     row.peak_mib = peak_mib(device)
     row.loss = float(loss)
     if settings.profile_dir is not None:
-        row.busy_pct = profile_step(step, device, settings.profile_dir / f"profile_{row.model}_T{row.length}.txt")
+        path = settings.profile_dir / f"profile_{row.model}_T{row.length}.txt"
+        row.busy_pct = profile_step(step, device, path, "one training step")
     row.status = "ok"
-
-
-# kernel name fragments -> what they are, for the summary of a profiled step (first match wins)
-KERNEL_KINDS = (
-    ("retention kernels", ("_chunk_output_kernel", "_chunk_scores_kernel", "_chunk_dkv_kernel", "_state_pass_kernel")),
-    ("attention", ("flash", "fmha", "attention", "cudnn")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
-    ("optimizer", ("adam", "multi_tensor_apply")),
-)
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other")
-
-
-def profile_step(step: Callable[[], torch.Tensor], device: torch.device, path: Path) -> float | None:
-    """Run one more step under the torch profiler and write where its time went to ``path``.
-
-    On a GPU the summary says how much of the step's wall time the GPU spent in kernels, by kind: a step whose
-    kernels add up to much less than its wall time is bound by the host (launches, graph breaks), not by any
-    kernel. Returns that fraction in percent (None on the CPU, which has no separate kernel time)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        wall_ms = (time.perf_counter() - t0) * 1e3
-    events = prof.key_averages()
-    lines = [f"one training step under the profiler: {wall_ms:.1f} ms wall"]
-    busy = None
-    if cuda:
-        by_kind: dict[str, float] = {}
-        for event in events:
-            if event.device_type == DeviceType.CUDA:
-                kind = kernel_kind(event.key)
-                by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total / 1e3
-        kernel_ms = sum(by_kind.values())
-        busy = 100 * kernel_ms / wall_ms
-        lines.append(f"GPU kernels: {kernel_ms:.1f} ms, {busy:.0f}% of the wall time (the rest the GPU waited)")
-        lines += [f"  {kind:<18} {ms:9.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    lines += ["", events.table(sort_by=sort_by, row_limit=30, max_name_column_width=80)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return busy
 
 
 def run_train(

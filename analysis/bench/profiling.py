@@ -1,0 +1,63 @@
+"""Where one step of a benchmark cell spent its time: the torch profiler's view, summarised for ``--profile``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from analysis.bench import synchronize
+
+# kernel name fragments -> what they are, for the summary of a profiled step (first match wins)
+RETENTION_KERNELS = ("_chunk_output", "_chunk_scores", "_chunk_dkv", "_state_pass", "_state_combine", "_decode_step")
+KERNEL_KINDS = (
+    ("retention kernels", tuple(f"{name}_kernel" for name in RETENTION_KERNELS)),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
+    ("optimizer", ("adam", "multi_tensor_apply")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other")
+
+
+def profile_step(step: Callable[[], object], device: torch.device, path: Path, what: str) -> float | None:
+    """Run one more step under the torch profiler and write where its time went to ``path``.
+
+    On a GPU the summary says how much of the step's wall time the GPU spent in kernels, by kind: a step whose
+    kernels add up to much less than its wall time is bound by the host (launches, graph breaks), not by any
+    kernel. Returns that fraction in percent (None on the CPU, which has no separate kernel time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    lines = [f"{what} under the profiler: {wall_ms:.1f} ms wall"]
+    busy = None
+    if cuda:
+        by_kind: dict[str, float] = {}
+        for event in events:
+            if event.device_type == DeviceType.CUDA:
+                kind = kernel_kind(event.key)
+                by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total / 1e3
+        kernel_ms = sum(by_kind.values())
+        launches = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
+        busy = 100 * kernel_ms / wall_ms
+        lines.append(f"GPU kernels: {launches} launches, {kernel_ms:.1f} ms, {busy:.0f}% of the wall time")
+        lines += [f"  {kind:<18} {ms:9.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines += ["", events.table(sort_by=sort_by, row_limit=30, max_name_column_width=80)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return busy
