@@ -337,6 +337,12 @@ def interpreter_checks() -> dict[str, float]:
     return results
 
 
+def assert_within(results: dict[str, float], prefix: str, count: int, bound: float = 1e-5) -> None:
+    """The ``count`` interpreter comparisons named ``prefix...`` exist and are all within ``bound``."""
+    errors = {k: e for k, e in results.items() if k.startswith(prefix)}
+    assert len(errors) == count and all(e < bound for e in errors.values()), errors
+
+
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict[str, float]:
     triton = pytest.importorskip("triton")
@@ -357,20 +363,15 @@ def interpreter_results() -> dict[str, float]:
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=case_id)
 @pytest.mark.parametrize("with_state", [False, True], ids=["nostate", "state"])
 def test_triton_interpreter_forward_backward(interpreter_results, case, with_state):
-    prefix = f"{case_id(case)}/{'state' if with_state else 'nostate'}/"
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith(prefix)}
-    assert len(errors) == 5 + with_state
-    assert all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, f"{case_id(case)}/{'state' if with_state else 'nostate'}/", 5 + with_state)
 
 
 def test_triton_interpreter_unused_final_state(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("unused_final/")}
-    assert len(errors) == 4 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "unused_final/", 4)
 
 
 def test_triton_interpreter_decode_step(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("decode/")}
-    assert len(errors) == 3 + 2 * 4 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "decode/", 3 + 2 * 4)
 
 
 def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):
@@ -378,28 +379,23 @@ def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):
 
 
 def test_triton_operators_pass_opcheck_and_compile_in_one_graph(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("compiled/")}
-    assert len(errors) == 2 * 6 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "compiled/", 2 * 6)
 
 
 def test_triton_operators_compile_with_symbolic_lengths(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("dynamic/")}
-    assert len(errors) == 2 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "dynamic/", 2)
 
 
 def test_a_retnet_layer_on_the_kernels_compiles_in_one_graph(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("layer/")}
-    assert len(errors) == 4 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "layer/", 4)
 
 
 def test_triton_backward_keeps_the_forward_tiles(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("tiles_kept/")}
-    assert len(errors) == 3 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "tiles_kept/", 3)
 
 
 def test_triton_reads_transposed_layouts_in_place(interpreter_results):
-    errors = {k: e for k, e in interpreter_results.items() if k.startswith("strided/")}
-    assert len(errors) == 5 and all(e < 1e-5 for e in errors.values()), errors
+    assert_within(interpreter_results, "strided/", 5)
 
 
 def test_kernels_read_dense_views_without_copying():
