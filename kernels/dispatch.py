@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import retention_chunkwise_reference, retention_step_reference
+from kernels.reference import (
+    retention_chunkwise_reference,
+    retention_parallel_reference,
+    retention_step_reference,
+)
 
 BACKENDS = ("auto", "triton", "fla", "torch")
 
@@ -67,13 +71,17 @@ def retention(
     output_final_state: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The retention core ``o, final_state``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_gamma ``[H]``.
+    """The retention core ``o, final_state``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_gamma ``[H]``, or
+    ``[B, T, H]`` for a decay per token (selective, or trained: the gradient reaches it).
 
     ``scale`` multiplies q (default ``K ** -0.5``); states are ``[B, H, K, V]``. ``backend``: auto (triton on CUDA
     where the kernels take the dtype and head dims, else torch), triton, fla (``chunk_simple_gla``) or torch (the
-    chunkwise reference).
+    chunkwise reference). A decay per token runs on fla (its ``g``; auto on CUDA) or torch (the parallel
+    reference, O(T^2) memory: for tests); our kernels take a fixed decay per head only.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if log_gamma.dim() == 3:
+        return _per_token(q, k, v, log_gamma, scale, initial_state, output_final_state, backend)
     chosen = _resolve(backend, q.device, q.dtype, (q.shape[-1], v.shape[-1]))
     if chosen == "triton":
         return _triton_chunkwise(q, k, v, log_gamma, scale, initial_state, output_final_state)
@@ -89,6 +97,38 @@ def retention(
             output_final_state=output_final_state,
         )
     return retention_chunkwise_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
+
+
+def _per_token(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if log_gamma.shape != q.shape[:3]:
+        shape = tuple(log_gamma.shape)
+        raise ValueError(f"retention: a per-token decay is [B, T, H] = {tuple(q.shape[:3])}; got {shape}")
+    chosen = _resolve(backend, q.device)
+    if chosen == "triton":
+        if backend == "triton":
+            raise ValueError("retention: the Triton kernels take a fixed decay per head; use backend 'fla' or 'torch'")
+        chosen = "fla"  # auto on CUDA
+    if chosen == "fla":  # its g: the decay per token, with a gradient
+        fla = _fla("chunk")
+        return fla(
+            q,
+            k,
+            v,
+            g=log_gamma.float().contiguous(),
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
+    return retention_parallel_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
 
 
 def retention_step(

@@ -11,6 +11,10 @@ so ``o_n = scale * (sum_{m<=n} gamma^(n-m) (q_n . k_m) v_m + gamma^(n+1) q_n S_{
 
 Layout (fla's): q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, states ``[B, H, K, V]``. Everything runs in the input
 dtype promoted to at least float32, so float64 inputs give a float64 reference.
+
+The parallel reference also takes a decay per token, ``log_gamma`` ``[B, T, H]`` (``S_n = gamma_n S_{n-1} + ...``:
+a selective or trained decay, fla's ``g``), where ``gamma^(n-m)`` becomes ``exp(A_n - A_m)`` with ``A`` the running
+sum of the log decays.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def retention_parallel_reference(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The masked-matrix form: O(T^2) memory, obviously right, the oracle for short sequences."""
+    if log_gamma.dim() == 3:
+        return _per_token_parallel(q, k, v, log_gamma, scale, initial_state, output_final_state)
     out_dtype = v.dtype
     q, k, v = _promote(q, k, v)
     T = q.shape[1]
@@ -52,6 +58,35 @@ def retention_parallel_reference(
         final = torch.einsum("bmhk,bmhv->bhkv", k * k_decay, v)
         if initial_state is not None:
             final = final + torch.exp(a.view(1, -1, 1, 1) * T) * initial_state.to(q.dtype)
+    return (scale * o).to(out_dtype), final
+
+
+def _per_token_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out_dtype = v.dtype
+    q, k, v = _promote(q, k, v)
+    T = q.shape[1]
+    A = log_gamma.to(q.dtype).cumsum(1)  # [B, T, H]: log of the decay from the start through token n
+    t = torch.arange(T, device=q.device)
+    causal = (t[:, None] >= t[None, :])[None, :, :, None]  # [1, n, m, 1]
+    gap = (A[:, :, None, :] - A[:, None, :, :]).masked_fill(~causal, 0.0)  # A_n - A_m, [B, n, m, H]
+    decay = torch.exp(gap) * causal
+    scores = torch.einsum("bnhk,bmhk->bhnm", q, k) * decay.permute(0, 3, 1, 2)
+    o = torch.einsum("bhnm,bmhv->bnhv", scores, v)
+    if initial_state is not None:
+        o = o + torch.einsum("bnhk,bhkv->bnhv", q * torch.exp(A)[..., None], initial_state.to(q.dtype))
+    final = None
+    if output_final_state:
+        final = torch.einsum("bmhk,bmhv->bhkv", k * torch.exp(A[:, -1:] - A)[..., None], v)
+        if initial_state is not None:
+            final = final + torch.exp(A[:, -1])[..., None, None] * initial_state.to(q.dtype)
     return (scale * o).to(out_dtype), final
 
 

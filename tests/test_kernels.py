@@ -28,12 +28,14 @@ KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "retention_trito
 
 
 def naive_loop(q, k, v, log_gamma, scale, s0):
-    """S_n = gamma S_{n-1} + k_n^T v_n, o_n = scale q_n S_n, one token at a time (float64)."""
+    """S_n = gamma S_{n-1} + k_n^T v_n, o_n = scale q_n S_n, one token at a time (float64); log_gamma [H], or
+    [B, T, H] for a decay per token."""
     B, T, H, K = q.shape
     state = s0.clone() if s0 is not None else q.new_zeros(B, H, K, v.shape[-1])
-    gamma = log_gamma.exp().view(1, H, 1, 1)
+    per_token = log_gamma.dim() == 3
     out = []
     for t in range(T):
+        gamma = (log_gamma[:, t] if per_token else log_gamma).exp().view(-1, H, 1, 1)
         state = gamma * state + k[:, t, :, :, None] * v[:, t, :, None, :]
         out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
     return torch.stack(out, dim=1), state
@@ -109,12 +111,27 @@ def test_step_reference_matches_loop():
     assert rel(z, z_loop[..., 0]) < 1e-12
 
 
+def test_reference_with_a_decay_per_token_matches_the_loop():
+    q, k, v, s0 = inputs(2, 23, 3, 8, 5)
+    g = torch.nn.functional.logsigmoid(torch.randn(2, 23, 3, dtype=torch.float64) + 3)  # selective decays
+    o_loop, s_loop = naive_loop(q, k, v, g, 0.4, s0)
+    o, s = retention_parallel_reference(q, k, v, g, 0.4, s0, True)
+    assert rel(o, o_loop) < 1e-12 and rel(s, s_loop) < 1e-12
+    # a per-token decay constant in time is the per-head one
+    lg = decays(3)
+    o_head, s_head = retention_parallel_reference(q, k, v, lg, 0.4, s0, True)
+    o_tok, s_tok = retention_parallel_reference(q, k, v, lg.expand(2, 23, 3), 0.4, s0, True)
+    assert rel(o_tok, o_head) < 1e-12 and rel(s_tok, s_head) < 1e-12
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch (CPU)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_dispatch_cpu():
+def test_dispatch_cpu(monkeypatch):
+    from kernels import dispatch
+
     q, k, v, s0 = inputs(1, 20, 2, 8, 8, dtype=torch.float32)
     lg = decays(2).float()
     o, s = retention(q, k, v, lg, 0.5, s0, True)  # auto -> torch on the CPU
@@ -128,6 +145,15 @@ def test_dispatch_cpu():
         retention(q, k, v, lg, backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):
         retention(q, k, v, lg, backend="cuda")
+    # a decay per token: the reference on the CPU; our kernels refuse it with the backends that take it
+    g = lg.expand(1, 20, 2)
+    o_tok, s_tok = retention(q, k, v, g, 0.5, s0, True)
+    assert rel(o_tok, o_ref) < 1e-5 and rel(s_tok, s_ref) < 1e-5
+    with pytest.raises(ValueError, match=r"per-token decay is \[B, T, H\]"):
+        retention(q, k, v, g[:, :5])
+    monkeypatch.setattr(dispatch, "_resolve", lambda backend, *a, **kw: backend)
+    with pytest.raises(ValueError, match="use backend 'fla' or 'torch'"):
+        retention(q, k, v, g, backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------

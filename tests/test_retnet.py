@@ -463,16 +463,17 @@ def test_kernel_adapter_matches_the_reference_cores():
     got_o, got_s = kernel_core("torch")(q, k, v, log_decay, s0)
     torch.testing.assert_close(got_o, want_o)
     torch.testing.assert_close(got_s, want_s)
-    with pytest.raises(ConfigError, match="selective_decay needs kernel=torch"):
-        kernel_core("torch")(q, k, v, log_decay.view(1, H, 1).expand(B, H, T))
+    with pytest.raises(ConfigError, match="selective or learnable decay needs kernel=fla or kernel=torch"):
+        kernel_core("triton")(q, k, v, log_decay.view(1, H, 1).expand(B, H, T))
 
 
 def test_auto_kernel_is_pytorch_on_the_cpu_and_trained_decay_refuses_fast_kernels():
     from arch_zoo.mixers.retnet import parallel_retention, retention_core
 
     assert retention_core("auto", "parallel", torch.device("cpu"), 64) is parallel_retention
-    with pytest.raises(ConfigError, match="no gradient for a trained decay"):
+    with pytest.raises(ConfigError, match="no gradient for a trained decay; use kernel=fla"):
         retention_core("triton", "chunkwise", torch.device("cpu"), 64, trained_decay=True)
+    assert callable(retention_core("fla", "chunkwise", torch.device("cpu"), 64, trained_decay=True))
 
 
 DECODE_SWITCHES = [{}, {"score_norm": False}, {"decay": False}, {"decay_norm": False, "xpos": False}]
@@ -593,6 +594,23 @@ def test_model_decode_step_replays_in_a_cuda_graph(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("switches", [{"selective_decay": True}, {"learnable_decay": True}], ids=["sel", "learn"])
+def test_fla_core_for_trained_decays_matches_the_pytorch_core(switches):
+    """kernel=fla runs a selective or learnable decay through fla's per-token g: outputs and gradients (the decay's
+    included) as the PyTorch core's, in float32."""
+    pytest.importorskip("fla.ops.simple_gla")
+    results = {}
+    for kernel in ("torch", "fla"):
+        mixer = make(torch.float32, head_dim=16, kernel=kernel, **switches).cuda()
+        x = inputs(torch.float32, length=300).cuda().requires_grad_(True)
+        y, _ = mixer(x, return_state=False)
+        y.pow(2).mean().backward()
+        results[kernel] = (y, x.grad, mixer.q_proj.weight.grad, *decay_grads(mixer))
+    for got, want in zip(results["fla"], results["torch"]):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-3
+
+
+@pytest.mark.gpu
 def test_triton_core_under_autocast_matches_the_pytorch_core():
     """bf16 autocast over float32 weights (the GPU trainer's precision): the Triton core gives the PyTorch core's
     outputs and gradients within bf16 accuracy."""
@@ -609,11 +627,24 @@ def test_triton_core_under_autocast_matches_the_pytorch_core():
         assert torch.isfinite(got).all() and rel_err(got, want) < 3e-2
 
 
-@pytest.mark.parametrize("switches", [{}, {"decay_norm": False}, {"score_norm": False}], ids=["paper", "nodn", "nosn"])
+ADAPTER_SWITCHES = {
+    "paper": {},
+    "nodn": {"decay_norm": False},
+    "nosn": {"score_norm": False},
+    "selective": {"selective_decay": True},
+    "learnable": {"learnable_decay": True},
+}
+
+
+def decay_grads(mixer: RetNet) -> list[torch.Tensor]:
+    return [p.grad.clone() for n, p in mixer.named_parameters() if n.startswith("decay_") and p.grad is not None]
+
+
+@pytest.mark.parametrize("switches", ADAPTER_SWITCHES.values(), ids=ADAPTER_SWITCHES.keys())
 def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, monkeypatch):
     """The path a fast kernel takes inside the mixer (the key-sum read in its own gradient-free call, the state
-    carried across calls) gives the PyTorch core's outputs, gradients and states; run through the kernels package's
-    PyTorch backend."""
+    carried across calls; a selective or learnable decay handed over per token, as fla takes it) gives the PyTorch
+    core's outputs, gradients (the decay's included) and states; run through the kernels package's PyTorch backend."""
     import arch_zoo.mixers.retnet as retnet
 
     mixer = make(**switches)
@@ -628,12 +659,47 @@ def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, mon
         y2, state = run(mixer, x[:, 11:], "chunkwise", state)
         y = torch.cat((y1, y2), 1)
         y.pow(2).sum().backward()
-        results[path] = (y.detach(), x.grad.clone(), mixer.q_proj.weight.grad.clone(), state)
-    (y_t, gx_t, gq_t, s_t), (y_a, gx_a, gq_a, s_a) = results["torch"], results["adapter"]
+        results[path] = (y.detach(), x.grad.clone(), mixer.q_proj.weight.grad.clone(), state, decay_grads(mixer))
+    (y_t, gx_t, gq_t, s_t, gd_t), (y_a, gx_a, gq_a, s_a, gd_a) = results["torch"], results["adapter"]
     assert rel_err(y_a, y_t) < 1e-12 and rel_err(gx_a, gx_t) < 1e-12 and rel_err(gq_a, gq_t) < 1e-12
-    for key in ("kv", "z"):
-        if s_t[key] is not None:
+    trained = switches.get("selective_decay") or switches.get("learnable_decay")
+    assert len(gd_a) == len(gd_t) == (2 if switches.get("selective_decay") else 1 if trained else 0)
+    assert all(rel_err(a, t) < 1e-10 for a, t in zip(gd_a, gd_t))
+    for key in ("kv", "z", "r"):
+        if s_t.get(key) is not None:
             assert rel_err(s_a[key], s_t[key]) < 1e-12, key
+
+
+def test_fla_takes_a_trained_decay_per_token(monkeypatch):
+    """kernel=fla with a selective decay: what reaches fla's ``chunk_simple_gla`` is its documented call (q, k, v
+    [B, T, H, D], g [B, T, H] float32 contiguous, the state [B, H, K, V]); here a stand-in with that signature
+    computes it on the CPU, and the mixer matches its PyTorch core, gradients included. fla itself runs only on a
+    GPU (``test_fla_core_for_trained_decays_matches_the_pytorch_core``)."""
+    import kernels.dispatch as dispatch
+    from kernels.reference import retention_parallel_reference
+
+    calls = []
+
+    def chunk_simple_gla(q, k, v, *, g, scale, initial_state, output_final_state):
+        assert g.shape == q.shape[:3] and g.dtype == torch.float32 and g.is_contiguous()
+        assert initial_state is None or initial_state.shape == (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        calls.append(g.shape)
+        return retention_parallel_reference(q, k, v, g, scale, initial_state, output_final_state)
+
+    resolve = dispatch._resolve
+    monkeypatch.setattr(dispatch, "_resolve", lambda backend, *a, **kw: "fla" if backend == "fla" else resolve(backend))
+    monkeypatch.setattr(dispatch, "_fla", lambda name: chunk_simple_gla)
+    results = {}
+    for kernel in ("torch", "fla"):
+        mixer = make(selective_decay=True, kernel=kernel)
+        x = inputs(torch.float64, length=19).requires_grad_(True)
+        y1, state = run(mixer, x[:, :11], "chunkwise")
+        y2, _ = run(mixer, x[:, 11:], "chunkwise", state)
+        torch.cat((y1, y2), 1).pow(2).sum().backward()
+        results[kernel] = (torch.cat((y1, y2), 1).detach(), x.grad, *decay_grads(mixer))
+    assert calls, "the fla path was not taken"
+    for got, want in zip(results["fla"], results["torch"]):
+        assert rel_err(got, want) < 1e-6  # fla takes g in float32: the float64 decay is rounded on the way
 
 
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])

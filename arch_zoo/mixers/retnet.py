@@ -188,16 +188,23 @@ def kernel_core(backend: str) -> RetentionCore:
     """The retention core of the ``kernels`` package (``triton`` or ``fla``) in this module's layout.
 
     Here q, k, v are ``[B, H, T, D]`` with the key scale already applied to k; the kernels take ``[B, T, H, D]`` and
-    a per-head decay. Value widths are padded to the kernels' tile; a width past a whole number of tiles is split
-    off and run as a second, narrow call. The mixer does not append the score normaliser's column of ones for this
-    core (``separate_key_sum``): it reads the key-sum in its own call without autograd, the normaliser being
-    detached, which saves copying the values and the narrow call's backward."""
+    a per-head decay, fla also one per token (``[B, T, H]``: a selective decay, or a learnable one spread over the
+    tokens so that fla's gradient for it flows back). Value widths are padded to the kernels' tile; a width past a
+    whole number of tiles is split off and run as a second, narrow call. The mixer does not append the score
+    normaliser's column of ones for this core (``separate_key_sum``): it reads the key-sum in its own call without
+    autograd, the normaliser being detached, which saves copying the values and the narrow call's backward."""
 
     def core(q, k, v, log_decay, initial_state=None, output_final_state=True, chunk_size=None):
         from kernels.dispatch import retention
 
-        if log_decay.dim() != 1:
-            raise ConfigError(f"retnet: kernel={backend} takes a decay per head; selective_decay needs kernel=torch")
+        B, H, T, _ = q.shape
+        if log_decay.dim() != 1 or log_decay.requires_grad:  # a decay per token, or a trained one: fla's g
+            if backend == "triton":
+                raise ConfigError(
+                    "retnet: kernel=triton takes a fixed decay per head; a selective or learnable decay needs "
+                    "kernel=fla or kernel=torch"
+                )
+            log_decay = log_decay.transpose(1, 2) if log_decay.dim() == 3 else log_decay.expand(B, T, H)
         if not q.dtype == k.dtype == v.dtype:  # autocast can leave them mixed; the kernels take one dtype
             q, k = q.to(v.dtype), k.to(v.dtype)
         width = v.shape[-1]
@@ -242,8 +249,11 @@ def retention_core(kernel: str, mode: str, device: torch.device, chunk_size: int
     if kernel == "auto":
         backend = "triton" if device.type == "cuda" and not trained_decay and mode != "recurrent" else "torch"
     if backend != "torch":
-        if trained_decay:
-            raise ConfigError(f"retnet: kernel={kernel} has no gradient for a trained decay; use kernel=torch")
+        if trained_decay and backend != "fla":
+            raise ConfigError(
+                f"retnet: kernel={kernel} has no gradient for a trained decay; use kernel=fla (its per-token decay) "
+                "or kernel=torch"
+            )
         return kernel_core(backend)
     core = RETENTION_CORES[backend][mode]
     return partial(core, chunk_size=chunk_size) if mode == "chunkwise" else core
@@ -561,7 +571,8 @@ class RetNet(TokenMixer):
             else:  # a selective decay has no closed form: the same core on ones gives r_n = gamma_n r_{n-1} + 1
                 ones = log_decay.new_ones(B, H, T, 1)
                 r0 = None if state is None else state["r"][..., None, None]
-                core = retention_core(c.kernel, self.form(T, state is not None), x.device, c.chunk_size, trained)
+                # a key dim of one is below any kernel's tile: the PyTorch core does this one
+                core = retention_core("torch", self.form(T, state is not None), x.device, c.chunk_size, trained)
                 r, r_last = core(ones, ones, ones, log_decay, r0, output_final_state=return_state)
                 inv_sqrt_r = r.rsqrt()
                 if new_state is not None:
