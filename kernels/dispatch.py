@@ -53,6 +53,12 @@ def _triton_chunkwise(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
     return retention_triton(*args)
 
 
+def _fla_chunk(q, k, v, scale, initial_state, output_final_state, **decay) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's ``chunk_simple_gla`` with the decay as ``g_gamma=`` (per head) or ``g=`` (per token)."""
+    fla = _fla("chunk")
+    return fla(q, k, v, **decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
 @torch.compiler.disable
 def _triton_step(*args) -> torch.Tensor:
     """Opaque to torch.compile, like the chunkwise kernels; it updates the state in place, outside any graph."""
@@ -87,15 +93,7 @@ def retention(
         return _triton_chunkwise(q, k, v, log_gamma, scale, initial_state, output_final_state)
     if chosen == "fla":
         lg = log_gamma.to(device=q.device, dtype=torch.float32)
-        return _fla("chunk")(
-            q,
-            k,
-            v,
-            g_gamma=lg,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-        )
+        return _fla_chunk(q, k, v, scale, initial_state, output_final_state, g_gamma=lg)
     return retention_chunkwise_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
 
 
@@ -118,16 +116,7 @@ def _per_token(
             raise ValueError("retention: the Triton kernels take a fixed decay per head; use backend 'fla' or 'torch'")
         chosen = "fla"  # auto on CUDA
     if chosen == "fla":  # its g: the decay per token, with a gradient
-        fla = _fla("chunk")
-        return fla(
-            q,
-            k,
-            v,
-            g=log_gamma.float().contiguous(),
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-        )
+        return _fla_chunk(q, k, v, scale, initial_state, output_final_state, g=log_gamma.float().contiguous())
     return retention_parallel_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
 
 

@@ -888,7 +888,8 @@ def _retention_op(
     that is not made comes back empty (an operator returns tensors only)."""
     plan = _Plan.from_list(tiles)
     h, final = None, None
-    if _needs_block_states(plan, initial_state is not None) or output_final_state:
+    store_h = _needs_block_states(plan, initial_state is not None)
+    if store_h or output_final_state:
         h, final = _state_pass(
             k,
             v,
@@ -898,7 +899,7 @@ def _retention_op(
             g0_decay=True,
             kv_scale=1.0,
             reverse=False,
-            store_h=_needs_block_states(plan, initial_state is not None),
+            store_h=store_h,
             final_shift=1 if output_final_state else None,
         )
     a = _chunk_scores(q, k, log_gamma, scale, plan.chunk, reverse=False) if plan.shared_scores else None
@@ -936,7 +937,7 @@ def _retention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, d initial state)``; ``do`` in v's layout."""
     plan = _Plan.from_list(tiles)
-    need_dh = plan.nb > 1 or d_final is not None
+    need_dh = _needs_block_states(plan, d_final is not None)  # the same rule: the reversed sweep's initial state
     dh, ds0 = None, None
     if need_dh or want_ds0:
         dh, ds0 = _state_pass(

@@ -47,12 +47,13 @@ def profile_step(step: Callable[[], object], device: torch.device, path: Path, w
     busy = None
     if cuda:
         by_kind: dict[str, float] = {}
+        launches = 0
         for event in events:
             if event.device_type == DeviceType.CUDA:
                 kind = kernel_kind(event.key)
                 by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total / 1e3
+                launches += event.count
         kernel_ms = sum(by_kind.values())
-        launches = sum(e.count for e in events if e.device_type == DeviceType.CUDA)
         busy = 100 * kernel_ms / wall_ms
         lines.append(f"GPU kernels: {launches} launches, {kernel_ms:.1f} ms, {busy:.0f}% of the wall time")
         lines += [f"  {kind:<18} {ms:9.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
