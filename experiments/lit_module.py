@@ -120,3 +120,19 @@ class LanguageModelTask(L.LightningModule):
             optimizer, lambda step: lr_multiplier(step, o.warmup_steps, self.total_steps, o.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Under FSDP a gradient's norm spans the shards, so only the sharded module can clip by it (Lightning's FSDP
+        precision plugin refuses norm clipping); every other strategy clips as Lightning does."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+        ):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

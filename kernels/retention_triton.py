@@ -524,9 +524,13 @@ class _Plan:
         # software pipelining of the output kernels' loads: at K = 256 its buffers crowd out the state tiles (one
         # stage took the paper's 256 x 512 forward + backward from 11.5 to 9.2 ms on an H100); two below that
         self.stages = 1 if kp >= 256 else 2
-        # the state sweep is sequential in time: with few sequences, it runs split into blocks swept at once and
-        # chained after (state_split), or, with a single block, on narrower state tiles for more programs
-        few = B * H * triton.cdiv(K, 64) * triton.cdiv(V, 64) < 264
+        # the state sweep is sequential in time: with few sequences it runs on 32-wide state tiles (4x the
+        # programs), and with fewer still (under 264 programs even so) split into blocks swept at once and chained
+        # after (state_split). Measured on an H100 (fwd+bwd), the split lost where 32-wide tiles give 1,024 programs
+        # (B = 1, 256 x 512, T = 8192: 1.50 vs 1.37 ms; B = 8, 128 x 128, T = 8192: 1.66 vs 1.40 ms) and won where
+        # they give 256 (B = 2, 128 x 128, T = 32768: 1.51 vs 1.60 ms)
+        programs = B * H * triton.cdiv(K, 64) * triton.cdiv(V, 64)
+        few = programs < 264
         self.state_split = -1  # decided below, from the number of blocks
         self.bk_state = min(32 if few else 64, kp)
         self.bv_state = min(32 if few else 64, vp)
@@ -549,8 +553,8 @@ class _Plan:
                 self.nc //= 2
         self.nb = triton.cdiv(T, chunk * self.nc)
         if self.state_split < 0:
-            self.state_split = int(few and self.nb > 1 and B * H * self.nb <= MAX_GRID_Z)
-            if self.state_split and not {"bk_state", "bv_state"} & TILE_OVERRIDES.keys():
+            self.state_split = int(4 * programs < 264 and self.nb > 1 and B * H * self.nb <= MAX_GRID_Z)
+            if self.state_split and "bk_state" not in TILE_OVERRIDES and "bv_state" not in TILE_OVERRIDES:
                 self.bk_state, self.bv_state = min(64, kp), min(64, vp)  # the blocks give the programs
 
     FIELDS = (

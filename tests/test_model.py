@@ -121,3 +121,30 @@ def test_cached_rotary_tables_match_a_fresh_computation_and_grow():
         cached_rotary_cos_sin(name, inv_freq, position, 1, torch.float32)[0],
         rotary_cos_sin(inv_freq, 7, 1, torch.float32)[0],
     )
+
+
+def test_gradient_clipping_by_norm_under_fsdp_goes_through_the_sharded_module():
+    """Lightning's FSDP precision refuses norm clipping (the norm spans the shards): the task asks the sharded
+    module, which knows the global norm; under any other strategy it clips as Lightning does."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    from arch_zoo.mixers.retnet import RetNetConfig
+    from experiments.lit_module import LanguageModelTask, OptimConfig
+
+    config = ModelConfig(vocab_size=11, d_model=16, n_layers=1, mixer=RetNetConfig(name="retnet", head_dim=8))
+    task = LanguageModelTask(config, OptimConfig(), total_steps=1, eval_splits=["val"], bytes_per_token={"val": 1.0})
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    sharded, lightning = [], []
+    task.clip_gradients = lambda *args: lightning.append(args[1:])
+    fsdp = FSDPStrategy()
+    fsdp.model = SimpleNamespace(clip_grad_norm_=sharded.append)
+    task._trainer = SimpleNamespace(strategy=fsdp)
+    task.configure_gradient_clipping(optimizer, 0.5, "norm")
+    task.configure_gradient_clipping(optimizer, 0.5, "value")  # clipping by value needs no global view
+    assert sharded == [0.5] and lightning == [(0.5, "value")]
+
+    task._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"))
+    task.configure_gradient_clipping(optimizer, 0.5, "norm")
+    assert sharded == [0.5] and lightning == [(0.5, "value"), (0.5, "norm")]

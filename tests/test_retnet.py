@@ -604,7 +604,12 @@ def test_fla_core_for_trained_decays_matches_the_pytorch_core(switches):
         mixer = make(torch.float32, head_dim=16, kernel=kernel, **switches).cuda()
         x = inputs(torch.float32, length=300).cuda().requires_grad_(True)
         y, _ = mixer(x, return_state=False)
-        y.pow(2).mean().backward()
+        try:
+            y.pow(2).mean().backward()
+        except RuntimeError as error:  # fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (fla #640)
+            if "Hopper" not in str(error):
+                raise
+            pytest.skip(f"fla: {str(error).splitlines()[0]}")
         results[kernel] = (y, x.grad, mixer.q_proj.weight.grad, *decay_grads(mixer))
     for got, want in zip(results["fla"], results["torch"]):
         assert torch.isfinite(got).all() and rel_err(got, want) < 1e-3
@@ -729,3 +734,24 @@ def test_head_norm_gradients_match_the_formula_and_keep_only_the_half_input(kind
     assert sum(t.numel() * t.element_size() for t in saved) == half.nbytes + 2 * 3 * 10 * 4  # input + fp32 scale
     (g_half,) = torch.autograd.grad(y, half, dy.bfloat16())
     assert rel_err(g_half.double(), want) < 1e-2
+
+
+def _graph_breaks(device: str, length: int) -> list[str]:
+    """Why ``torch.compile`` would cut a RetNet language model's loss into pieces (empty: one graph)."""
+    mixer = RetNetConfig(name="retnet", head_dim=32, mode="chunkwise")
+    model = LanguageModel(ModelConfig(vocab_size=97, d_model=64, n_layers=2, mixer=mixer)).to(device)
+    tokens = torch.randint(97, (1, length + 1), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model.loss)(tokens[:, :-1], tokens[:, 1:])
+    return [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+def test_a_retnet_language_model_compiles_to_one_graph():
+    """A graph break per layer left the GPU idle between the pieces of a compiled training step (cost.md)."""
+    assert _graph_breaks("cpu", 200) == []
+
+
+@pytest.mark.gpu
+def test_a_retnet_language_model_on_the_kernels_compiles_to_one_graph():
+    """On CUDA the layer runs our kernels' operators (a split state pass at this length and batch): still one graph."""
+    assert _graph_breaks("cuda", 4096) == []

@@ -442,6 +442,7 @@ class RetNet(TokenMixer):
         self.key_dim = config.key_head_dim(d_model)
         self.n_heads = d_model // self.key_dim
         self.value_dim = config.value_head_dim(d_model)
+        self._constants: dict[tuple, torch.Tensor] = {}  # see _constant
         H, dv = self.n_heads, self.value_dim
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
@@ -524,10 +525,10 @@ class RetNet(TokenMixer):
         )
 
     def _constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_constants", {})
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+        # a plain dict attribute: a compiler traces its lookups (some versions break the graph on __dict__ access)
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
 
     def own_state(self, state: Any) -> Any:
         """Decoding steps then update ``kv``, ``z`` and ``offset`` in place: half the state traffic of a copy, and
