@@ -215,6 +215,27 @@ def test_decode_profile_writes_each_cell(tmp_path: Path):
     assert all(r["busy_pct"] is None for r in json.loads((out / "decode.json").read_text())["rows"])
 
 
+def test_profiled_kernel_time_counts_kernels_not_the_annotations_around_them():
+    """An optimizer step's GPU-side range spans its kernels: counted too, it put the optimizer in twice."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from analysis.bench.profiling import kernel_time_by_kind
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return FunctionEvent(0, name, 0, start, end, device_type=device, is_user_annotation=annotation)
+
+    events = [
+        event("Optimizer.step#AdamW.step", 0, 900, annotation=True),
+        event("void at::native::multi_tensor_apply_kernel<...>", 0, 400),
+        event("void at::native::multi_tensor_apply_kernel<...>", 400, 900),
+        event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 1000, 3000),
+        event("aten::mm", 1000, 3000, device=DeviceType.CPU),
+    ]
+    by_kind, launches = kernel_time_by_kind(events)
+    assert by_kind == {"optimizer": 0.9, "matmul": 2.0} and launches == 3
+
+
 def test_profiled_kernels_are_grouped_by_kind():
     from analysis.bench.profiling import kernel_kind
 

@@ -25,13 +25,33 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other")
 
 
-def profile_step(step: Callable[[], object], device: torch.device, path: Path, what: str) -> float | None:
+def kernel_time_by_kind(events) -> tuple[dict[str, float], int]:
+    """GPU kernel milliseconds by kind, and the launch count, from a profiler's events.
+
+    Only kernels count: a GPU-side user annotation (``Optimizer.step#AdamW.step``, an autograd node's range) spans
+    kernels already counted, and counting it too put the optimizer in twice (a "busy" above 100%)."""
+    from torch.autograd import DeviceType
+
+    by_kind: dict[str, float] = {}
+    launches = 0
+    for event in events:
+        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
+            kind = kernel_kind(event.name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + (event.time_range.end - event.time_range.start) / 1e3
+            launches += 1
+    return by_kind, launches
+
+
+def profile_step(
+    step: Callable[[], object], device: torch.device, path: Path, what: str, step_ms: float | None = None
+) -> float | None:
     """Run one more step under the torch profiler and write where its time went to ``path``.
 
-    On a GPU the summary says how much of the step's wall time the GPU spent in kernels, by kind: a step whose
-    kernels add up to much less than its wall time is bound by the host (launches, graph breaks), not by any
-    kernel. Returns that fraction in percent (None on the CPU, which has no separate kernel time)."""
-    from torch.autograd import DeviceType
+    On a GPU the summary says how much of the step's time the GPU spent in kernels, by kind: a step whose kernels
+    add up to much less than its time is bound by the host (launches, graph breaks), not by any kernel. The
+    fraction is taken of ``step_ms``, the step's time measured without the profiler (recording every host-side op
+    slows a host-bound step down, which would hide what it measures), else of the profiled wall time. Returns it in
+    percent (None on the CPU, which has no separate kernel time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -46,16 +66,13 @@ def profile_step(step: Callable[[], object], device: torch.device, path: Path, w
     lines = [f"{what} under the profiler: {wall_ms:.1f} ms wall"]
     busy = None
     if cuda:
-        by_kind: dict[str, float] = {}
-        launches = 0
-        for event in events:
-            if event.device_type == DeviceType.CUDA:
-                kind = kernel_kind(event.key)
-                by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total / 1e3
-                launches += event.count
+        by_kind, launches = kernel_time_by_kind(prof.events())
         kernel_ms = sum(by_kind.values())
-        busy = 100 * kernel_ms / wall_ms
-        lines.append(f"GPU kernels: {launches} launches, {kernel_ms:.1f} ms, {busy:.0f}% of the wall time")
+        basis, basis_ms = ("the step without the profiler", step_ms) if step_ms else ("the profiled wall", wall_ms)
+        busy = 100 * kernel_ms / basis_ms
+        lines.append(
+            f"GPU kernels: {launches} launches, {kernel_ms:.1f} ms, {busy:.0f}% of {basis} ({basis_ms:.1f} ms)"
+        )
         lines += [f"  {kind:<18} {ms:9.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines += ["", events.table(sort_by=sort_by, row_limit=30, max_name_column_width=80)]

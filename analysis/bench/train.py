@@ -107,7 +107,7 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     row.loss = float(loss)
     if settings.profile_dir is not None:
         path = settings.profile_dir / f"profile_{row.model}_T{row.length}.txt"
-        row.busy_pct = profile_step(step, device, path, "one training step")
+        row.busy_pct = profile_step(step, device, path, "one training step", row.step_ms)
     row.status = "ok"
 
 
