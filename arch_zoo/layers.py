@@ -168,10 +168,26 @@ def cached_rotary_cos_sin(
     """
     if isinstance(start, torch.Tensor):
         return rotary_cos_sin(inv_freq, start, length, dtype)
+    return _rotary_slice(repr(name), inv_freq, start, length, dtype)
+
+
+# A registered operator, opaque to a compiler: traced through, the cache lookup became a guard that the first call's
+# own filling of the cache broke, so a compiled model compiled twice (the whole model, at its second step). The
+# slice comes back as a copy ([length, D/2], a few microseconds): an operator's result may not alias memory it keeps.
+@torch.library.custom_op("arch_zoo::rotary_slice", mutates_args=())
+def _rotary_slice(
+    name: str, inv_freq: torch.Tensor, start: int, length: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     end = start + length
     key = (name, inv_freq.device, dtype)
     table = _ROTARY_TABLES.get(key)
     if table is None or table[0].shape[0] < end:
         table = rotary_cos_sin(inv_freq, 0, 1 << max(end - 1, 1).bit_length(), dtype)  # a power of two >= end
         _ROTARY_TABLES[key] = table
-    return table[0][start:end], table[1][start:end]
+    return table[0][start:end].clone(), table[1][start:end].clone()
+
+
+@_rotary_slice.register_fake
+def _(name, inv_freq, start, length, dtype):
+    shape = (length, inv_freq.shape[0])
+    return inv_freq.new_empty(shape, dtype=dtype), inv_freq.new_empty(shape, dtype=dtype)

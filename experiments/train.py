@@ -15,13 +15,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import FFNConfig, ModelConfig, make_config
 from arch_zoo.contract import ConfigError
+from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments.callbacks import InjectFailure, Throughput
 from experiments.config_store import register_configs
 from experiments.lit_module import LanguageModelTask, OptimConfig
@@ -67,6 +67,8 @@ def check(cfg: DictConfig) -> tuple[ModelConfig, Any, OptimConfig]:
     optim: OptimConfig = OmegaConf.to_object(cfg.optim)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
+    if cfg.compile_scope not in COMPILE_SCOPES:
+        raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
     return model, data, optim
 
 
@@ -88,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         bytes_per_token={s: data.bytes_per_token(s) for s in eval_splits},
     )
     if cfg.compile:
-        task.model = torch.compile(task.model)
+        task.model = compile_model(task.model, cfg.compile_scope)
     mixer_name = model_cfg.mixer.name
     overrides = list(hydra_cfg.overrides.task)
     name = cfg.name or run_name(mixer_name, overrides)

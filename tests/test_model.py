@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from arch_zoo import ConfigError, FFNConfig, LanguageModel, ModelConfig, available_mixers, set_optim
+from arch_zoo import ConfigError, FFNConfig, LanguageModel, ModelConfig, available_mixers, make_config, set_optim
 from arch_zoo.layers import ffn_kinds
 from experiments.lit_module import lr_multiplier, parameter_groups
 from tests.conftest import mixer_params
@@ -114,7 +114,7 @@ def test_cached_rotary_tables_match_a_fresh_computation_and_grow():
         cos, sin = cached_rotary_cos_sin(name, inv_freq, start, length, torch.bfloat16)
         ref_cos, ref_sin = rotary_cos_sin(inv_freq, start, length, torch.bfloat16)
         assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
-    assert _ROTARY_TABLES[(name, inv_freq.device, torch.bfloat16)][0].shape[0] == 256
+    assert _ROTARY_TABLES[(repr(name), inv_freq.device, torch.bfloat16)][0].shape[0] == 256
     # a position held in a tensor (a captured decoding step) is not cached: it must follow the tensor's value
     position = torch.tensor(7)
     assert torch.equal(
@@ -148,3 +148,47 @@ def test_gradient_clipping_by_norm_under_fsdp_goes_through_the_sharded_module():
     task._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"))
     task.configure_gradient_clipping(optimizer, 0.5, "norm")
     assert sharded == [0.5] and lightning == [(0.5, "value"), (0.5, "norm")]
+
+
+def test_compiling_block_by_block_keeps_the_function_and_the_parameter_names():
+    """compile_scope=blocks: each block compiled in place (identical blocks share one graph, so a deep model compiles
+    about as fast as one block); the loss and gradients are the eager model's, and checkpoints keep their keys."""
+    from arch_zoo.mixers.retnet import RetNetConfig
+    from arch_zoo.model import compile_model
+
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=3, mixer=RetNetConfig(name="retnet", head_dim=16))
+    torch.manual_seed(0)
+    eager = LanguageModel(config)
+    compiled = LanguageModel(config)
+    compiled.load_state_dict(eager.state_dict())
+    names = list(compiled.state_dict())
+    assert compile_model(compiled, "blocks") is compiled and list(compiled.state_dict()) == names
+    tokens = torch.randint(50, (2, 40), generator=torch.Generator().manual_seed(1))
+    losses = [m.loss(tokens[:, :-1], tokens[:, 1:]) for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    with pytest.raises(ConfigError, match="choose one of model, blocks"):
+        compile_model(compiled, "layers")
+
+
+@pytest.mark.parametrize("mixer", ["retnet", "transformer"])
+def test_a_compiled_model_compiles_once(mixer):
+    """The caches a model fills on its first call (rotary tables, RetNet's decays) must not become guards that the
+    filling itself breaks: that compiled the whole model a second time at its second step."""
+    from torch._dynamo.utils import counters
+
+    from arch_zoo.model import compile_model
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=50, d_model=32, n_layers=2, mixer=make_config({"name": mixer})))
+    compile_model(model, "model")
+    tokens = torch.randint(50, (1, 33))
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(3):
+        model.loss(tokens[:, :-1], tokens[:, 1:]).backward()  # the training step's call: it must be compiled
+    assert counters["stats"]["unique_graphs"] == 1

@@ -126,6 +126,13 @@ def test_config_error_is_one_line_naming_the_fix(tmp_path, data_cache):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was built or logged
 
 
+def test_unknown_compile_scope_is_refused_before_anything_is_built(tmp_path, data_cache):
+    proc = run_train(tmp_path, data_cache, "compile_scope=layers")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: compile_scope=layers is unknown; choose one of model, blocks"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def metric(client, run_id: str, key: str) -> float:
     return client.get_run(run_id).data.metrics[key]
 

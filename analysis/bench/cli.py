@@ -24,6 +24,7 @@ from analysis.bench.decode import KV_ATTENTIONS, DecodeSettings, run_decode
 from analysis.bench.report import log_run, write_outputs
 from analysis.bench.train import TrainSettings, run_train
 from arch_zoo.contract import ConfigError
+from arch_zoo.model import COMPILE_SCOPES
 
 
 def _ints(text: str) -> list[int]:
@@ -80,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--compile", action="store_true", help="torch.compile the loss (the first steps compile)")
+    train.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        default="model",
+        help="with --compile: one graph for the model and loss, or each block in place (a shorter compile)",
+    )
     args = parser.parse_args(argv)
     if args.lengths is None:
         args.lengths = [1024, 2048, 4096, 8192, 16384] if args.command == "decode" else [2048, 8192]
@@ -154,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             seed=args.seed,
             compile=args.compile,
+            compile_scope=args.compile_scope,
             profile_dir=profile_dir,
         )
         rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
         summary = (
             f"{shape}, fp32 weights, autocast {str(amp).removeprefix('torch.') if amp else 'off'}, AdamW; "
             f"{args.tokens_per_step} tokens per step; median of {args.steps} steps after {args.warmup}"
-            + ("; torch.compile" if args.compile else "")
+            + (f"; torch.compile ({args.compile_scope})" if args.compile else "")
         )
     n_params = {r["model"]: r["n_params"] for r in rows}
     meta = {"device": device_label(device), "summary": summary, "n_params": n_params, "params": _params(args)}

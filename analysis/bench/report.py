@@ -51,6 +51,7 @@ COLUMNS = {
         ("tokens_per_s", "throughput (tokens/s)", "{:,.0f}"),
         ("peak_mib", "peak memory (MiB)", "{:,.0f}"),
         ("loss", "loss", "{:.3f}"),
+        ("first_step_s", "first step (s)", "{:.1f}"),
         ("busy_pct", "GPU busy (%)", "{:.0f}"),
         ("status", "status", "{}"),
     ],
@@ -58,7 +59,7 @@ COLUMNS = {
 OPTIONAL = {"busy_pct"}  # columns shown only when some row has a value (--profile on a GPU)
 METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
-    "train": ("step_ms", "tokens_per_s", "peak_mib", "loss", "busy_pct"),
+    "train": ("step_ms", "tokens_per_s", "peak_mib", "loss", "first_step_s", "busy_pct"),
 }
 
 

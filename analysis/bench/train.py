@@ -28,6 +28,7 @@ from analysis.bench import (
     synchronize,
 )
 from analysis.bench.profiling import profile_step
+from arch_zoo.model import compile_model
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainRow:
     loss: float | None = None  # the last step's, to show the step really trained (finite, near log(vocab))
     n_params: int = 0
     busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
+    first_step_s: float | None = None  # the first step's wall time: with --compile, mostly the compile (cold start)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +62,7 @@ class TrainSettings:
     lr: float = 1e-4
     seed: int = 0
     compile: bool = False  # torch.compile the loss (forward + backward): fuses the mixers' elementwise work
+    compile_scope: str = "model"  # model: one graph with the loss; blocks: each block in place (arch_zoo.model)
     profile_dir: Path | None = None  # profile one more step per cell and write where its time went here
 
 
@@ -70,8 +73,13 @@ def _step_fn(
     targets: torch.Tensor,
     amp: torch.dtype | None,
     compile: bool = False,
+    compile_scope: str = "model",
 ) -> Callable[[], torch.Tensor]:
-    loss_fn = torch.compile(model.loss) if compile else model.loss
+    loss_fn = model.loss
+    if compile and compile_scope == "model":
+        loss_fn = torch.compile(model.loss)
+    elif compile:
+        compile_model(model, compile_scope)  # in place; a later cell finds its blocks compiled already
 
     def step() -> torch.Tensor:
         with torch.autocast(inputs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -89,8 +97,14 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     row.status = "OOM"  # until the timed steps are through
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     tokens = torch.randint(settings.vocab_size, (row.batch, row.length + 1), device=device, generator=generator)
-    step = _step_fn(model, optimizer, tokens[:, :-1], tokens[:, 1:], settings.amp, settings.compile)
-    for _ in range(settings.warmup):
+    step = _step_fn(
+        model, optimizer, tokens[:, :-1], tokens[:, 1:], settings.amp, settings.compile, settings.compile_scope
+    )
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    row.first_step_s = time.perf_counter() - t0
+    for _ in range(settings.warmup - 1):
         step()
     synchronize(device)
     if device.type == "cuda":

@@ -525,7 +525,10 @@ class RetNet(TokenMixer):
         )
 
     def _constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # a plain dict attribute: a compiler traces its lookups (some versions break the graph on __dict__ access)
+        # a plain dict attribute (some compiler versions break the graph on __dict__ access); while compiling, made
+        # in the graph: a lookup would become a guard that the first call's own filling breaks (a second compile)
+        if torch.compiler.is_compiling():
+            return make()
         if key not in self._constants:
             self._constants[key] = make()
         return self._constants[key]
