@@ -113,6 +113,11 @@ class Block(nn.Module):
         return x, (mixer_state, ffn_state) if return_state else None
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in float32 (``logits [B, T, V]``, ``targets [B, T]``; -100 is ignored)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -161,7 +166,9 @@ class LanguageModel(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits, _ = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return self._cross_entropy(logits, targets)
+
+    _cross_entropy = staticmethod(token_cross_entropy)  # compile_model puts a compiled one on the instance
 
     @torch.no_grad()
     def generate(
@@ -228,7 +235,10 @@ def compile_model(model: LanguageModel, scope: str = "model") -> LanguageModel:
     names stay those of an uncompiled model, so checkpoints move between the two. ``model``: one graph for the
     forward pass, fusing across blocks; the longest compile, growing with depth. ``blocks``: every block compiled on
     its own; identical blocks share one compiled graph, so a deep model compiles about as fast as one block, at the
-    cost of the fusions across block boundaries. Either way the loss after the head runs eagerly."""
+    cost of the fusions across block boundaries. Either way the loss is compiled on its own, so the float32 logits
+    and their log-softmax are fused rather than written out (a [tokens, vocab] float32 tensor each)."""
+    if scope in COMPILE_SCOPES:
+        model._cross_entropy = torch.compile(token_cross_entropy)
     if scope == "model":
         model.compile()
     elif scope == "blocks":
