@@ -525,13 +525,15 @@ class RetNet(TokenMixer):
         )
 
     def _constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # a plain dict attribute (some compiler versions break the graph on __dict__ access); while compiling, made
-        # in the graph: a lookup would become a guard that the first call's own filling breaks (a second compile)
-        if torch.compiler.is_compiling():
-            return make()
-        if key not in self._constants:
-            self._constants[key] = make()
-        return self._constants[key]
+        # a plain dict attribute (some compiler versions break the graph on __dict__ access). A compiled graph reads
+        # a constant an eager call made (a decoding step after an eager prefill: no kernels for it), and makes a
+        # missing one itself without storing it: stored, it would break the guard of its own lookup (a recompile)
+        if key in self._constants:
+            return self._constants[key]
+        value = make()
+        if not torch.compiler.is_compiling():
+            self._constants[key] = value
+        return value
 
     def own_state(self, state: Any) -> Any:
         """Decoding steps then update ``kv``, ``z`` and ``offset`` in place: half the state traffic of a copy, and
