@@ -115,6 +115,8 @@ def test_cached_rotary_tables_match_a_fresh_computation_and_grow():
         ref_cos, ref_sin = rotary_cos_sin(inv_freq, start, length, torch.bfloat16)
         assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
     assert _ROTARY_TABLES[(repr(name), inv_freq.device, torch.bfloat16)][0].shape[0] == 256
+    # the registered operator behind it (opaque to a compiler): its shape function and schema against the real thing
+    torch.library.opcheck(torch.ops.arch_zoo.rotary_slice.default, (repr(name), inv_freq, 3, 20, torch.float32))
     # a position held in a tensor (a captured decoding step) is not cached: it must follow the tensor's value
     position = torch.tensor(7)
     assert torch.equal(
