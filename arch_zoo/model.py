@@ -237,13 +237,9 @@ def compile_model(model: LanguageModel, scope: str = "model") -> LanguageModel:
     its own; identical blocks share one compiled graph, so a deep model compiles about as fast as one block, at the
     cost of the fusions across block boundaries. Either way the loss is compiled on its own, so the float32 logits
     and their log-softmax are fused rather than written out (a [tokens, vocab] float32 tensor each)."""
-    if scope in COMPILE_SCOPES:
-        model._cross_entropy = torch.compile(token_cross_entropy)
-    if scope == "model":
-        model.compile()
-    elif scope == "blocks":
-        for block in model.blocks:
-            block.compile()
-    else:
+    if scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile scope {scope!r} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
+    model._cross_entropy = torch.compile(token_cross_entropy)
+    for module in [model] if scope == "model" else model.blocks:
+        module.compile()
     return model
