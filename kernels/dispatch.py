@@ -45,12 +45,12 @@ def _fla(name: str):
     return fn
 
 
-def _triton_chunkwise(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _triton_chunkwise(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Our kernels behind registered operators: a compiled model keeps them in its graph as opaque calls (no graph
     break, no re-compilation of the hand-tiled kernels) and fuses the elementwise work around them."""
     from kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
 
-    return retention_triton(*args)
+    return retention_triton(*args, **kwargs)
 
 
 def _fla_chunk(q, k, v, scale, initial_state, output_final_state, **decay) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,9 +59,9 @@ def _fla_chunk(q, k, v, scale, initial_state, output_final_state, **decay) -> tu
     return fla(q, k, v, **decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
-@torch.compiler.disable
-def _triton_step(*args) -> torch.Tensor:
-    """Opaque to torch.compile, like the chunkwise kernels; it updates the state in place, outside any graph."""
+def _triton_step(*args) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Our step kernel behind a registered operator that updates the state in place: a compiled decoding step keeps
+    it inside its one graph."""
     from kernels.retention_triton import retention_step_triton
 
     return retention_step_triton(*args)
@@ -76,6 +76,7 @@ def retention(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    recompute_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The retention core ``o, final_state``: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_gamma ``[H]``, or
     ``[B, T, H]`` for a decay per token (selective, or trained: the gradient reaches it).
@@ -83,14 +84,17 @@ def retention(
     ``scale`` multiplies q (default ``K ** -0.5``); states are ``[B, H, K, V]``. ``backend``: auto (triton on CUDA
     where the kernels take the dtype and head dims, else torch), triton, fla (``chunk_simple_gla``) or torch (the
     chunkwise reference). A decay per token runs on fla (its ``g``; auto on CUDA) or torch (the parallel
-    reference, O(T^2) memory: for tests); our kernels take a fixed decay per head only.
+    reference, O(T^2) memory: for tests); our kernels take a fixed decay per head only. ``recompute_states``: our
+    kernels keep no block states for the backward pass and sweep again for them (less memory; the others ignore it).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if log_gamma.dim() == 3:
         return _per_token(q, k, v, log_gamma, scale, initial_state, output_final_state, backend)
     chosen = _resolve(backend, q.device, q.dtype, (q.shape[-1], v.shape[-1]))
     if chosen == "triton":
-        return _triton_chunkwise(q, k, v, log_gamma, scale, initial_state, output_final_state)
+        return _triton_chunkwise(
+            q, k, v, log_gamma, scale, initial_state, output_final_state, recompute_states=recompute_states
+        )
     if chosen == "fla":
         lg = log_gamma.to(device=q.device, dtype=torch.float32)
         return _fla_chunk(q, k, v, scale, initial_state, output_final_state, g_gamma=lg)

@@ -541,6 +541,9 @@ class _Plan:
         self.shared_scores = int(triton.cdiv(V, self.bv_fwd) >= 4)
         self.warps_dkv = 8
         self.nc = 0
+        # the block states h (one [K, V] state per block of nc chunks) kept for the backward pass, or swept again
+        # there from k and v: the paper's 256 x 512 heads at 8k tokens keep 33.5 MB of them per layer and sequence
+        self.recompute = 0
         for name, value in TILE_OVERRIDES.items():
             setattr(self, name, value)
         if sub_chunks is not None:
@@ -559,7 +562,7 @@ class _Plan:
 
     FIELDS = (
         "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
-        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "nc", "nb",
+        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "nc", "nb", "recompute",
     )  # fmt: skip
 
     def as_list(self) -> list[int]:
@@ -938,9 +941,24 @@ def _retention_backward_op(
     scale: float,
     want_ds0: bool,
     tiles: list[int],
+    initial_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, d initial state)``; ``do`` in v's layout."""
+    """``(dq, dk, dv, d initial state)``; ``do`` in v's layout. ``h`` is None when the plan recomputes it (from k, v
+    and ``initial_state``, the forward's own sweep)."""
     plan = _Plan.from_list(tiles)
+    if h is None and _needs_block_states(plan, initial_state is not None):
+        h, _ = _state_pass(
+            k,
+            v,
+            log_gamma,
+            plan,
+            g0=initial_state,
+            g0_decay=True,
+            kv_scale=1.0,
+            reverse=False,
+            store_h=True,
+            final_shift=None,
+        )
     need_dh = _needs_block_states(plan, d_final is not None)  # the same rule: the reversed sweep's initial state
     dh, ds0 = None, None
     if need_dh or want_ds0:
@@ -985,7 +1003,7 @@ def _retention_backward_op(
 
 
 @_retention_backward_op.register_fake
-def _(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, tiles):
+def _(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, tiles, initial_state):
     plan = _Plan.from_list(tiles)
     B, T, H, K = q.shape
     ds0 = v.new_empty(B, H, K, v.shape[-1], dtype=torch.float32) if want_ds0 else _nothing(v)
@@ -999,20 +1017,21 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, log_gamma, scale, initial_state, output_final_state, tiles = inputs
     _, _, h, a = output
     plan = _Plan.from_list(tiles)
-    has_h = _needs_block_states(plan, initial_state is not None)
-    ctx.save_for_backward(q, k, v, log_gamma, h if has_h else None, a if plan.shared_scores else None)
+    keep_h = _needs_block_states(plan, initial_state is not None) and not plan.recompute
+    s0 = initial_state if plan.recompute else None  # what the backward's sweep starts from
+    ctx.save_for_backward(q, k, v, log_gamma, h if keep_h else None, a if plan.shared_scores else None, s0)
     ctx.args = (scale, tiles)
     ctx.s0_dtype = initial_state.dtype if initial_state is not None else None
     ctx.set_materialize_grads(False)  # an unused final state must cost no backward sweep
 
 
 def _backward(ctx, do, d_final, _dh, _da):
-    q, k, v, log_gamma, h, a = ctx.saved_tensors
+    q, k, v, log_gamma, h, a, s0 = ctx.saved_tensors
     scale, tiles = ctx.args
     do = torch.zeros_like(v) if do is None else _like(_usable(do), v)  # None: only the final state was used
     want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
     d_final = d_final.contiguous() if d_final is not None else None
-    dq, dk, dv, ds0 = _retention_backward_op(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, tiles)
+    dq, dk, dv, ds0 = _retention_backward_op(q, k, v, log_gamma, h, a, do, d_final, scale, want_ds0, tiles, s0)
     ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
     return dq, dk, dv, None, None, ds0, None, None
 
@@ -1040,13 +1059,16 @@ def retention_triton(
     output_final_state: bool = False,
     chunk_size: int = CHUNK,
     sub_chunks: int | None = None,
+    recompute_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Retention core through the Triton kernels: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, log_gamma ``[H]``.
 
     ``scale`` defaults to ``K ** -0.5``. The final state is float32 ``[B, H, K, V]`` and carries no gradient; the
     initial state gets one. ``log_gamma`` is a constant (RetNet's decays are fixed): asking for its gradient is an
     error rather than a silent zero. ``chunk_size`` / ``sub_chunks`` are exposed for the tests (a small chunk
-    exercises the block logic on short inputs); leave them at their defaults otherwise.
+    exercises the block logic on short inputs); leave them at their defaults otherwise. ``recompute_states`` keeps
+    no block states for the backward pass, which sweeps k and v again for them: less memory in training, one more
+    state pass per layer.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -1071,7 +1093,9 @@ def retention_triton(
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     q = _usable(q)
     s0 = initial_state.contiguous() if initial_state is not None else None
-    tiles = _Plan(B, T, H, K, V, chunk_size, sub_chunks).as_list()
+    plan = _Plan(B, T, H, K, V, chunk_size, sub_chunks)
+    plan.recompute = int(recompute_states or plan.recompute)
+    tiles = plan.as_list()
     o, final, _, _ = _retention_op(q, _like(_usable(k), q), _usable(v), lg, scale, s0, output_final_state, tiles)
     return o, final if output_final_state else None
 
@@ -1119,10 +1143,31 @@ def retention_step_triton(
     if key_sum is not None and (key_sum.shape != (B, H, K) or not key_sum.is_contiguous()):
         raise ValueError(f"retention_step: key_sum must be a contiguous {(B, H, K)} tensor; got {tuple(key_sum.shape)}")
     scale = K**-0.5 if scale is None else float(scale)
+    lg = log_gamma if log_gamma.dtype == torch.float32 and log_gamma.is_contiguous() else log_gamma.float().contiguous()
+    o, zq = _step_op(q, k, v, state, lg, scale, key_sum)
+    o = o[:, None] if squeeze else o
+    return o if key_sum is None else (o, zq)
+
+
+# The step as a registered operator that declares what it updates in place: a compiled decoding step keeps it in
+# its graph (the model's whole step is one graph, fused around it, and one CUDA graph replays it). Called as a
+# plain Triton launch instead, it was a graph break per layer (a compiled 24-layer step: 25 graphs).
+@torch.library.custom_op("arch_zoo::retention_step", mutates_args=("state", "key_sum"))
+def _step_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_gamma: torch.Tensor,
+    scale: float,
+    key_sum: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o [B, H, V], scale * q . key_sum [B, H] float32)``; the second is empty without ``key_sum``."""
+    B, H, K = q.shape
+    V = v.shape[-1]
     o = v.new_empty(B, H, V)
     zq = torch.empty(B, H, device=q.device, dtype=torch.float32) if key_sum is not None else None
     bk, bv, warps = _decode_tiles(B, H, K, V)
-    lg = log_gamma if log_gamma.dtype == torch.float32 and log_gamma.is_contiguous() else log_gamma.float().contiguous()
     _decode_step_kernel[(triton.cdiv(V, bv), B * H)](
         q.contiguous(),
         k.contiguous(),
@@ -1131,7 +1176,7 @@ def retention_step_triton(
         o,
         key_sum,
         zq,
-        lg,
+        log_gamma,
         scale,
         H,
         K,
@@ -1141,8 +1186,14 @@ def retention_step_triton(
         HAS_Z=key_sum is not None,
         num_warps=warps,
     )
-    o = o[:, None] if squeeze else o
-    return o if zq is None else (o, zq)
+    return o, q.new_empty(0, dtype=torch.float32) if zq is None else zq
+
+
+@_step_op.register_fake
+def _(q, k, v, state, log_gamma, scale, key_sum):
+    B, H, _ = q.shape
+    zq = q.new_empty(B, H, dtype=torch.float32) if key_sum is not None else q.new_empty(0, dtype=torch.float32)
+    return v.new_empty(B, H, v.shape[-1]), zq
 
 
 __all__ = ["retention_triton", "retention_step_triton", "supported", "CHUNK"]

@@ -355,6 +355,51 @@ def interpreter_checks() -> dict[str, float]:
         results[f"{name}/key_sum_read"] = rel(zq, zq_ref)
         rt.DECODE_TILE_OVERRIDES.clear()
 
+    # block states swept again in the backward pass instead of kept: the same gradients, and h's bytes not saved
+    q, k, v, s0 = inputs(2, 70, 2, 16, 24, dtype=torch.float32, seed=13)
+    for with_state in (False, True):
+        grads, saved = {}, {}
+        for recompute in (False, True):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+            sizes = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
+                o, s = retention_triton(
+                    *leaves[:3], lg, 0.25, leaves[3] if with_state else None, True, 16, 2, recompute_states=recompute
+                )
+            (o.square().sum() + s.sum()).backward()
+            grads[recompute] = [x.grad for x in leaves[: 3 + with_state]]
+            saved[recompute] = sum(sizes)
+        ref = [x.double().requires_grad_() for x in (q, k, v, s0)]
+        o_ref, s_ref = retention_parallel_reference(*ref[:3], lg.double(), 0.25, ref[3] if with_state else None, True)
+        (o_ref.square().sum() + s_ref.sum()).backward()
+        for name, got, want in zip(["dq", "dk", "dv", "ds0"], grads[True], ref):
+            results[f"recompute/{with_state}/{name}"] = rel(got, want.grad)
+        h_bytes = 2 * 3 * 2 * 16 * 24 * 4  # B x blocks (70 tokens / 32) x H x K x V, float32
+        expected = h_bytes - (s0.nbytes if with_state else 0)  # the sweep's start is kept instead
+        results[f"recompute/{with_state}/saved_bytes"] = 0.0 if saved[False] - saved[True] == expected else math.inf
+
+    # the step's registered operator (it updates the state and key sum in place): real against fake, the declared
+    # mutations, and a compiled step in one graph that leaves the same state behind as the reference
+    q1, k1, v1, s0 = inputs(2, 1, 2, 16, 24, dtype=torch.float32, seed=11)
+    q1, k1, v1 = q1[:, 0], k1[:, 0], v1[:, 0]
+    z0 = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(3))
+    opcheck(rt._step_op, (q1, k1, v1, s0.clone(), lg, 0.3, z0.clone()))
+    opcheck(rt._step_op, (q1, k1, v1, s0.clone(), lg, 0.3, None))
+
+    def step(q, k, v, state, z):
+        o, zq = retention_step_triton(q, k, v, state, lg, 0.3, key_sum=z)
+        return o * 2, zq + 1  # work around the operator, traced with it into one graph
+
+    state, z, state_ref, z_ref = s0.clone(), z0.clone(), s0.double(), z0.double()
+    compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for t in range(2):  # twice: the second step reads the state the first one wrote
+        o, zq = compiled_step(q1, k1, v1, state, z)
+        o_ref, zq_ref = retention_step_reference(q1.double(), k1.double(), v1.double(), state_ref, lg, 0.3, z_ref)
+        results[f"decode_compiled/{t}/o"] = rel(o, o_ref * 2)
+        results[f"decode_compiled/{t}/key_sum_read"] = rel(zq, zq_ref + 1)
+    results["decode_compiled/state"] = rel(state, state_ref)
+    results["decode_compiled/key_sum"] = rel(z, z_ref)
+
     try:
         retention_triton(q, k, v, lg.clone().requires_grad_(), 0.25)
         results["rejects_learned_decay"] = math.inf
@@ -398,6 +443,14 @@ def test_triton_interpreter_unused_final_state(interpreter_results):
 
 def test_triton_interpreter_decode_step(interpreter_results):
     assert_within(interpreter_results, "decode/", 3 + 2 * 4)
+
+
+def test_triton_recomputed_block_states_give_the_same_gradients_and_are_not_kept(interpreter_results):
+    assert_within(interpreter_results, "recompute/", 4 + 5)
+
+
+def test_the_decode_step_operator_compiles_in_one_graph_and_updates_the_state(interpreter_results):
+    assert_within(interpreter_results, "decode_compiled/", 2 * 2 + 2)
 
 
 def test_triton_takes_any_stride_on_a_batch_of_one(interpreter_results):

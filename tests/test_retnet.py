@@ -755,3 +755,70 @@ def test_a_retnet_language_model_compiles_to_one_graph():
 def test_a_retnet_language_model_on_the_kernels_compiles_to_one_graph():
     """On CUDA the layer runs our kernels' operators (a split state pass at this length and batch): still one graph."""
     assert _graph_breaks("cuda", 4096) == []
+
+
+def _compiled_decode(device: str, dtype: torch.dtype) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """A RetNet language model's decoding step (state owned, updated in place) under ``torch.compile``: why the
+    compiler cut it (empty: one graph), and three steps' logits compiled and eager from the same prompt."""
+    torch.manual_seed(0)
+    mixer = RetNetConfig(name="retnet", head_dim=32)
+    model = LanguageModel(ModelConfig(vocab_size=97, d_model=128, n_layers=2, mixer=mixer)).to(device, dtype).eval()
+    prompt = torch.randint(97, (2, 21), device=device)
+    steps = torch.randint(97, (2, 3), device=device)
+
+    def run(step) -> torch.Tensor:
+        _, states = model(prompt, return_states=True)
+        states = model.own_states(states)
+        logits = []
+        for t in range(steps.shape[1]):
+            out, states = step(steps[:, t : t + 1], states, return_states=True)
+            logits.append(out[:, -1].float())
+        return torch.stack(logits)
+
+    with torch.no_grad():
+        _, states = model(prompt, return_states=True)
+        explained = torch._dynamo.explain(model)(steps[:, :1], model.own_states(states), return_states=True)
+        torch._dynamo.reset()
+        return [b.reason.splitlines()[0] for b in explained.break_reasons], run(torch.compile(model)), run(model)
+
+
+def test_a_retnet_decoding_step_compiles_to_one_graph():
+    """``zoo-bench decode --compile``: the step with its in-place state update is one graph, equal to the eager step."""
+    breaks, compiled, eager = _compiled_decode("cpu", torch.float32)
+    assert breaks == []
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_a_retnet_decoding_step_on_the_kernels_compiles_to_one_graph():
+    """On CUDA the step is our step kernel's operator, which declares the state it updates: no graph break (it was one
+    per layer), and the compiled steps equal the eager ones."""
+    breaks, compiled, eager = _compiled_decode("cuda", torch.float32)
+    assert breaks == []
+    assert rel_err(compiled, eager) < 1e-4
+
+
+@pytest.mark.gpu
+def test_kernel_auto_takes_the_reference_where_the_kernels_tiles_do_not_fit():
+    """float32 with the paper's head dims (key 256, value 512) is past the kernels' float32 tiles: kernel=auto runs
+    the PyTorch core there instead of failing."""
+    mixer = make(torch.float32, d_model=512, head_dim=256, kernel="auto")
+    x = torch.randn(2, 200, 512, generator=torch.Generator().manual_seed(1))
+    on_cpu, _ = mixer(x, return_state=False)
+    on_gpu, _ = mixer.cuda()(x.cuda(), return_state=False)
+    assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4
+
+
+@pytest.mark.gpu
+def test_recomputed_block_states_give_the_kept_states_gradients():
+    """``recompute_states=true`` (less training memory) changes what the kernels keep, not what they compute."""
+    results = {}
+    for recompute in (False, True):
+        mixer = make(torch.float32, head_dim=16, kernel="triton", chunk_size=64, recompute_states=recompute).cuda()
+        x = inputs(torch.float32, length=1000).cuda().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = mixer(x, return_state=False)
+        y.float().pow(2).mean().backward()
+        results[recompute] = (y.float(), x.grad, mixer.q_proj.weight.grad)
+    for got, want in zip(results[True], results[False]):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5

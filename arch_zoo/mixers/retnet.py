@@ -184,8 +184,9 @@ RETENTION_CORES: dict[str, dict[str, RetentionCore]] = {
 KERNEL_VALUE_BLOCK = 16  # value widths the fast kernels tile; the score normaliser's extra column is run apart
 
 
-def kernel_core(backend: str) -> RetentionCore:
-    """The retention core of the ``kernels`` package (``triton`` or ``fla``) in this module's layout.
+def kernel_core(backend: str, recompute_states: bool = False) -> RetentionCore:
+    """The retention core of the ``kernels`` package (``triton``, ``fla``, or ``auto``: the kernels where they take
+    the dtype and head dims) in this module's layout.
 
     Here q, k, v are ``[B, H, T, D]`` with the key scale already applied to k; the kernels take ``[B, T, H, D]`` and
     a per-head decay, fla also one per token (``[B, T, H]``: a selective decay, or a learnable one spread over the
@@ -226,6 +227,7 @@ def kernel_core(backend: str) -> RetentionCore:
                 initial_state=s0,
                 output_final_state=output_final_state,
                 backend=backend,
+                recompute_states=recompute_states,
             )
             # slice only what was padded: a no-op slice still costs a zero-filled copy of the gradient in backward
             o = o.transpose(1, 2)
@@ -240,21 +242,31 @@ def kernel_core(backend: str) -> RetentionCore:
     return core
 
 
-def retention_core(kernel: str, mode: str, device: torch.device, chunk_size: int, trained_decay: bool = False):
+def retention_core(
+    kernel: str,
+    mode: str,
+    device: torch.device,
+    chunk_size: int,
+    trained_decay: bool = False,
+    recompute_states: bool = False,
+):
     """The core a mixer calls. ``auto`` takes the Triton kernels on CUDA for a fixed per-head decay (they carry no
-    gradient to the decay) and this module's PyTorch forms otherwise; ``triton``/``fla`` insist."""
+    gradient to the decay) and this module's PyTorch forms otherwise; ``triton``/``fla`` insist. ``recompute_states``
+    reaches our kernels only (see ``RetNetConfig``)."""
     if kernel not in KERNELS:
         raise ConfigError(f"retnet: no retention kernel {kernel!r}; available: {', '.join(KERNELS)}")
     backend = kernel
     if kernel == "auto":
-        backend = "triton" if device.type == "cuda" and not trained_decay and mode != "recurrent" else "torch"
+        # "auto" reaches the dispatch, which takes the reference where the kernels' tiles do not fit (float32 with
+        # head dims over 128 on a GPU)
+        backend = "auto" if device.type == "cuda" and not trained_decay and mode != "recurrent" else "torch"
     if backend != "torch":
         if trained_decay and backend != "fla":
             raise ConfigError(
                 f"retnet: kernel={kernel} has no gradient for a trained decay; use kernel=fla (its per-token decay) "
                 "or kernel=torch"
             )
-        return kernel_core(backend)
+        return kernel_core(backend, recompute_states)
     core = RETENTION_CORES[backend][mode]
     return partial(core, chunk_size=chunk_size) if mode == "chunkwise" else core
 
@@ -294,6 +306,9 @@ class RetNetConfig(MixerConfig):
     mode: str = "parallel"  # parallel | chunkwise | recurrent: the form used for a call (with or without state)
     chunk_size: int = 512
     kernel: str = "auto"  # auto | torch | triton | fla: the retention core (auto: Triton on CUDA, PyTorch on CPU)
+    # our kernels keep no block states for the backward pass and sweep k, v again for them: less training memory
+    # (the paper's heads at 8k tokens: 33.5 MB a layer and sequence), one more state pass per layer
+    recompute_states: bool = False
     n_heads: int = 4  # the paper's 200M model: d_model 1024 / 4 heads = key head dim 256
     head_dim: int | None = None  # key dim per head; set, it wins over n_heads (n_heads = d_model / head_dim)
     value_factor: float = 2.0  # value head dim = value_factor * head_dim
@@ -617,7 +632,8 @@ class RetNet(TokenMixer):
         c = self.config
         B, H, T, _ = q.shape
         dv = self.value_dim
-        core = retention_core(c.kernel, self.form(T, state is not None), q.device, c.chunk_size, trained)
+        form = self.form(T, state is not None)
+        core = retention_core(c.kernel, form, q.device, c.chunk_size, trained, c.recompute_states)
         # a half-precision state (state_dtype) enters the core's arithmetic as float32
         kv0 = None if state is None else at_least_float32(state["kv"])[0]
         if c.score_norm and getattr(core, "separate_key_sum", False):
