@@ -24,7 +24,7 @@ from arch_zoo.contract import ConfigError
 from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments.callbacks import InjectFailure, Throughput
 from experiments.config_store import register_configs
-from experiments.lit_module import LanguageModelTask, OptimConfig
+from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
 from experiments.tracking import (
     config_params,
     find_unfinished_run,
@@ -165,14 +165,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     metrics: dict[str, float] = {}
     if cfg.final_validate:
-        results = trainer.validate(task, datamodule=data, verbose=False)
-        for result in results:
-            metrics.update({k: float(v) for k, v in result.items()})
+        metrics = final_validation(trainer, task, data)
         if logger is not None:
             logger.finalize("success")
     if trainer.is_global_zero:  # under DDP every rank runs this function; one summary is enough
         report(metrics, baselines, logger, output_dir)
     return metrics
+
+
+def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.LightningDataModule) -> dict[str, float]:
+    """The final weights' validation metrics.
+
+    Under FSDP a second loop after ``fit`` re-wraps the already sharded model and its forward fails on flattened
+    weights (Lightning issue #19015), so the fit's last validation stands in: it is the final weights' when
+    ``trainer.val_check_interval`` divides ``trainer.max_steps``.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        metrics: dict[str, float] = {}
+        for result in trainer.validate(task, datamodule=data, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+        return metrics
+    prefixes = tuple(f"{metric_prefix(split)}/" for split in task.eval_splits)
+    log.warning(
+        "FSDP: the reported metrics are those of the last validation during training (at step %d); set "
+        "trainer.val_check_interval to a divisor of trainer.max_steps to make it the final weights'",
+        trainer.global_step,
+    )
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
 
 
 def report(metrics: dict[str, float], baselines: dict[str, float], logger, output_dir: Path) -> None:

@@ -307,3 +307,19 @@ def test_two_gpus_follow_the_single_gpu_loss_curve(tmp_path, data_cache, strateg
         pytest.skip("needs two CUDA devices")
     curves = loss_curves(tmp_path, data_cache, "gpu", [f"trainer={strategy}"])
     assert curves["parallel"] == pytest.approx(curves["one"], rel=1e-3)
+
+
+def test_under_fsdp_the_final_metrics_are_the_last_validations():
+    """Lightning cannot run a second loop on an FSDP-sharded model (issue #19015): zoo-train reports the fit's last
+    validation instead of failing after the whole run."""
+    from types import SimpleNamespace
+
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from experiments.train import final_validation
+
+    metrics = {"train/loss": torch.tensor(3.0), "val/loss": torch.tensor(2.5), "ood/pydoc/bpb": torch.tensor(1.25)}
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callback_metrics=metrics, global_step=6)
+    task = SimpleNamespace(eval_splits=["val", "ood_pydoc"])
+    assert final_validation(trainer, task, data=None) == {"val/loss": 2.5, "ood/pydoc/bpb": 1.25}
