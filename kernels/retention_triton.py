@@ -880,6 +880,30 @@ def _nothing(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
+def _forward_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    plan: _Plan,
+    initial_state: torch.Tensor | None,
+    store_h: bool,
+    output_final_state: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The forward sweep: block states ``h`` and/or the final state (redone by the backward under ``recompute``)."""
+    return _state_pass(
+        k,
+        v,
+        log_gamma,
+        plan,
+        g0=initial_state,
+        g0_decay=True,
+        kv_scale=1.0,
+        reverse=False,
+        store_h=store_h,
+        final_shift=1 if output_final_state else None,
+    )
+
+
 @torch.library.custom_op("arch_zoo::retention_chunkwise", mutates_args=())
 def _retention_op(
     q: torch.Tensor,
@@ -897,18 +921,7 @@ def _retention_op(
     h, final = None, None
     store_h = _needs_block_states(plan, initial_state is not None)
     if store_h or output_final_state:
-        h, final = _state_pass(
-            k,
-            v,
-            log_gamma,
-            plan,
-            g0=initial_state,
-            g0_decay=True,
-            kv_scale=1.0,
-            reverse=False,
-            store_h=store_h,
-            final_shift=1 if output_final_state else None,
-        )
+        h, final = _forward_states(k, v, log_gamma, plan, initial_state, store_h, output_final_state)
     a = _chunk_scores(q, k, log_gamma, scale, plan.chunk, reverse=False) if plan.shared_scores else None
     fwd = dict(bv=plan.bv_fwd, warps=plan.warps_fwd, scores=Scores(a, LOAD) if a is not None else None)
     o = _chunk_output_pieces(
@@ -947,18 +960,7 @@ def _retention_backward_op(
     and ``initial_state``, the forward's own sweep)."""
     plan = _Plan.from_list(tiles)
     if h is None and _needs_block_states(plan, initial_state is not None):
-        h, _ = _state_pass(
-            k,
-            v,
-            log_gamma,
-            plan,
-            g0=initial_state,
-            g0_decay=True,
-            kv_scale=1.0,
-            reverse=False,
-            store_h=True,
-            final_shift=None,
-        )
+        h, _ = _forward_states(k, v, log_gamma, plan, initial_state, True, False)
     need_dh = _needs_block_states(plan, d_final is not None)  # the same rule: the reversed sweep's initial state
     dh, ds0 = None, None
     if need_dh or want_ds0:
