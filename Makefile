@@ -1,26 +1,36 @@
 # Quick start:  make train   (set up, then train a small RetNet on the offline default corpus)
 #               make test    (set up with test tools, then run the test suite)
 # Extra Hydra overrides go in ARGS:  make train ARGS="model/mixer=hyena trainer.max_steps=2000"
+#
+# Every install takes exactly the versions in requirements.lock, the set the test suite last passed with, so the
+# two commands above give the same environment on any day. `make lock` refreshes it from today's package index
+# (within pyproject.toml's ranges) and runs the suite on the new set.
 PYTHON ?= python3
 VENV ?= .venv
-# torch is installed first so that pip does not replace it; set TORCH=torch (or a CUDA index) on GPU machines
+LOCK := requirements.lock
+# What `make lock` starts from: torch is moved on deliberately (a new release is several GB and changes kernels);
+# torchscale is the RetNet oracle of the tests, installed without its dependencies (its pins pull torchvision)
 TORCH ?= torch==2.13.0
+TORCHSCALE := torchscale==0.3.0
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip -q
+# the editable install builds with the locked setuptools instead of fetching the newest into an isolated build
+INSTALL := $(PIP) install -c $(LOCK) --no-build-isolation
 
-.PHONY: setup setup-test train test lint clean
+.PHONY: setup setup-test train test lint lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e .
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) install -c $(LOCK) pip setuptools
+	$(INSTALL) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps torchscale==0.3.0
+	$(INSTALL) -e ".[test]"
+	$(PIP) check
+	$(INSTALL) --no-deps torchscale
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,6 +45,21 @@ test: setup-test
 
 lint: setup-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# A fresh environment from today's index, written down as the new lock (local build tags such as +cpu dropped, so
+# the lock also serves machines that take torch from PyPI), then the whole suite on it. Commit the lock if it passes.
+lock:
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools
+	$(PIP) install "$(TORCH)"
+	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) check
+	$(PIP) install --no-deps "$(TORCHSCALE)"
+	{ sed -n '/^#/p' $(LOCK); $(PIP) freeze --all --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	touch $(VENV)/.installed $(VENV)/.installed-test
+	$(MAKE) test
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -1,7 +1,7 @@
 """Benchmark the retention core: ours vs fla vs the PyTorch reference vs causal SDPA, and the decode step.
 
-    python -m kernels.benchmark                      # the full table (CUDA), logged to MLflow
-    python -m kernels.benchmark --quick              # two shapes, for a smoke run
+    python -m arch_zoo.kernels.benchmark                      # the full table (CUDA), logged to MLflow
+    python -m arch_zoo.kernels.benchmark --quick              # two shapes, for a smoke run
 
 Each row times one method at one shape (bf16, ``--tokens`` tokens per batch, 8 heads) with
 ``triton.testing.do_bench`` (median over repeats, inputs rotated so the L2 cache does not flatter small shapes).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.reference import retention_chunkwise_reference, retention_step_reference
+from arch_zoo.kernels.reference import retention_chunkwise_reference, retention_step_reference
 
 CHUNK = 64
 
@@ -111,7 +111,7 @@ def _time(fn: Callable[[tuple], object], sets: list[tuple]) -> float:
 
 def parse_tiles(text: str) -> dict[str, int]:
     """``stages=2,shared_scores=0`` -> a ``TILE_OVERRIDES`` dict (tile choices of our kernels to time side by side)."""
-    from kernels.retention_triton import _Plan
+    from arch_zoo.kernels.retention_triton import _Plan
 
     tiles = {}
     for item in filter(None, text.split(",")):
@@ -125,7 +125,7 @@ def parse_tiles(text: str) -> dict[str, int]:
 
 def _ours_with(tiles: dict[str, int], lg: torch.Tensor, scale: float) -> Callable:
     def ours(q, k, v):
-        from kernels import retention_triton as rt
+        from arch_zoo.kernels import retention_triton as rt
 
         saved = dict(rt.TILE_OVERRIDES)
         rt.TILE_OVERRIDES.clear()
@@ -146,7 +146,7 @@ def retention_methods(H: int, T: int, K: int, variants: list[str] = ()) -> dict[
     scale = K**-0.5
 
     def ours(q, k, v):
-        from kernels.retention_triton import retention_triton
+        from arch_zoo.kernels.retention_triton import retention_triton
 
         return retention_triton(q, k, v, lg, scale)[0]
 
@@ -251,7 +251,7 @@ def bench_decode(shapes: list[tuple[int, int, int, int]], peak_gbs: float, log) 
     """One token for all heads: ours (eager and in a CUDA graph), fla fused_recurrent_retention, plain PyTorch."""
     from triton.testing import do_bench
 
-    from kernels.retention_triton import retention_step_triton
+    from arch_zoo.kernels.retention_triton import retention_step_triton
 
     rows = []
     for B, H, K, V in shapes:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="NAME=INT,...",
-        help="extra rows of ours with these tile choices, e.g. stages=2,shared_scores=0 (kernels.retention_triton)",
+        help="extra rows of ours with these tile choices, e.g. stages=2,shared_scores=0 (see retention_triton)",
     )
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--quick", action="store_true", help="T=2048 at K=V=128 and the paper's 256x512 only")
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             p.error(str(err))
     if not torch.cuda.is_available():
-        print("kernels.benchmark needs a CUDA GPU", file=sys.stderr)
+        print("arch_zoo.kernels.benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import (
+from arch_zoo.kernels.reference import (
     retention_chunkwise_reference,
     retention_parallel_reference,
     retention_step_reference,
@@ -25,7 +25,7 @@ def _resolve(
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        from kernels.retention_triton import supported
+        from arch_zoo.kernels.retention_triton import supported
 
         # float32 with head dims over 128 does not fit the kernels' tiles: the reference is exact there
         return "triton" if dtype is None or supported(dtype, *dims) else "torch"
@@ -48,7 +48,7 @@ def _fla(name: str):
 def _triton_chunkwise(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Our kernels behind registered operators: a compiled model keeps them in its graph as opaque calls (no graph
     break, no re-compilation of the hand-tiled kernels) and fuses the elementwise work around them."""
-    from kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
+    from arch_zoo.kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
 
     return retention_triton(*args, **kwargs)
 
@@ -62,7 +62,7 @@ def _fla_chunk(q, k, v, scale, initial_state, output_final_state, **decay) -> tu
 def _triton_step(*args) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Our step kernel behind a registered operator that updates the state in place: a compiled decoding step keeps
     it inside its one graph."""
-    from kernels.retention_triton import retention_step_triton
+    from arch_zoo.kernels.retention_triton import retention_step_triton
 
     return retention_step_triton(*args)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.dispatch import retention, retention_step
-from kernels.reference import (
+from arch_zoo.kernels.dispatch import retention, retention_step
+from arch_zoo.kernels.reference import (
     retention_chunkwise_reference,
     retention_parallel_reference,
     retention_step_reference,
@@ -130,7 +130,7 @@ def test_reference_with_a_decay_per_token_matches_the_loop():
 
 
 def test_dispatch_cpu(monkeypatch):
-    from kernels import dispatch
+    from arch_zoo.kernels import dispatch
 
     q, k, v, s0 = inputs(1, 20, 2, 8, 8, dtype=torch.float32)
     lg = decays(2).float()
@@ -198,8 +198,8 @@ def interpreter_checks() -> dict[str, float]:
     """
     import triton
 
-    from kernels import retention_triton as rt
-    from kernels.retention_triton import retention_step_triton, retention_triton
+    from arch_zoo.kernels import retention_triton as rt
+    from arch_zoo.kernels.retention_triton import retention_step_triton, retention_triton
 
     assert triton.knobs.runtime.interpret, "TRITON_INTERPRET=1 did not take effect"
     results = {}
@@ -298,8 +298,8 @@ def interpreter_checks() -> dict[str, float]:
 
     # a whole RetNet layer on the kernels' path (the dispatch lets CPU tensors through to them here, as it sends CUDA
     # tensors on a GPU), compiled in one graph, against the same layer on the PyTorch core
+    from arch_zoo.kernels import dispatch
     from arch_zoo.mixers.retnet import RetNet, RetNetConfig
-    from kernels import dispatch
 
     resolve = dispatch._resolve
     dispatch._resolve = lambda backend, *a, **kw: "triton" if backend == "triton" else resolve(backend, *a, **kw)
@@ -481,7 +481,7 @@ def test_kernels_read_dense_views_without_copying():
     """A compiled graph hands the kernels [B, T, H, D] views of [B, H, T, D] tensors: copying them would cost a
     pass over q, k and v per call; a view they cannot index (last dim strided, or holes) is copied."""
     pytest.importorskip("triton")
-    from kernels.retention_triton import _like, _usable
+    from arch_zoo.kernels.retention_triton import _like, _usable
 
     x = torch.randn(2, 3, 40, 16).transpose(1, 2)  # [B, T, H, D] over [B, H, T, D] memory
     assert _usable(x) is x
@@ -500,7 +500,7 @@ def test_triton_rejects_learned_decay(interpreter_results):
 def test_benchmark_table_and_mlflow(tmp_path, monkeypatch):
     """The benchmark's reporting (run on the GPU only) on made-up rows: speed-ups vs fla, one MLflow run."""
     pytest.importorskip("mlflow")
-    from kernels.benchmark import Row, log_mlflow, markdown_table
+    from arch_zoo.kernels.benchmark import Row, log_mlflow, markdown_table
 
     rows = [
         Row("fwd+bwd", "fla chunk_retention", 2048, 32, 8, 128, 128, 2.0),
@@ -522,7 +522,7 @@ def test_benchmark_table_and_mlflow(tmp_path, monkeypatch):
 
 def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
     pytest.importorskip("triton")
-    from kernels.benchmark import main, parse_tiles
+    from arch_zoo.kernels.benchmark import main, parse_tiles
 
     assert parse_tiles("stages=2,shared_scores=0") == {"stages": 2, "shared_scores": 0}
     with pytest.raises(SystemExit) as exit_:
@@ -550,7 +550,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,shape", GPU_CASES, ids=lambda c: str(c))
 def test_triton_gpu_against_float64(dtype, shape):
-    from kernels.retention_triton import retention_triton
+    from arch_zoo.kernels.retention_triton import retention_triton
 
     B, T, H, K, V = shape
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs each run; the seed is in the failure message
@@ -573,7 +573,7 @@ def test_triton_gpu_against_float64(dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 8, 128, 128), (8, 8, 256, 512), (3, 5, 64, 100)])
 def test_triton_gpu_decode_step(shape):
-    from kernels.retention_triton import retention_step_triton
+    from arch_zoo.kernels.retention_triton import retention_step_triton
 
     B, H, K, V = shape
     q, k, v = (torch.randn(B, H, d, device="cuda", dtype=torch.bfloat16) for d in (K, K, V))

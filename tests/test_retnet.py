@@ -680,8 +680,8 @@ def test_fla_takes_a_trained_decay_per_token(monkeypatch):
     [B, T, H, D], g [B, T, H] float32 contiguous, the state [B, H, K, V]); here a stand-in with that signature
     computes it on the CPU, and the mixer matches its PyTorch core, gradients included. fla itself runs only on a
     GPU (``test_fla_core_for_trained_decays_matches_the_pytorch_core``)."""
-    import kernels.dispatch as dispatch
-    from kernels.reference import retention_parallel_reference
+    import arch_zoo.kernels.dispatch as dispatch
+    from arch_zoo.kernels.reference import retention_parallel_reference
 
     calls = []
 

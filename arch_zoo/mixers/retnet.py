@@ -196,7 +196,7 @@ def kernel_core(backend: str, recompute_states: bool = False) -> RetentionCore:
     autograd, the normaliser being detached, which saves copying the values and the narrow call's backward."""
 
     def core(q, k, v, log_decay, initial_state=None, output_final_state=True, chunk_size=None):
-        from kernels.dispatch import retention
+        from arch_zoo.kernels.dispatch import retention
 
         B, H, T, _ = q.shape
         if log_decay.dim() != 1 or log_decay.requires_grad:  # a decay per token, or a trained one: fla's g
@@ -671,7 +671,7 @@ class RetNet(TokenMixer):
         """One token: ``S = gamma S + k^T v`` and ``z = gamma z + k`` with their reads in one pass over the state (one
         fused kernel launch on CUDA), in place when the caller owns the state (:meth:`own_state`), into copies
         otherwise."""
-        from kernels.dispatch import retention_step
+        from arch_zoo.kernels.dispatch import retention_step
 
         in_place = bool(state.get("in_place"))
         kv, z = state["kv"], state["z"]
