@@ -151,8 +151,11 @@ def test_the_lock_pins_everything_the_suite_needs():
 )
 def test_the_environment_make_built_is_exactly_the_lock():
     pins = lock_pins()
+    # the venv's own site-packages only: setuptools puts its vendored packages on sys.path, and conftest the plugin
+    site = sysconfig.get_path("purelib")
     installed = {
-        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in importlib.metadata.distributions()
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+        for d in importlib.metadata.distributions(path=[site])
     }
     installed.pop("arch-zoo")
     differs = {n: (v, pins.get(n)) for n, v in installed.items() if v.split("+")[0] != pins.get(n)}
