@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError
+from arch_zoo.kernels.core import at_least_float32  # noqa: F401 - shared by the mixers; defined beside the core
 
 
 class RMSNorm(nn.Module):
@@ -32,12 +33,6 @@ class RMSNorm(nn.Module):
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         y = y.to(dtype)
         return y * self.weight if self.weight is not None else y
-
-
-def at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Half-precision tensors as float32, others unchanged: recurrent sums and decays need float32's range and digits
-    (a decay such as 1 - 1/512 rounds to 1 in bfloat16; running sums and exponentials overflow in float16)."""
-    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from arch_zoo.kernels.reference import retention_chunkwise_reference, retention_step_reference
+from arch_zoo.kernels.core import step as torch_step
+from arch_zoo.kernels.reference import retention_chunkwise_reference
 
 CHUNK = 64
 
@@ -267,7 +268,7 @@ def bench_decode(shapes: list[tuple[int, int, int, int]], peak_gbs: float, log) 
             return retention_step_triton(q, k, v, state, lg, scale)
 
         def torch_plain():
-            return retention_step_reference(q[:, 0], k[:, 0], v[:, 0], state, lg, scale)
+            return torch_step(q[:, 0], k[:, 0], v[:, 0], state, lg, scale)
 
         def fla_recurrent():
             from fla.ops.retention import fused_recurrent_retention

@@ -124,34 +124,3 @@ def retention_chunkwise_reference(
         state = torch.exp(a * L).view(1, H, 1, 1) * state + torch.einsum("bjhk,bjhv->bhkv", kc * k_decay, vc)
     o = torch.cat(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), (state if output_final_state else None)
-
-
-def retention_step_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    log_gamma: torch.Tensor,
-    scale: float,
-    key_sum: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step for all heads, updating ``state`` ``[B, H, K, V]`` in place.
-
-    q, k are ``[B, H, K]``, v ``[B, H, V]``. Returns ``o = scale * q S_new`` ``[B, H, V]`` in v's dtype; the state
-    keeps its own dtype (float32 is usual; a half one is stepped in float32 and rounded once). With ``key_sum``
-    ``[B, H, K]`` (RetNet's score normaliser) it is stepped in place too, ``z <- gamma z + k``, and
-    ``(o, scale * q . z)`` is returned, the read in z's dtype.
-    """
-    work = torch.promote_types(state.dtype, torch.float32)  # a half-precision state is stepped in float32
-    gamma = torch.exp(log_gamma.to(work)).view(1, -1, 1, 1)
-    update = k.to(work)[..., :, None] * v.to(work)[..., None, :]
-    if state.dtype == work:
-        new = state.mul_(gamma).add_(update)
-    else:  # as the kernel does: float32 arithmetic, one rounding into the state, the output read before it
-        new = state.to(work) * gamma + update
-        state.copy_(new)
-    o = (scale * torch.einsum("bhk,bhkv->bhv", q.to(work), new)).to(v.dtype)
-    if key_sum is None:
-        return o
-    key_sum.mul_(gamma[..., 0].to(key_sum.dtype)).add_(k.to(key_sum.dtype))
-    return o, scale * (q.to(key_sum.dtype) * key_sum).sum(-1)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from arch_zoo.kernels.core import step as torch_step
 from arch_zoo.kernels.dispatch import retention, retention_step
 from arch_zoo.kernels.reference import (
     retention_chunkwise_reference,
     retention_parallel_reference,
-    retention_step_reference,
 )
 
 KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "retention_triton.py"
@@ -99,14 +99,14 @@ def test_step_reference_matches_loop():
     lg = decays(3)
     o_loop, s_loop = naive_loop(q, k, v, lg, 0.3, s0)
     state = s0.clone()
-    steps = [retention_step_reference(q[:, t], k[:, t], v[:, t], state, lg, 0.3) for t in range(5)]
+    steps = [torch_step(q[:, t], k[:, t], v[:, t], state, lg, 0.3) for t in range(5)]
     assert rel(torch.stack(steps, dim=1), o_loop) < 1e-12
     assert rel(state, s_loop) < 1e-12
     # the key sum is the same recurrence on a value of ones: its read is the loop's output there
     z0 = torch.randn(2, 3, 8, dtype=torch.float64)
     zq_loop, z_loop = naive_loop(q, k, torch.ones_like(v[..., :1]), lg, 0.3, z0[..., None])
     state, z = s0.clone(), z0.clone()
-    reads = [retention_step_reference(q[:, t], k[:, t], v[:, t], state, lg, 0.3, key_sum=z)[1] for t in range(5)]
+    reads = [torch_step(q[:, t], k[:, t], v[:, t], state, lg, 0.3, key_sum=z)[1] for t in range(5)]
     assert rel(torch.stack(reads, dim=1), zq_loop[..., 0]) < 1e-12
     assert rel(z, z_loop[..., 0]) < 1e-12
 
@@ -129,9 +129,7 @@ def test_reference_with_a_decay_per_token_matches_the_loop():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_dispatch_cpu(monkeypatch):
-    from arch_zoo.kernels import dispatch
-
+def test_dispatch_cpu():
     q, k, v, s0 = inputs(1, 20, 2, 8, 8, dtype=torch.float32)
     lg = decays(2).float()
     o, s = retention(q, k, v, lg, 0.5, s0, True)  # auto -> torch on the CPU
@@ -151,8 +149,7 @@ def test_dispatch_cpu(monkeypatch):
     assert rel(o_tok, o_ref) < 1e-5 and rel(s_tok, s_ref) < 1e-5
     with pytest.raises(ValueError, match=r"per-token decay is \[B, T, H\]"):
         retention(q, k, v, g[:, :5])
-    monkeypatch.setattr(dispatch, "_resolve", lambda backend, *a, **kw: backend)
-    with pytest.raises(ValueError, match="use backend 'fla' or 'torch'"):
+    with pytest.raises(ValueError, match="needs kernel=fla or kernel=torch"):
         retention(q, k, v, g, backend="triton")
 
 
@@ -301,8 +298,8 @@ def interpreter_checks() -> dict[str, float]:
     from arch_zoo.kernels import dispatch
     from arch_zoo.mixers.retnet import RetNet, RetNetConfig
 
-    resolve = dispatch._resolve
-    dispatch._resolve = lambda backend, *a, **kw: "triton" if backend == "triton" else resolve(backend, *a, **kw)
+    choose = dispatch.choose_backend
+    dispatch.choose_backend = lambda backend, *a, **kw: "triton" if backend == "triton" else choose(backend, *a, **kw)
     layers = {}
     for kernel in ("torch", "triton"):
         torch.manual_seed(0)
@@ -315,9 +312,22 @@ def interpreter_checks() -> dict[str, float]:
         y, state = forward(xi)
         y.square().sum().backward()
         outs[kernel] = (y, state["kv"], xi.grad, layer.q_proj.weight.grad)
-    dispatch._resolve = resolve
+    # linear attention on the same core (no decay, its normaliser's column of ones split off): the Triton path too
+    from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
+
+    linear = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = LinearAttention(64, LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel))
+        xi = x.clone().requires_grad_()
+        y, state = layer(xi)
+        y.square().sum().backward()
+        linear[kernel] = (y, state["S"], state["z"], xi.grad, layer.q_proj.weight.grad)
+    dispatch.choose_backend = choose
     for name, a, b in zip(["y", "state", "dx", "dWq"], outs["triton"], outs["torch"]):
         results[f"layer/{name}"] = rel(a, b)
+    for name, a, b in zip(["y", "S", "z", "dx", "dWq"], linear["triton"], linear["torch"]):
+        results[f"linear_attention/{name}"] = rel(a, b)
 
     # the backward pass runs on the forward's tiles, whatever the overrides are by then
     rt.TILE_OVERRIDES.update({"shared_scores": 1, "fused_dkv": 0, "nc": 2})  # by default: 1 block state each chunk
@@ -334,7 +344,7 @@ def interpreter_checks() -> dict[str, float]:
     q, k, v, s0 = inputs(3, 1, 2, 32, 48, dtype=torch.float32)
     state, state_ref = s0.clone(), s0.double()
     o = retention_step_triton(q, k, v, state, lg, 0.3)
-    o_ref = retention_step_reference(q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), state_ref, lg, 0.3)
+    o_ref = torch_step(q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), state_ref, lg, 0.3)
     results["decode/shape"] = 0.0 if o.shape == (3, 1, 2, 48) else math.inf
     results["decode/o"] = rel(o[:, 0], o_ref)
     results["decode/state"] = rel(state, state_ref)
@@ -345,7 +355,7 @@ def interpreter_checks() -> dict[str, float]:
         z0 = torch.randn(2, 2, 40)
         state, state_ref, z, z_ref = s0.clone(), s0.double(), z0.clone(), z0.double()
         o, zq = retention_step_triton(q[:, 0], k[:, 0], v[:, 0], state, lg, 0.3, key_sum=z)
-        o_ref, zq_ref = retention_step_reference(
+        o_ref, zq_ref = torch_step(
             q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), state_ref, lg, 0.3, key_sum=z_ref
         )
         name = f"decode/bk{tiles['bk']}_bv{tiles['bv']}"
@@ -394,7 +404,7 @@ def interpreter_checks() -> dict[str, float]:
     compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")
     for t in range(2):  # twice: the second step reads the state the first one wrote
         o, zq = compiled_step(q1, k1, v1, state, z)
-        o_ref, zq_ref = retention_step_reference(q1.double(), k1.double(), v1.double(), state_ref, lg, 0.3, z_ref)
+        o_ref, zq_ref = torch_step(q1.double(), k1.double(), v1.double(), state_ref, lg, 0.3, z_ref)
         results[f"decode_compiled/{t}/o"] = rel(o, o_ref * 2)
         results[f"decode_compiled/{t}/key_sum_read"] = rel(zq, zq_ref + 1)
     results["decode_compiled/state"] = rel(state, state_ref)
@@ -467,6 +477,11 @@ def test_triton_operators_compile_with_symbolic_lengths(interpreter_results):
 
 def test_a_retnet_layer_on_the_kernels_compiles_in_one_graph(interpreter_results):
     assert_within(interpreter_results, "layer/", 4)
+
+
+def test_linear_attention_runs_on_the_triton_kernels(interpreter_results):
+    """Linear attention calls the retention core with no decay, so the kernels serve it as well."""
+    assert_within(interpreter_results, "linear_attention/", 5)
 
 
 def test_triton_backward_keeps_the_forward_tiles(interpreter_results):
@@ -583,7 +598,7 @@ def test_triton_gpu_decode_step(shape):
     z = torch.randn(B, H, K, device="cuda")
     z_ref = z.double()
     o, zq = retention_step_triton(q, k, v, state, lg.float(), K**-0.5, key_sum=z)
-    o_ref, zq_ref = retention_step_reference(q.double(), k.double(), v.double(), state_ref, lg, K**-0.5, z_ref)
+    o_ref, zq_ref = torch_step(q.double(), k.double(), v.double(), state_ref, lg, K**-0.5, z_ref)
     assert rel(state, state_ref) < 1e-6 and rel(z, z_ref) < 1e-6
     assert rel(zq, zq_ref) < 1e-5
     assert rel(o, o_ref) < 1e-2  # the output is rounded to bf16

@@ -14,20 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from arch_zoo import ConfigError, LanguageModel, ModelConfig, build_mixer
-from arch_zoo.mixers.linear_attention import (
-    LinearAttentionConfig,
-    chunkwise_linear_attention,
-    parallel_linear_attention,
-    recurrent_linear_attention,
-)
+from arch_zoo.kernels import core
+from arch_zoo.mixers.linear_attention import LinearAttentionConfig
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+# the shared core with no decay (log_decay None): linear attention's forms
 FORMS = {
-    "parallel": parallel_linear_attention,
-    "chunkwise-1": lambda *a, **kw: chunkwise_linear_attention(*a, chunk_size=1, **kw),
-    "chunkwise-7": lambda *a, **kw: chunkwise_linear_attention(*a, chunk_size=7, **kw),
-    "chunkwise-16": lambda *a, **kw: chunkwise_linear_attention(*a, chunk_size=16, **kw),
-    "recurrent": recurrent_linear_attention,
+    "parallel": lambda q, k, v, s0: core.parallel(q, k, v, None, s0),
+    "chunkwise-1": lambda q, k, v, s0: core.chunkwise(q, k, v, None, s0, chunk_size=1),
+    "chunkwise-7": lambda q, k, v, s0: core.chunkwise(q, k, v, None, s0, chunk_size=7),
+    "chunkwise-16": lambda q, k, v, s0: core.chunkwise(q, k, v, None, s0, chunk_size=16),
+    "recurrent": lambda q, k, v, s0: core.recurrent(q, k, v, None, s0),
 }
 NAIVE_MAPS = {"elu": lambda x: F.elu(x) + 1, "relu": torch.relu, "identity": lambda x: x}
 

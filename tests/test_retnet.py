@@ -23,13 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from arch_zoo import ConfigError, LanguageModel, ModelConfig, build_mixer
+from arch_zoo.kernels import core
 from arch_zoo.mixers.retnet import (
     RetNet,
     RetNetConfig,
-    chunkwise_retention,
     decay_row_sums,
-    parallel_retention,
-    recurrent_retention,
 )
 
 D_MODEL, HEAD_DIM, T, CHUNK = 32, 8, 13, 4  # 4 heads; 13 tokens = 3 full chunks of 4 and a partial one
@@ -202,7 +200,7 @@ def test_score_normaliser_is_exercised():
         q = mixer.q_proj(x).view(2, T, 4, 8).transpose(1, 2)
         k = mixer.k_proj(x).view(2, T, 4, 8).transpose(1, 2) / math.sqrt(8)
         ones = torch.ones(2, 4, T, 1, dtype=x.dtype)
-        qz, _ = parallel_retention(q, k, ones, mixer.log_decay(x))
+        qz, _ = core.parallel(q, k, ones, mixer.log_decay(x))
         scores = qz[..., 0].abs() * decay_row_sums(mixer.log_decay(x), torch.arange(T)).rsqrt()
     frac = (scores > 1).double().mean().item()
     assert 0.05 < frac < 0.95, frac
@@ -287,7 +285,7 @@ def test_cores_agree_with_initial_state(per_token):
         if per_token
         else torch.tensor([-0.1, -0.01, 0.0]).double()
     )
-    ref_o, ref_s = recurrent_retention(q, k, v, a, s0)
+    ref_o, ref_s = core.recurrent(q, k, v, a, s0)
     # independent check of the recurrence itself: the explicit sum over the decayed history
     gamma = a.exp() if per_token else a.exp()[None, :, None].expand(B, H, L)
     n = 7
@@ -295,8 +293,8 @@ def test_cores_agree_with_initial_state(per_token):
     direct = torch.einsum("bhd,bhmd,bhm,bhme->bhe", q[:, :, n], k[:, :, : n + 1], decays, v[:, :, : n + 1])
     direct = direct + gamma[:, :, : n + 1].prod(-1)[..., None] * (q[:, :, n, None, :] @ s0).squeeze(-2)
     assert rel_err(ref_o[:, :, n], direct) < 1e-13
-    for core in (parallel_retention, lambda *args: chunkwise_retention(*args, chunk_size=3)):
-        o, s = core(q, k, v, a, s0)
+    for form in (core.parallel, lambda *args: core.chunkwise(*args, chunk_size=3)):
+        o, s = form(q, k, v, a, s0)
         assert rel_err(o, ref_o) < 1e-13 and rel_err(s, ref_s) < 1e-13
 
 
@@ -450,30 +448,33 @@ def test_bfloat16_keeps_the_decay(switches):
 
 
 def test_kernel_adapter_matches_the_reference_cores():
-    """The adapter to the kernels package (layout, key scale, the score normaliser's odd value column) computes the
-    same core; run here through that package's PyTorch backend, the same call path the Triton kernels take."""
-    from arch_zoo.mixers.retnet import kernel_core, parallel_retention
+    """The adapter to the kernels' layout (transposed views, the score normaliser's odd value column split off and
+    padded) computes the same core; run here through the kernels package's PyTorch backend."""
+    from arch_zoo.kernels import dispatch
 
     torch.manual_seed(0)
     B, H, T, dk, dv = 2, 3, 37, 16, 33  # 33 = 32 values + the ones column
     q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for d in (dk, dk, dv))
     log_decay = torch.log(1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64)))
     s0 = torch.randn(B, H, dk, dv, dtype=torch.float64)
-    want_o, want_s = parallel_retention(q, k, v, log_decay, s0)
-    got_o, got_s = kernel_core("torch")(q, k, v, log_decay, s0)
+    want_o, want_s = core.parallel(q, k, v, log_decay, s0)
+    got_o, got_s = dispatch.on_kernels(q, k, v, log_decay, "torch", s0)
     torch.testing.assert_close(got_o, want_o)
     torch.testing.assert_close(got_s, want_s)
-    with pytest.raises(ConfigError, match="selective or learnable decay needs kernel=fla or kernel=torch"):
-        kernel_core("triton")(q, k, v, log_decay.view(1, H, 1).expand(B, H, T))
+    with pytest.raises(ValueError, match="selective or learnable decay needs kernel=fla or kernel=torch"):
+        dispatch.decayed_linear_attention(q, k, v, log_decay.view(1, H, 1).expand(B, H, T), backend="triton")
 
 
 def test_auto_kernel_is_pytorch_on_the_cpu_and_trained_decay_refuses_fast_kernels():
-    from arch_zoo.mixers.retnet import parallel_retention, retention_core
+    from arch_zoo.kernels.dispatch import choose_backend
 
-    assert retention_core("auto", "parallel", torch.device("cpu"), 64) is parallel_retention
-    with pytest.raises(ConfigError, match="no gradient for a trained decay; use kernel=fla"):
-        retention_core("triton", "chunkwise", torch.device("cpu"), 64, trained_decay=True)
-    assert callable(retention_core("fla", "chunkwise", torch.device("cpu"), 64, trained_decay=True))
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu, form="parallel") == "torch"
+    assert choose_backend("auto", cpu, form="chunkwise", trained_decay=True) == "torch"
+    with pytest.raises(ValueError, match="no gradient to it"):
+        choose_backend("triton", cpu, trained_decay=True)
+    with pytest.raises(ConfigError, match="retnet: kernel=triton takes a fixed decay per head"):
+        make(selective_decay=True, kernel="triton")(inputs(torch.float64))
 
 
 DECODE_SWITCHES = [{}, {"score_norm": False}, {"decay": False}, {"decay_norm": False, "xpos": False}]
@@ -650,14 +651,19 @@ def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, mon
     """The path a fast kernel takes inside the mixer (the key-sum read in its own gradient-free call, the state
     carried across calls; a selective or learnable decay handed over per token, as fla takes it) gives the PyTorch
     core's outputs, gradients (the decay's included) and states; run through the kernels package's PyTorch backend."""
-    import arch_zoo.mixers.retnet as retnet
+    from arch_zoo.kernels import dispatch
+    from arch_zoo.kernels.reference import retention_parallel_reference
+
+    def kernels_in_float64(q, k, v, log_gamma, scale, initial_state, output_final_state, recompute_states=False):
+        return retention_parallel_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
 
     mixer = make(**switches)
     x = inputs(torch.float64, length=19).requires_grad_(True)
     results = {}
     for path in ("torch", "adapter"):
-        if path == "adapter":
-            monkeypatch.setattr(retnet, "retention_core", lambda kernel, mode, *a, **kw: retnet.kernel_core("torch"))
+        if path == "adapter":  # the mixer and the dispatch take the Triton path, which a float64 stand-in computes
+            monkeypatch.setattr(dispatch, "choose_backend", lambda *a, **kw: "triton")
+            monkeypatch.setattr(dispatch, "_triton_chunkwise", kernels_in_float64)
         x.grad = None
         mixer.zero_grad()
         y1, state = run(mixer, x[:, :11], "chunkwise")
@@ -691,8 +697,10 @@ def test_fla_takes_a_trained_decay_per_token(monkeypatch):
         calls.append(g.shape)
         return retention_parallel_reference(q, k, v, g, scale, initial_state, output_final_state)
 
-    resolve = dispatch._resolve
-    monkeypatch.setattr(dispatch, "_resolve", lambda backend, *a, **kw: "fla" if backend == "fla" else resolve(backend))
+    choose = dispatch.choose_backend
+    monkeypatch.setattr(
+        dispatch, "choose_backend", lambda backend, *a, **kw: "fla" if backend == "fla" else choose(backend, *a, **kw)
+    )
     monkeypatch.setattr(dispatch, "_fla", lambda name: chunk_simple_gla)
     results = {}
     for kernel in ("torch", "fla"):

@@ -30,6 +30,8 @@ Config (defaults: the paper):
     mode: ``chunkwise`` (default), ``parallel`` or ``recurrent``: the form of a call. A continued call of one token
         always steps recurrently; a continued call of several tokens runs chunkwise unless ``mode`` is recurrent.
     chunk_size: tokens per chunk of the chunkwise form (64).
+    kernel: ``auto`` (the Triton kernels on CUDA where their tiles fit, the PyTorch forms otherwise), ``torch``,
+        ``triton`` or ``fla``: the core is retention's with no decay (``arch_zoo.kernels``), so it has their backends.
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
 
@@ -44,10 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
-from arch_zoo.layers import at_least_float32
+from arch_zoo.kernels import dispatch
+from arch_zoo.kernels.core import FORMS, at_least_float32
 from arch_zoo.registry import register_mixer
 
-MODES = ("parallel", "chunkwise", "recurrent")
+MODES = tuple(FORMS)
 
 
 def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
@@ -63,88 +66,6 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
 }
 
-# ----------------------------------------------------------------------------------------------------------------
-# The linear-attention core: causal, unnormalised. Head-first layout: q, k [B, H, T, dk] (feature maps applied),
-# v [B, H, T, dv], state S [B, H, dk, dv]. o_i = q_i S_i with S_i = S_{i-1} + k_i^T v_i, from an optional S_0.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def parallel_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``o = tril(q k^T) v + q S_0``: the masked quadratic form, ``O(T^2)`` per head."""
-    out_dtype = v.dtype
-    q, k, v = at_least_float32(q, k, v)
-    o = (q @ k.transpose(-1, -2)).tril() @ v
-    if initial_state is not None:
-        o = o + q @ initial_state
-    state = None
-    if output_final_state:
-        state = k.transpose(-1, -2) @ v
-        if initial_state is not None:
-            state = state + initial_state
-    return o.to(out_dtype), state
-
-
-def chunkwise_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Quadratic inside chunks of ``chunk_size`` tokens (all at once), ``S`` carried across chunk boundaries by a
-    prefix sum of the chunks' ``k^T v``; a last partial chunk continues from the final full chunk's state."""
-    out_dtype = v.dtype
-    q, k, v = at_least_float32(q, k, v)
-    B, H, T, dk = q.shape
-    dv = v.shape[-1]
-    L = max(1, min(chunk_size, T))
-    N = T // L
-    full = N * L
-    state = initial_state
-    outputs = []
-    if N:
-        qc, kc = q[..., :full, :].reshape(B, H, N, L, dk), k[..., :full, :].reshape(B, H, N, L, dk)
-        vc = v[..., :full, :].reshape(B, H, N, L, dv)
-        o = (qc @ kc.transpose(-1, -2)).tril() @ vc
-        writes = kc.transpose(-1, -2) @ vc  # [B, H, N, dk, dv]: each chunk's k^T v
-        after = writes.cumsum(2)  # the state after each chunk (without S_0)
-        before = after - writes
-        if state is not None:
-            before = before + state[:, :, None]
-        o = o + qc @ before
-        outputs.append(o.reshape(B, H, full, dv))
-        state = after[:, :, -1] + (state if state is not None else 0)
-    if full < T:
-        o, state = parallel_linear_attention(q[..., full:, :], k[..., full:, :], v[..., full:, :], state)
-        outputs.append(o)
-    return torch.cat(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
-
-
-def recurrent_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``S_i = S_{i-1} + k_i^T v_i``, ``o_i = q_i S_i``, one token at a time: ``O(dk dv)`` per token and head."""
-    out_dtype = v.dtype
-    q, k, v = at_least_float32(q, k, v)
-    B, H, T, dk = q.shape
-    state = initial_state if initial_state is not None else q.new_zeros(B, H, dk, v.shape[-1])
-    outputs = []
-    for t in range(T):
-        state = state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append((q[:, :, t, None, :] @ state).squeeze(-2))
-    return torch.stack(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
-
 
 @dataclass
 class LinearAttentionConfig(MixerConfig):
@@ -156,6 +77,7 @@ class LinearAttentionConfig(MixerConfig):
     eps: float = 1e-6
     mode: str = "chunkwise"  # parallel | chunkwise | recurrent
     chunk_size: int = 64
+    kernel: str = "auto"  # auto | torch | triton | fla: the backend of the shared core (kernels/dispatch.py)
     bias: bool = False
 
     def check(self, d_model: int) -> None:
@@ -170,6 +92,8 @@ class LinearAttentionConfig(MixerConfig):
             )
         if self.mode not in MODES:
             raise ConfigError(f"linear_attention: mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.kernel not in dispatch.BACKENDS:
+            raise ConfigError(f"linear_attention: kernel={self.kernel!r} is not one of {', '.join(dispatch.BACKENDS)}")
         if self.chunk_size < 1:
             raise ConfigError(f"linear_attention: chunk_size={self.chunk_size} must be at least 1")
         if self.eps < 0:
@@ -215,11 +139,22 @@ class LinearAttention(TokenMixer):
             s0 = state["S"]
 
         if c.mode == "recurrent" or (state is not None and T == 1):
-            o, s = recurrent_linear_attention(q, k, v, s0, return_state)
+            form = "recurrent"
         elif c.mode == "parallel" and state is None:
-            o, s = parallel_linear_attention(q, k, v, s0, return_state)
+            form = "parallel"
         else:  # memory bounded by the chunk, also when continuing a long prompt
-            o, s = chunkwise_linear_attention(q, k, v, s0, return_state, c.chunk_size)
+            form = "chunkwise"
+        o, s = dispatch.decayed_linear_attention(
+            q,
+            k,
+            v,
+            None,
+            backend=c.kernel,
+            form=form,
+            initial_state=s0,
+            output_final_state=return_state,
+            chunk_size=c.chunk_size,
+        )
         if c.normalize:
             o = o[..., :d] / (o[..., d:] + c.eps)
         y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, self.d_model))

@@ -16,9 +16,9 @@ with ``D[n, m] = gamma_{m+1} ... gamma_n``. The paper (and torchscale) adds thre
 
 torchscale computes the first two chunk-locally in its chunkwise form and omits the score normaliser when decoding,
 so its three modes agree only after an eps-free per-head norm; here all three compute the same function under every
-switch. The retention *core* (``parallel_retention``, ``chunkwise_retention``, ``recurrent_retention``: unnormalised
-decayed linear attention with an optional initial state) is kept apart from the module so that fast kernels can
-replace it through the config field ``kernel``.
+switch. The retention *core* (unnormalised decayed linear attention with an optional initial state) lives in
+``arch_zoo.kernels``, shared with linear attention; ``kernels.dispatch`` picks its backend from the config field
+``kernel``, and this module adds what makes it retention: rotation, decays, normalisers, gate.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -35,240 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
-from arch_zoo.layers import at_least_float32, cached_rotary_cos_sin, rotate_pairs
+from arch_zoo.kernels import dispatch
+from arch_zoo.kernels.core import FORMS, at_least_float32
+from arch_zoo.layers import cached_rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
-MODES = ("parallel", "chunkwise", "recurrent")
-KERNELS = ("auto", "torch", "triton", "fla")
+MODES = tuple(FORMS)
 DECAY_SCHEDULES = ("paper", "torchscale")
 GROUP_NORM_KINDS = ("rmsnorm", "layernorm")
 GATE_REALLOCATIONS = ("value", "none")
 STATE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# ----------------------------------------------------------------------------------------------------------------
-# The retention core. Layout is head-first: q, k [B, H, T, dk]; v [B, H, T, dv]; state [B, H, dk, dv].
-# ``log_decay`` is log(gamma): [H] (one decay per head) or [B, H, T] (per token: selective decay); token t applies
-# its own decay before writing, S_t = gamma_t S_{t-1} + k_t^T v_t. Outputs are unnormalised.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _decay_factors(
-    log_decay: torch.Tensor, length: int, per_token: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decay weights of one block of ``length`` tokens that continues from a state.
-
-    ``log_decay`` is ``[..., length]`` when ``per_token``, else ``[...]`` (one value per head). Returns
-    ``mask [..., L, L]`` (D[i, j], token i reading token j), ``q_decay [..., L]`` (decay of the incoming state when
-    token i reads it), ``k_decay [..., L]`` (decay of token i's write at the block end) and ``total [...]``.
-    """
-    device = log_decay.device
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    if per_token:
-        # float64: in float32 a long cumulative sum loses the small differences that the mask is made of
-        cum = log_decay.double().cumsum(-1)
-        diff = cum[..., :, None] - cum[..., None, :]
-        q_log, k_log, total_log = cum, cum[..., -1:] - cum, cum[..., -1]
-    else:
-        # integer distances times log(gamma): exact up to one rounding, however long the block
-        idx = torch.arange(length, device=device, dtype=log_decay.dtype)
-        a = log_decay[..., None]
-        diff = (idx[:, None] - idx[None, :]) * a[..., None]
-        q_log, k_log, total_log = (idx + 1) * a, (length - 1 - idx) * a, length * log_decay
-    mask = diff.masked_fill(~causal, float("-inf")).exp()  # -inf before exp keeps the backward free of inf * 0
-    return mask.to(dtype), q_log.exp().to(dtype), k_log.exp().to(dtype), total_log.exp().to(dtype)
-
-
-def parallel_retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``O = (Q K^T * D) V`` (+ the decayed read of ``initial_state``); O(T^2) time, the training form."""
-    out_dtype = v.dtype
-    q, k, v = at_least_float32(q, k, v)
-    T = q.shape[-2]
-    per_token = log_decay.dim() == 3
-    a = log_decay if per_token else log_decay.view(1, -1)
-    mask, q_decay, k_decay, total = _decay_factors(a, T, per_token, q.dtype)
-    o = (q @ k.transpose(-1, -2) * mask) @ v
-    if initial_state is not None:
-        o = o + (q * q_decay[..., None]) @ initial_state
-    state = None
-    if output_final_state:
-        state = (k * k_decay[..., None]).transpose(-1, -2) @ v
-        if initial_state is not None:
-            state = state + total[..., None, None] * initial_state
-    return o.to(out_dtype), state
-
-
-def chunkwise_retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Parallel inside chunks of ``chunk_size`` tokens, the state carried across them; any length.
-
-    Full chunks are processed together (only the [dk, dv] state update loops over chunks); a last partial chunk is
-    one more parallel block continuing from that state, so nothing is padded and the final state is exact.
-    """
-    out_dtype = v.dtype
-    q, k, v = at_least_float32(q, k, v)
-    B, H, T, dk = q.shape
-    dv = v.shape[-1]
-    per_token = log_decay.dim() == 3
-    C = max(1, min(chunk_size, T))
-    N = T // C
-    full = N * C
-    state = initial_state
-    outputs = []
-    if N:
-        qc, kc = q[..., :full, :].reshape(B, H, N, C, dk), k[..., :full, :].reshape(B, H, N, C, dk)
-        vc = v[..., :full, :].reshape(B, H, N, C, dv)
-        a = log_decay[..., :full].reshape(B, H, N, C) if per_token else log_decay.view(1, -1, 1)
-        mask, q_decay, k_decay, total = _decay_factors(a, C, per_token, q.dtype)
-        o = (qc @ kc.transpose(-1, -2) * mask) @ vc
-        summaries = (kc * k_decay[..., None]).transpose(-1, -2) @ vc  # each chunk's write, decayed to its end
-        total = total.expand(B, H, N)
-        if state is None:
-            state = q.new_zeros(B, H, dk, dv)
-        before = []
-        for n in range(N):
-            before.append(state)
-            state = total[:, :, n, None, None] * state + summaries[:, :, n]
-        o = o + (qc * q_decay[..., None]) @ torch.stack(before, dim=2)
-        outputs.append(o.reshape(B, H, full, dv))
-    if full < T:
-        tail_decay = log_decay[..., full:] if per_token else log_decay
-        o, state = parallel_retention(q[..., full:, :], k[..., full:, :], v[..., full:, :], tail_decay, state)
-        outputs.append(o)
-    return torch.cat(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
-
-
-def recurrent_retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``S_t = gamma_t S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, one token at a time: O(1) memory per step."""
-    out_dtype = v.dtype
-    q, k, v = at_least_float32(q, k, v)
-    B, H, T, dk = q.shape
-    per_token = log_decay.dim() == 3
-    gamma = log_decay.exp().to(q.dtype)
-    state = initial_state if initial_state is not None else q.new_zeros(B, H, dk, v.shape[-1])
-    outputs = []
-    for t in range(T):
-        g = gamma[:, :, t, None, None] if per_token else gamma.view(1, -1, 1, 1)
-        state = g * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append((q[:, :, t, None, :] @ state).squeeze(-2))
-    return torch.stack(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
-
-
-RetentionCore = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-# backend -> mode -> core; fast kernels register their versions of the same three functions here
-RETENTION_CORES: dict[str, dict[str, RetentionCore]] = {
-    "torch": {"parallel": parallel_retention, "chunkwise": chunkwise_retention, "recurrent": recurrent_retention}
-}
-
-
-KERNEL_VALUE_BLOCK = 16  # value widths the fast kernels tile; the score normaliser's extra column is run apart
-
-
-def kernel_core(backend: str, recompute_states: bool = False) -> RetentionCore:
-    """The retention core of the ``kernels`` package (``triton``, ``fla``, or ``auto``: the kernels where they take
-    the dtype and head dims) in this module's layout.
-
-    Here q, k, v are ``[B, H, T, D]`` with the key scale already applied to k; the kernels take ``[B, T, H, D]`` and
-    a per-head decay, fla also one per token (``[B, T, H]``: a selective decay, or a learnable one spread over the
-    tokens so that fla's gradient for it flows back). Value widths are padded to the kernels' tile; a width past a
-    whole number of tiles is split off and run as a second, narrow call. The mixer does not append the score
-    normaliser's column of ones for this core (``separate_key_sum``): it reads the key-sum in its own call without
-    autograd, the normaliser being detached, which saves copying the values and the narrow call's backward."""
-
-    def core(q, k, v, log_decay, initial_state=None, output_final_state=True, chunk_size=None):
-        from arch_zoo.kernels.dispatch import retention
-
-        B, H, T, _ = q.shape
-        if log_decay.dim() != 1 or log_decay.requires_grad:  # a decay per token, or a trained one: fla's g
-            if backend == "triton":
-                raise ConfigError(
-                    "retnet: kernel=triton takes a fixed decay per head; a selective or learnable decay needs "
-                    "kernel=fla or kernel=torch"
-                )
-            log_decay = log_decay.transpose(1, 2) if log_decay.dim() == 3 else log_decay.expand(B, T, H)
-        if not q.dtype == k.dtype == v.dtype:  # autocast can leave them mixed; the kernels take one dtype
-            q, k = q.to(v.dtype), k.to(v.dtype)
-        width = v.shape[-1]
-        main = width - width % KERNEL_VALUE_BLOCK
-        parts = [(0, main), (main, width)] if 0 < main < width else [(0, width)]
-        outputs, states = [], []
-        for lo, hi in parts:
-            pad = (-(hi - lo)) % KERNEL_VALUE_BLOCK
-            vp = F.pad(v[..., lo:hi], (0, pad)) if pad or len(parts) > 1 else v
-            s0 = initial_state
-            if initial_state is not None and (pad or len(parts) > 1):
-                s0 = F.pad(initial_state[..., lo:hi], (0, pad))
-            o, s = retention(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                vp.transpose(1, 2),
-                log_decay,
-                scale=1.0,
-                initial_state=s0,
-                output_final_state=output_final_state,
-                backend=backend,
-                recompute_states=recompute_states,
-            )
-            # slice only what was padded: a no-op slice still costs a zero-filled copy of the gradient in backward
-            o = o.transpose(1, 2)
-            outputs.append(o[..., : hi - lo] if pad else o)
-            states.append(s[..., : hi - lo] if s is not None and pad else s)
-        if len(parts) == 1:
-            return outputs[0], states[0] if output_final_state else None
-        state = torch.cat(states, dim=-1) if output_final_state else None
-        return torch.cat(outputs, dim=-1), state
-
-    core.separate_key_sum = True  # type: ignore[attr-defined]
-    return core
-
-
-def retention_core(
-    kernel: str,
-    mode: str,
-    device: torch.device,
-    chunk_size: int,
-    trained_decay: bool = False,
-    recompute_states: bool = False,
-):
-    """The core a mixer calls. ``auto`` takes the Triton kernels on CUDA for a fixed per-head decay (they carry no
-    gradient to the decay) and this module's PyTorch forms otherwise; ``triton``/``fla`` insist. ``recompute_states``
-    reaches our kernels only (see ``RetNetConfig``)."""
-    if kernel not in KERNELS:
-        raise ConfigError(f"retnet: no retention kernel {kernel!r}; available: {', '.join(KERNELS)}")
-    backend = kernel
-    if kernel == "auto":
-        # "auto" reaches the dispatch, which takes the reference where the kernels' tiles do not fit (float32 with
-        # head dims over 128 on a GPU)
-        backend = "auto" if device.type == "cuda" and not trained_decay and mode != "recurrent" else "torch"
-    if backend != "torch":
-        if trained_decay and backend != "fla":
-            raise ConfigError(
-                f"retnet: kernel={kernel} has no gradient for a trained decay; use kernel=fla (its per-token decay) "
-                "or kernel=torch"
-            )
-        return kernel_core(backend, recompute_states)
-    core = RETENTION_CORES[backend][mode]
-    return partial(core, chunk_size=chunk_size) if mode == "chunkwise" else core
 
 
 def decay_row_sums(log_decay: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -338,7 +113,7 @@ class RetNetConfig(MixerConfig):
                 raise ConfigError(f"retnet: {field}={value!r} is not one of {', '.join(allowed)}")
 
         choice("mode", self.mode, MODES)
-        choice("kernel", self.kernel, KERNELS)
+        choice("kernel", self.kernel, dispatch.BACKENDS)
         choice("decay_schedule", self.decay_schedule, DECAY_SCHEDULES)
         choice("group_norm_kind", self.group_norm_kind, GROUP_NORM_KINDS)
         choice("gate_realloc", self.gate_realloc, GATE_REALLOCATIONS)
@@ -593,8 +368,17 @@ class RetNet(TokenMixer):
                 ones = log_decay.new_ones(B, H, T, 1)
                 r0 = None if state is None else state["r"][..., None, None]
                 # a key dim of one is below any kernel's tile: the PyTorch core does this one
-                core = retention_core("torch", self.form(T, state is not None), x.device, c.chunk_size, trained)
-                r, r_last = core(ones, ones, ones, log_decay, r0, output_final_state=return_state)
+                r, r_last = dispatch.decayed_linear_attention(
+                    ones,
+                    ones,
+                    ones,
+                    log_decay,
+                    backend="torch",
+                    form=self.form(T, state is not None),
+                    initial_state=r0,
+                    output_final_state=return_state,
+                    chunk_size=c.chunk_size,
+                )
                 inv_sqrt_r = r.rsqrt()
                 if new_state is not None:
                     new_state["r"] = r_last[..., 0, 0]
@@ -633,15 +417,36 @@ class RetNet(TokenMixer):
         B, H, T, _ = q.shape
         dv = self.value_dim
         form = self.form(T, state is not None)
-        core = retention_core(c.kernel, form, q.device, c.chunk_size, trained, c.recompute_states)
+        try:
+            backend = dispatch.choose_backend(
+                c.kernel, q.device, form=form, dtype=v.dtype, dims=(q.shape[-1], dv), trained_decay=trained
+            )
+        except ValueError as err:
+            raise ConfigError(f"retnet: {err}") from None
+
+        def core(q, k, v, initial_state):
+            return dispatch.decayed_linear_attention(
+                q,
+                k,
+                v,
+                log_decay,
+                backend=backend,
+                form=form,
+                initial_state=initial_state,
+                output_final_state=return_state,
+                chunk_size=c.chunk_size,
+                recompute_states=c.recompute_states,
+            )
+
         # a half-precision state (state_dtype) enters the core's arithmetic as float32
         kv0 = None if state is None else at_least_float32(state["kv"])[0]
-        if c.score_norm and getattr(core, "separate_key_sum", False):
-            o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
-            with torch.no_grad():  # the normaliser is detached: nothing to differentiate, nothing to save
+        if c.score_norm and backend != "torch":
+            # the kernels read the key sum in a call of its own, without autograd (the normaliser is detached): no
+            # copy of the values with a column of ones, and no backward for the narrow call
+            o, kv = core(q, k, v, kv0)
+            with torch.no_grad():
                 z0 = None if state is None else state["z"][..., None]
-                ones = v.new_ones(B, H, T, 1)
-                score_sum, z = core(q, k, ones, log_decay, z0, output_final_state=return_state)
+                score_sum, z = core(q, k, v.new_ones(B, H, T, 1), z0)
             if not return_state:
                 return o, score_sum, None
             return o, score_sum, {"kv": self._stored(kv), "z": None if z is None else z[..., 0], "r": None}
@@ -649,7 +454,7 @@ class RetNet(TokenMixer):
         if c.score_norm:
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
             kv0 = None if state is None else torch.cat((kv0, state["z"][..., None].to(kv0.dtype)), dim=-1)
-        o, kv = core(q, k, v, log_decay, kv0, output_final_state=return_state)
+        o, kv = core(q, k, v, kv0)
         score_sum = None
         if c.score_norm:
             o, score_sum = o[..., :dv], o[..., dv:]
@@ -671,8 +476,6 @@ class RetNet(TokenMixer):
         """One token: ``S = gamma S + k^T v`` and ``z = gamma z + k`` with their reads in one pass over the state (one
         fused kernel launch on CUDA), in place when the caller owns the state (:meth:`own_state`), into copies
         otherwise."""
-        from arch_zoo.kernels.dispatch import retention_step
-
         in_place = bool(state.get("in_place"))
         kv, z = state["kv"], state["z"]
         if not in_place or not kv.is_contiguous():
@@ -681,7 +484,7 @@ class RetNet(TokenMixer):
             z = z.clone(memory_format=torch.contiguous_format)
         backend = self.config.kernel if self.config.kernel in ("torch", "fla") else "auto"
         v1 = v[:, :, 0].to(torch.promote_types(kv.dtype, torch.float32))
-        out = retention_step(q[:, :, 0], k[:, :, 0], v1, kv, log_decay, scale=1.0, backend=backend, key_sum=z)
+        out = dispatch.retention_step(q[:, :, 0], k[:, :, 0], v1, kv, log_decay, 1.0, backend, z)
         o, key_sum_read = out if z is not None else (out, None)
         score_sum = None if key_sum_read is None else key_sum_read[:, :, None, None].to(v.dtype)
         return o[:, :, None].to(v.dtype), score_sum, {"kv": kv, "z": z, "r": None}
