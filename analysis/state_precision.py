@@ -176,10 +176,9 @@ def reference_logits(model: LanguageModel, inputs: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def decode_logits(model: LanguageModel, inputs: torch.Tensor, prompt: int) -> torch.Tensor:
-    """Logits of positions ``prompt..T-1``: the prompt in one call, its states owned (in-place decoding, as
-    ``generate`` does), then one token per call, each the true token at that position."""
-    _, states = model(inputs[:, :prompt], return_states=True)
-    states = model.own_states(states)
+    """Logits of positions ``prompt..T-1``: the prompt in one call from the states the model allocates (in-place
+    decoding, as ``generate`` does), then one token per call, each the true token at that position."""
+    _, states = model(inputs[:, :prompt], model.allocate_states(*inputs.shape), return_states=True)
     out = []
     for t in range(prompt, inputs.shape[1]):
         logits, states = model(inputs[:, t : t + 1], states, return_states=True)

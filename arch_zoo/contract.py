@@ -80,11 +80,13 @@ class TokenMixer(nn.Module):
     def state_size(self, seq_len: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def own_state(self, state: Any) -> Any:
-        """The caller hands ``state`` over: later calls may update its tensors in place instead of allocating new
-        ones. A decoding loop or a CUDA graph that owns its buffers calls this once after the prompt; by default
-        states stay functional (every call returns new tensors and leaves its input alone)."""
-        return state
+    def allocate_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """A decoding state for ``batch`` sequences of up to ``capacity`` tokens, owned by the caller: calls that
+        continue from it may update its tensors in place (a decoding loop, or a CUDA graph that must keep its
+        buffers, starts the prompt from it). It computes the same function as a fresh sequence (``state=None``).
+        ``None``, the default, is a fresh sequence: the first call builds the state, and states stay functional
+        (every call returns new tensors and leaves its input alone)."""
+        return None
 
 
 def config_fields(cls: type[MixerConfig]) -> list[str]:

@@ -180,8 +180,7 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Decode ``max_new_tokens`` after ``prompt: [B, T]`` through the mixers' states (greedy at temperature 0)."""
-        logits, states = self(prompt, return_states=True)
-        states = self.own_states(states)
+        logits, states = self(prompt, self.allocate_states(prompt.shape[0], prompt.shape[1] + max_new_tokens), True)
         out = [prompt]
         for i in range(max_new_tokens):
             next_logits = logits[:, -1].float()
@@ -198,13 +197,12 @@ class LanguageModel(nn.Module):
                 logits, states = self(token, states, return_states=True)
         return torch.cat(out, dim=1)
 
-    def own_states(self, states: list[Any]) -> list[Any]:
-        """Hand every block's mixer state over to in-place decoding (see :meth:`TokenMixer.own_state`)."""
-        owned = []
-        for block, state in zip(self.blocks, states):
-            mixer_state, ffn_state = state
-            owned.append((block.mixer.own_state(mixer_state), ffn_state))
-        return owned
+    def allocate_states(self, batch: int, capacity: int) -> list[Any]:
+        """Every block's decoding state for ``batch`` sequences of up to ``capacity`` tokens, owned by the caller
+        (see :meth:`TokenMixer.allocate_state`): start the prompt from it, and the steps after it may update it in
+        place (a preallocated KV cache for attention, fixed buffers for a CUDA graph)."""
+        param = next(self.parameters())
+        return [(block.mixer.allocate_state(batch, capacity, param.device, param.dtype), None) for block in self.blocks]
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

@@ -1,6 +1,7 @@
-"""``zoo-bench`` on tiny CPU models: the preallocated KV cache computes the model's own function (float64), the
-graph-capture rule refuses states it could not replay, and both subcommands write a table with a row per cell,
-positive numbers, PNGs and an MLflow run with the metrics and artifacts."""
+"""``zoo-bench`` on tiny CPU models: decoding from the states the model allocates (a preallocated KV cache for
+attention) computes the model's own function (float64), the graph-capture rule refuses states it could not replay,
+and both subcommands write a table with a row per cell, positive numbers, PNGs and an MLflow run with the metrics
+and artifacts."""
 
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ import torch
 from analysis.bench import ModelSpec, build_model, model_config, parse_models
 from analysis.bench.cli import main
 from analysis.bench.decode import (
-    StaticCacheAttention,
     Stepper,
     _tensor_leaves,
     decode_step,
     prefill,
     state_mib,
-    static_kv_cache,
     structure_change,
 )
 from arch_zoo.contract import ConfigError
+from arch_zoo.mixers.attention import Attention
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_RETNET = ["--d-model", "64", "--layers", "2", "--vocab", "97", "--lengths", "32,64", "--steps", "3"]
@@ -40,37 +40,33 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float64, **mixer):
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_preallocated_kv_cache_decodes_the_models_own_function(kv_attention, chunk):
     torch.manual_seed(0)
-    model = tiny_model("transformer")
+    model = tiny_model("transformer", kv_attention=kv_attention)
     tokens = torch.randint(97, (2, 19))
     prompt, continuation = tokens[:, :12], tokens[:, 12:]
     with torch.no_grad():
         reference, _ = model(tokens)  # one causal pass over the whole sequence, the training path
-    with static_kv_cache(model, kv_attention) as new_states:
-        assert all(isinstance(b.mixer, StaticCacheAttention) for b in model.blocks)
-        states = new_states(2, 40)
-        last, states = prefill(model, prompt, states, chunk)
-        torch.testing.assert_close(last, reference[:, 11], rtol=1e-10, atol=1e-10)
-        for t in range(continuation.shape[1]):
-            step_tokens = continuation[:, t : t + 1].clone()
-            logits, states = decode_step(model, step_tokens, states)
-            torch.testing.assert_close(logits, reference[:, 12 + t], rtol=1e-10, atol=1e-10)
-            assert torch.equal(step_tokens[:, 0], logits.argmax(-1))  # the greedy token becomes the next input
-        assert int(states[0][0]["pos"]) == 19
-    assert not any(isinstance(b.mixer, StaticCacheAttention) for b in model.blocks)  # restored on exit
+    states = model.allocate_states(2, 40)
+    last, states = prefill(model, prompt, states, chunk)
+    torch.testing.assert_close(last, reference[:, 11], rtol=1e-10, atol=1e-10)
+    for t in range(continuation.shape[1]):
+        step_tokens = continuation[:, t : t + 1].clone()
+        logits, states = decode_step(model, step_tokens, states)
+        torch.testing.assert_close(logits, reference[:, 12 + t], rtol=1e-10, atol=1e-10)
+        assert torch.equal(step_tokens[:, 0], logits.argmax(-1))  # the greedy token becomes the next input
+    assert int(states[0][0]["pos"]) == 19
 
 
 def test_preallocated_cache_is_the_same_size_every_step_and_capacity_is_aligned():
     model = tiny_model("transformer")
-    with static_kv_cache(model) as new_states:
-        states = new_states(1, 20)
-        assert states[0][0]["k"].shape == (1, 4, 32, 16)  # 20 rounded up to a multiple of 16
-        _, states = prefill(model, torch.randint(97, (1, 8)), states)
-        before = [(s[0]["k"].data_ptr(), s[0]["k"].shape) for s in states]
-        _, after = decode_step(model, torch.zeros(1, 1, dtype=torch.long), states)
-        assert structure_change(states, after) is None
-        assert [(s[0]["k"].data_ptr(), s[0]["k"].shape) for s in after] == before  # written in place
-        kv, rotary_tables, positions = 2 * 2 * 32 * 64 * 8, 2 * 2 * 32 * 8 * 8, 2 * 8  # bytes, two layers, float64
-        assert state_mib(after) == pytest.approx((kv + rotary_tables + positions) / 2**20)
+    states = model.allocate_states(1, 20)
+    assert states[0][0]["k"].shape == (1, 4, 32, 16)  # 20 rounded up to a multiple of 16
+    _, states = prefill(model, torch.randint(97, (1, 8)), states)
+    before = [(s[0]["k"].data_ptr(), s[0]["k"].shape) for s in states]
+    _, after = decode_step(model, torch.zeros(1, 1, dtype=torch.long), states)
+    assert structure_change(states, after) is None
+    assert [(s[0]["k"].data_ptr(), s[0]["k"].shape) for s in after] == before  # written in place
+    kv, rotary_tables, positions = 2 * 2 * 32 * 64 * 8, 2 * 2 * 32 * 8 * 8, 2 * 8  # bytes, two layers, float64
+    assert state_mib(after) == pytest.approx((kv + rotary_tables + positions) / 2**20)
 
 
 def test_graph_rule_refuses_growing_states_and_changing_host_values():
@@ -79,9 +75,8 @@ def test_graph_rule_refuses_growing_states_and_changing_host_values():
     prompt = torch.randint(97, (1, 6))
     for name, why in [("transformer", "the state grows"), ("retnet", None)]:
         model = tiny_model(name)
-        with torch.no_grad():
-            _, states = model(prompt, return_states=True)
-            states = model.own_states(states)
+        with torch.no_grad():  # the model's own functional states, the path training and plain forward calls take
+            _, states = model(prompt, None if why else model.allocate_states(1, 16), return_states=True)
         _, after = decode_step(model, torch.zeros(1, 1, dtype=torch.long), states)
         change = structure_change(states, after)
         assert change is None if why is None else why in change
@@ -96,14 +91,13 @@ def test_retnet_decodes_from_its_constant_state():
     tokens = torch.randint(97, (2, 15))
     with torch.no_grad():
         reference, _ = model(tokens)
-    with static_kv_cache(model) as new_states:
-        last, states = prefill(model, tokens[:, :11], new_states(2, 20), chunk=3)
-        torch.testing.assert_close(last, reference[:, 10], rtol=1e-9, atol=1e-9)
-        sizes = state_mib(states)
-        for t in range(11, 15):
-            logits, states = decode_step(model, tokens[:, t : t + 1].clone(), states)
-            torch.testing.assert_close(logits, reference[:, t], rtol=1e-9, atol=1e-9)
-        assert state_mib(states) == sizes
+    last, states = prefill(model, tokens[:, :11], model.allocate_states(2, 20), chunk=3)
+    torch.testing.assert_close(last, reference[:, 10], rtol=1e-9, atol=1e-9)
+    sizes = state_mib(states)
+    for t in range(11, 15):
+        logits, states = decode_step(model, tokens[:, t : t + 1].clone(), states)
+        torch.testing.assert_close(logits, reference[:, t], rtol=1e-9, atol=1e-9)
+    assert state_mib(states) == sizes
 
 
 def test_overrides_reach_the_mixer_and_the_ffn_and_typos_fail():
@@ -255,14 +249,14 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 def test_a_cache_too_large_to_allocate_is_recorded_as_oom(tmp_path: Path, monkeypatch):
     """The KV cache of a long, wide cell can be what runs out of memory, before any prefill number exists."""
-    allocate = StaticCacheAttention.new_state
+    allocate = Attention.allocate_state
 
-    def new_state(self, batch, capacity, device, dtype):
+    def allocate_state(self, batch, capacity, device, dtype):
         if capacity > 64:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return allocate(self, batch, capacity, device, dtype)
 
-    monkeypatch.setattr(StaticCacheAttention, "new_state", new_state)
+    monkeypatch.setattr(Attention, "allocate_state", allocate_state)
     out = tmp_path / "decode"
     tiny_transformer = [*TINY[:-6], *TINY[-4:]]  # without the retnet override
     assert (
@@ -283,17 +277,15 @@ def test_compiled_decode_steps_equal_eager_steps(name):
     model = tiny_model(name, dtype=torch.float32)
     prompt = torch.randint(97, (2, 9))
     runs = {}
-    with static_kv_cache(model) as new_states:
-        for compiled in (False, True):
-            torch._dynamo.reset()
-            _, states = prefill(model, prompt, new_states(2, 32))
-            states = model.own_states(states)
-            stepper = Stepper(model, prompt[:, -1:].clone(), states, runner=torch.compile(model) if compiled else None)
-            logits = []
-            for _ in range(4):
-                out, stepper.states = decode_step(stepper.step_model, stepper.tokens, stepper.states)
-                logits.append(out.clone())
-            runs[compiled] = (torch.stack(logits), [t.clone() for t in _tensor_leaves(stepper.states)])
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        _, states = prefill(model, prompt, model.allocate_states(2, 32))
+        stepper = Stepper(model, prompt[:, -1:].clone(), states, runner=torch.compile(model) if compiled else None)
+        logits = []
+        for _ in range(4):
+            out, stepper.states = decode_step(stepper.step_model, stepper.tokens, stepper.states)
+            logits.append(out.clone())
+        runs[compiled] = (torch.stack(logits), [t.clone() for t in _tensor_leaves(stepper.states)])
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-4)
     for got, want in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -84,6 +84,23 @@ def test_state_continuation_matches_full_sequence(name):
 
 
 @pytest.mark.parametrize("name", mixer_params())
+def test_an_allocated_state_computes_the_same_function(name):
+    """``allocate_state`` (what generate and the benchmarks start from): the prompt, then single tokens and a chunk
+    continuing from it, equal the whole-sequence forward, whether the mixer preallocates (and updates in place) or
+    returns None (a fresh sequence)."""
+    mixer = make_mixer(name)
+    x = randn(name, 2, 45, D_MODEL)
+    full, _ = mixer(x)
+    with torch.no_grad():
+        state = mixer.allocate_state(2, 45, x.device, x.dtype)
+        pieces = []
+        for lo, hi in [(0, 17), (17, 18), (18, 19), (19, 45)]:
+            y, state = mixer(x[:, lo:hi], state)
+            pieces.append(y)
+    assert rel_err(torch.cat(pieces, dim=1), full) < TOLERANCE[x.dtype][1]
+
+
+@pytest.mark.parametrize("name", mixer_params())
 def test_state_size(name):
     mixer = make_mixer(name)
     sizes = [mixer.state_size(n) for n in (1, 128, 4096)]

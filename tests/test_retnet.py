@@ -27,6 +27,7 @@ from arch_zoo.kernels import core
 from arch_zoo.mixers.retnet import (
     RetNet,
     RetNetConfig,
+    _continued,
     decay_row_sums,
 )
 
@@ -424,7 +425,7 @@ def test_greedy_decoding_recurrent_matches_parallel_rerun():
     calls = []
     for block in model.blocks:
         block.mixer.register_forward_hook(
-            lambda m, args, out: calls.append(m.form(args[0].shape[1], args[1] is not None))
+            lambda m, args, out: calls.append(m.form(args[0].shape[1], _continued(args[1])))
         )
     model.generate(prompt, max_new_tokens=3)
     assert calls == ["parallel"] * 2 + ["recurrent"] * 4
@@ -484,15 +485,15 @@ DECODE_SWITCHES = [{}, {"score_norm": False}, {"decay": False}, {"decay_norm": F
 @pytest.mark.parametrize("switches", DECODE_SWITCHES, ids=["paper", "noscore", "nodecay", "plain"])
 def test_decode_steps_match_the_parallel_form(switches, owned):
     """Without autograd a one-token call takes the fused step: the same function as the parallel form. A state the
-    caller owns is updated in place (same tensors, position included); otherwise the input state is left alone."""
+    caller owns (allocated, then the prompt) is updated in place (same tensors, position included); otherwise the
+    input state is left alone."""
     mixer = make(**switches)
     x = inputs(torch.float64, length=12)
     full, _ = run(mixer, x, "parallel")
     with torch.no_grad():
-        y, state = run(mixer, x[:, :5], "chunkwise")
+        start = mixer.allocate_state(2, 12, x.device, x.dtype) if owned else None
+        y, state = run(mixer, x[:, :5], "chunkwise", start)
         pieces = [y]
-        if owned:
-            state = mixer.own_state(state)
         for t in range(5, 12):
             before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
             y, new = run(mixer, x[:, t : t + 1], "chunkwise", state)
@@ -517,8 +518,7 @@ def test_half_precision_state_stays_close_to_float32(state_dtype, bound):
     for dtype in ("auto", state_dtype):
         mixer = make(torch.float32, state_dtype=dtype)
         with torch.no_grad():
-            _, state = run(mixer, x[:, :40], "chunkwise")
-            state = mixer.own_state(state)
+            _, state = run(mixer, x[:, :40], "chunkwise", mixer.allocate_state(x.shape[0], 240, x.device, x.dtype))
             steps = []
             for t in range(40, 240):
                 y, state = run(mixer, x[:, t : t + 1], "chunkwise", state)
@@ -544,14 +544,16 @@ def test_half_state_warns_when_it_cannot_hold_a_decay():
 
 
 def test_decode_position_is_a_device_tensor():
-    """The position lives in the state as a 0-d tensor, so a captured decoding step reads it instead of freezing it."""
+    """The position lives in the state as a 0-d tensor, so a captured decoding step reads it instead of freezing it;
+    an allocated state stays owned (dense, updated in place) after the prompt."""
     mixer = make()
+    x = inputs(torch.float64, length=3)
     with torch.no_grad():
-        _, state = run(mixer, inputs(torch.float64, length=3), "parallel")
+        _, state = run(mixer, x, "parallel")
         assert isinstance(state["offset"], torch.Tensor) and state["offset"].dim() == 0
-        owned = mixer.own_state(state)
+        _, owned = run(mixer, x, "parallel", mixer.allocate_state(x.shape[0], 8, x.device, x.dtype))
         assert owned["in_place"] and all(v.is_contiguous() for v in owned.values() if isinstance(v, torch.Tensor))
-        assert mixer.own_state(owned) is owned
+        assert rel_err(owned["kv"], state["kv"]) < 1e-13 and int(owned["offset"]) == 3
 
 
 @pytest.mark.gpu
@@ -570,21 +572,19 @@ def test_model_decode_step_replays_in_a_cuda_graph(dtype):
         for t in range(steps.shape[1]):
             logits, eager_states = model(steps[:, t : t + 1], eager_states, return_states=True)
             eager.append(logits[:, -1].float())
-        _, states = model(prompt, return_states=True)
-        states = model.own_states(states)
+        _, states = model(prompt, model.allocate_states(4, 64), return_states=True)
         token = steps[:, :1].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (Triton compiles) on the graph's position, then rewind it
             model(token, states, return_states=True)
         torch.cuda.current_stream().wait_stream(side)
-        _, states = model(prompt, return_states=True)
-        states = model.own_states(states)
+        _, states = model(prompt, model.allocate_states(4, 64), return_states=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured, _ = model(token, states, return_states=True)
         _, fresh = model(prompt, return_states=True)  # capture ran nothing: restart from the prompt's state
-        for (dst, _), (src, _) in zip(states, model.own_states(fresh)):
+        for (dst, _), (src, _) in zip(states, fresh):
             for key in ("kv", "z", "offset"):
                 dst[key].copy_(src[key])
         for t in range(steps.shape[1]):
@@ -775,8 +775,7 @@ def _compiled_decode(device: str, dtype: torch.dtype) -> tuple[list[str], torch.
     steps = torch.randint(97, (2, 3), device=device)
 
     def run(step) -> torch.Tensor:
-        _, states = model(prompt, return_states=True)
-        states = model.own_states(states)
+        _, states = model(prompt, model.allocate_states(2, 24), return_states=True)
         logits = []
         for t in range(steps.shape[1]):
             out, states = step(steps[:, t : t + 1], states, return_states=True)
@@ -784,8 +783,8 @@ def _compiled_decode(device: str, dtype: torch.dtype) -> tuple[list[str], torch.
         return torch.stack(logits)
 
     with torch.no_grad():
-        _, states = model(prompt, return_states=True)
-        explained = torch._dynamo.explain(model)(steps[:, :1], model.own_states(states), return_states=True)
+        _, states = model(prompt, model.allocate_states(2, 24), return_states=True)
+        explained = torch._dynamo.explain(model)(steps[:, :1], states, return_states=True)
         torch._dynamo.reset()
         return [b.reason.splitlines()[0] for b in explained.break_reasons], run(torch.compile(model)), run(model)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from analysis.bench import device_label, parse_models, resolve_device, resolve_dtype
-from analysis.bench.decode import KV_ATTENTIONS, DecodeSettings, run_decode
+from analysis.bench.decode import DecodeSettings, run_decode
 from analysis.bench.report import log_run, write_outputs
 from analysis.bench.train import TrainSettings, run_train
 from arch_zoo.contract import ConfigError
@@ -72,7 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     decode.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "fp64"], default="auto")
     decode.add_argument("--prefill-chunk", type=int, default=0, help="prefill in pieces of this many tokens (0: whole)")
     decode.add_argument("--no-graphs", action="store_true", help="never capture the decode step in a CUDA graph")
-    decode.add_argument("--kv-attention", choices=KV_ATTENTIONS, default="sdpa", help="attention over the KV cache")
     decode.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (the prefill stays eager)"
     )
@@ -134,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             prefill_chunk=args.prefill_chunk,
             graphs=not args.no_graphs,
-            kv_attention=args.kv_attention,
             seed=args.seed,
             compile=args.compile,
             profile_dir=profile_dir,
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r.as_dict() for r in run_decode(specs, settings, device, dtype, log)]
         summary = (
             f"{shape}, {str(dtype).removeprefix('torch.')} weights, random prompt then greedy decoding; latency = "
-            f"median of {args.steps} steps after {args.warmup}; KV cache preallocated ({args.kv_attention}); "
+            f"median of {args.steps} steps after {args.warmup}; states (KV caches too) preallocated by the mixers; "
             f"prefill chunk {args.prefill_chunk or 'whole prompt'}" + ("; step torch.compile'd" if args.compile else "")
         )
     else:

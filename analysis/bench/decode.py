@@ -2,11 +2,10 @@
 context length and batch size, for any registered mixers at one size.
 
 Each cell (model, prompt length L, batch B) prefills a random prompt, then decodes greedily one token at a time from
-the mixers' states: recurrent mixers from their O(1) state, attention from a KV cache *preallocated* for L plus the
-decoded tokens. The model's own attention state grows by ``torch.cat`` (a copy of the whole cache per token, and a
-new shape each step, which no CUDA graph can replay), so for the benchmark its attention layers are swapped for
-:class:`StaticCacheAttention`, which computes the same function (tests prove it, in float64) over a fixed-shape
-cache written in place at a position held on the device.
+the states the model allocates for L plus the decoded tokens (``LanguageModel.allocate_states``, the path
+``generate`` takes): recurrent mixers from their O(1) state, attention from its KV cache *preallocated* and written in
+place at a position held on the device (a functional cache grows by ``torch.cat``: a copy of the whole cache per
+token and a new shape each step, which no CUDA graph can replay).
 
 The decode step (model call + greedy argmax into the next input) is captured in a CUDA graph whenever that is
 sound: the state must keep its structure, shapes and host values from one step to the next, and the replay must
@@ -17,19 +16,15 @@ for the prefill and for decoding (weights + state + one step), out-of-memory cel
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from torch import nn
 
 from analysis.bench import (
     ModelSpec,
@@ -42,114 +37,9 @@ from analysis.bench import (
     synchronize,
 )
 from analysis.bench.profiling import profile_step
-from arch_zoo.layers import rotary_cos_sin, rotate_pairs
-from arch_zoo.mixers.attention import Attention
 from arch_zoo.model import LanguageModel
 
-KV_ATTENTIONS = ("sdpa", "matmul")
-CACHE_ALIGN = 16  # SDPA's memory-efficient kernel wants the mask's last dim a multiple of 16
 CHECK_GRAPH_MAX_MIB = 1024.0  # graph replay is compared with the eager step when the state is this small
-
-
-class StaticCacheAttention(nn.Module):
-    """An :class:`Attention` layer's function over a preallocated KV cache (same weights: ``inner``'s).
-
-    The state is a dict ``{"k", "v": [B, H, capacity, head_dim], "pos": int64 [] (tokens written, on the device),
-    "cos", "sin": [capacity, head_dim/2] rotary tables, "filled": bool}``. The first call writes the prompt and
-    attends causally over it (SDPA's FlashAttention path); later calls write at ``pos`` and attend over the whole
-    cache with a mask ``key <= query``, so nothing in a decode step depends on a host-side length.
-    ``kv_attention="matmul"`` computes that masked softmax with two batched matmuls instead of SDPA.
-    """
-
-    def __init__(self, inner: Attention, kv_attention: str = "sdpa") -> None:
-        super().__init__()
-        if kv_attention not in KV_ATTENTIONS:
-            raise ValueError(f"kv_attention={kv_attention!r}: choose one of {', '.join(KV_ATTENTIONS)}")
-        self.inner = inner
-        self.kv_attention = kv_attention
-
-    def new_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        inner = self.inner
-        capacity = math.ceil(capacity / CACHE_ALIGN) * CACHE_ALIGN
-        shape = (batch, inner.n_heads, capacity, inner.head_dim)
-        cos, sin = (None, None)
-        if inner.config.rotary:  # the same float64 angles as the model's rotary_cos_sin, rounded once
-            cos, sin = rotary_cos_sin(inner.inv_freq.to(device), 0, capacity, dtype)
-        return {
-            "k": torch.zeros(shape, device=device, dtype=dtype),
-            "v": torch.zeros(shape, device=device, dtype=dtype),
-            "pos": torch.zeros((), device=device, dtype=torch.long),
-            "cos": cos,
-            "sin": sin,
-            "filled": False,
-        }
-
-    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
-        if state is None:
-            raise ValueError("StaticCacheAttention needs the state made by new_state (see static_kv_cache)")
-        inner = self.inner
-        B, T, _ = x.shape
-        q, k, v = inner.qkv(x).view(B, T, 3, inner.n_heads, inner.head_dim).permute(2, 0, 3, 1, 4)
-        positions = state["pos"] + torch.arange(T, device=x.device)
-        if inner.config.rotary:
-            cos, sin = state["cos"][positions], state["sin"][positions]
-            q, k = rotate_pairs(q, cos, sin, False), rotate_pairs(k, cos, sin, False)
-        state["k"].index_copy_(2, positions, k)
-        state["v"].index_copy_(2, positions, v)
-        if not state["filled"]:  # the prompt: causal over itself, the training kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            state["filled"] = True
-        else:
-            keys = torch.arange(state["k"].shape[2], device=x.device)
-            visible = keys[None, :] <= positions[:, None]  # [T, capacity]: the unwritten tail is masked too
-            y = self._attend(q, state["k"], state["v"], visible)
-        state["pos"].add_(T)
-        y = inner.out(y.transpose(1, 2).reshape(B, T, inner.d_model))
-        return y, state
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        if self.kv_attention == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-        scores = q @ k.transpose(-1, -2)  # half-precision scores: softmax in float32 (float64 stays float64)
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
-        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        return weights.to(v.dtype) @ v
-
-    def own_state(self, state: Any) -> Any:
-        """The cache is written in place from the start: nothing to hand over."""
-        return state
-
-    def state_size(self, seq_len: int) -> int:
-        return self.inner.state_size(seq_len)
-
-
-@contextmanager
-def static_kv_cache(model: LanguageModel, kv_attention: str = "sdpa"):
-    """Swap every attention mixer of ``model`` for :class:`StaticCacheAttention` (restored on exit).
-
-    Yields ``new_states(batch, capacity) -> states`` giving the initial per-block states: a preallocated cache for
-    the swapped layers, ``None`` (a fresh sequence) for every other mixer.
-    """
-    swapped = []
-    for block in model.blocks:
-        if isinstance(block.mixer, Attention):
-            swapped.append((block, block.mixer))
-            block.mixer = StaticCacheAttention(block.mixer, kv_attention)
-    param = next(model.parameters())
-
-    def new_states(batch: int, capacity: int) -> list[Any]:
-        return [
-            (block.mixer.new_state(batch, capacity, param.device, param.dtype), None)
-            if isinstance(block.mixer, StaticCacheAttention)
-            else (None, None)
-            for block in model.blocks
-        ]
-
-    try:
-        yield new_states
-    finally:
-        for block, mixer in swapped:
-            block.mixer = mixer
 
 
 @torch.no_grad()
@@ -347,7 +237,6 @@ class DecodeSettings:
     warmup: int = 5
     prefill_chunk: int = 0
     graphs: bool = True
-    kv_attention: str = "sdpa"
     seed: int = 0
     compile: bool = False  # torch.compile the step: fuses the mixers' small elementwise kernels
     profile_dir: Path | None = None  # profile one more step per cell and write where its time went here
@@ -355,7 +244,6 @@ class DecodeSettings:
 
 def _cell(
     model: LanguageModel,
-    new_states: Callable[[int, int], list[Any]],
     row: DecodeRow,
     settings: DecodeSettings,
     device: torch.device,
@@ -369,7 +257,7 @@ def _cell(
     extra = settings.warmup + settings.steps + 8  # eager probe, graph warmup and check steps write into the cache
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     prompt = torch.randint(settings.vocab_size, (B, L), device=device, generator=generator)
-    states = new_states(B, L + extra)
+    states = model.allocate_states(B, L + extra)
     free_memory(device)  # resets the peak: the prefill peak counts weights, the empty cache and the prompt's pass
     synchronize(device)
     t0 = time.perf_counter()
@@ -379,7 +267,6 @@ def _cell(
     row.prefill_peak_mib = peak_mib(device)
     tokens = logits.argmax(-1, keepdim=True)
     del logits, prompt
-    states = model.own_states(states)  # steps may now update the state in place: fixed buffers for the graph
     row.state_mib = state_mib(states)
 
     row.status = "OOM (decode)"
@@ -418,28 +305,27 @@ def run_decode(
         config = model_config(spec, settings.d_model, settings.n_layers, settings.vocab_size)
         model = build_model(config, device, dtype).eval()
         n_params = model.num_parameters()
-        with static_kv_cache(model, settings.kv_attention) as new_states:
-            runner = torch.compile(model) if settings.compile else None
-            # a throwaway cell first: kernel selection, cuBLAS handles and the allocator's first growth
-            warm = replace(settings, steps=2, warmup=1)
-            try:
-                _cell(model, new_states, DecodeRow(spec.name, min(settings.lengths), 1), warm, device, False, runner)
-            except Exception as error:  # the same failure shows again, and is recorded, in the first cell
-                log(f"{spec.name}: warm-up cell failed: {type(error).__name__}")
-            free_memory(device)
-            checked = False  # graph replay compared with eager once per model, in its first small cell
-            for L in settings.lengths:
-                for B in settings.batches:
-                    row = DecodeRow(spec.name, L, B, n_params=n_params)
-                    try:
-                        _cell(model, new_states, row, settings, device, not checked, runner)
-                    except Exception as error:  # one failed cell must not lose the others
-                        if not is_oom(error):
-                            row.status = f"error: {error_line(error)}"
-                    free_memory(device)
-                    checked = checked or row.graph.startswith(CHECKED_NOTE)  # ", compiled" may follow
-                    rows.append(row)
-                    log(_progress(row))
+        runner = torch.compile(model) if settings.compile else None
+        # a throwaway cell first: kernel selection, cuBLAS handles and the allocator's first growth
+        warm = replace(settings, steps=2, warmup=1)
+        try:
+            _cell(model, DecodeRow(spec.name, min(settings.lengths), 1), warm, device, False, runner)
+        except Exception as error:  # the same failure shows again, and is recorded, in the first cell
+            log(f"{spec.name}: warm-up cell failed: {type(error).__name__}")
+        free_memory(device)
+        checked = False  # graph replay compared with eager once per model, in its first small cell
+        for L in settings.lengths:
+            for B in settings.batches:
+                row = DecodeRow(spec.name, L, B, n_params=n_params)
+                try:
+                    _cell(model, row, settings, device, not checked, runner)
+                except Exception as error:  # one failed cell must not lose the others
+                    if not is_oom(error):
+                        row.status = f"error: {error_line(error)}"
+                free_memory(device)
+                checked = checked or row.graph.startswith(CHECKED_NOTE)  # ", compiled" may follow
+                rows.append(row)
+                log(_progress(row))
         del model
         free_memory(device)
     return rows

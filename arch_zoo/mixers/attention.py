@@ -1,11 +1,15 @@
 """The Transformer's causal softmax attention (Vaswani et al. 2017) with rotary positions (Su et al. 2021).
 
 Training runs through ``scaled_dot_product_attention`` (FlashAttention on GPUs); decoding continues from a KV
-cache, so its state grows linearly with length: the cost RetNet is designed to remove.
+cache, so its state grows linearly with length: the cost RetNet is designed to remove. The cache comes in two
+kinds: a functional one that each call extends by concatenation (what a fresh sequence builds), and a preallocated
+one (:meth:`Attention.allocate_state`) written in place at a position held on the device, which a decoding loop or
+a CUDA graph replays without a copy of the whole cache or a new shape per token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
-from arch_zoo.layers import cached_rotary_cos_sin, rotate_pairs
+from arch_zoo.layers import cached_rotary_cos_sin, rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
+
+KV_ATTENTIONS = ("sdpa", "matmul")
+CACHE_ALIGN = 16  # SDPA's memory-efficient kernel wants the mask's last dim a multiple of 16
 
 
 @dataclass
@@ -25,6 +32,8 @@ class AttentionConfig(MixerConfig):
     rotary_base: float = 10000.0
     bias: bool = False
     dropout: float = 0.0
+    # how a decoding step attends over a preallocated cache: SDPA with a mask, or two batched matmuls
+    kv_attention: str = "sdpa"
 
     def check(self, d_model: int) -> None:
         if self.n_heads <= 0 or d_model % self.n_heads:
@@ -34,6 +43,10 @@ class AttentionConfig(MixerConfig):
             )
         if self.rotary and (d_model // self.n_heads) % 2:
             raise ConfigError("transformer: rotary positions need an even head dim; change n_heads or rotary=false")
+        if self.kv_attention not in KV_ATTENTIONS:
+            raise ConfigError(
+                f"transformer: kv_attention={self.kv_attention!r} is not one of {', '.join(KV_ATTENTIONS)}"
+            )
 
 
 @register_mixer("transformer")
@@ -50,7 +63,27 @@ class Attention(TokenMixer):
         inv_freq = config.rotary_base ** (-torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
+    def allocate_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """A KV cache for ``capacity`` tokens (rounded up to a multiple of 16), written in place: ``{"k", "v": [B, H,
+        capacity, head_dim], "pos": int64 [] (tokens written, on the device), "cos", "sin": [capacity, head_dim/2]
+        rotary tables, "filled": bool}``."""
+        capacity = math.ceil(capacity / CACHE_ALIGN) * CACHE_ALIGN
+        shape = (batch, self.n_heads, capacity, self.head_dim)
+        cos, sin = (None, None)
+        if self.config.rotary:  # the same float64 angles as the functional path's tables, rounded once
+            cos, sin = rotary_cos_sin(self.inv_freq.to(device), 0, capacity, dtype)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": torch.zeros((), device=device, dtype=torch.long),
+            "cos": cos,
+            "sin": sin,
+            "filled": False,
+        }
+
     def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
+        if state is not None and "pos" in state:
+            return self._continue_in_place(x, state), state
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         start = 0 if state is None else state["k"].shape[2]
@@ -69,6 +102,36 @@ class Attention(TokenMixer):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = self.out(y.transpose(1, 2).reshape(B, T, self.d_model))
         return y, ({"k": k, "v": v} if return_state else None)
+
+    def _continue_in_place(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Write this call's keys and values at ``pos``. The prompt (the first call) attends causally over itself
+        with the training kernel; later calls attend over the whole cache with a mask ``key <= query``, so nothing
+        in a decoding step depends on a host-side length."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        positions = state["pos"] + torch.arange(T, device=x.device)
+        if self.config.rotary:
+            cos, sin = state["cos"][positions], state["sin"][positions]
+            q, k = rotate_pairs(q, cos, sin, False), rotate_pairs(k, cos, sin, False)
+        state["k"].index_copy_(2, positions, k)
+        state["v"].index_copy_(2, positions, v)
+        if not state["filled"]:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            state["filled"] = True
+        else:
+            keys = torch.arange(state["k"].shape[2], device=x.device)
+            visible = keys[None, :] <= positions[:, None]  # [T, capacity]: the unwritten tail is masked too
+            y = self._attend(q, state["k"], state["v"], visible)
+        state["pos"].add_(T)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.d_model))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        if self.config.kv_attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        scores = q @ k.transpose(-1, -2)  # half-precision scores: softmax in float32 (float64 stays float64)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        return weights.to(v.dtype) @ v
 
     def state_size(self, seq_len: int) -> int:
         return 2 * seq_len * self.d_model  # keys and values of every past token

@@ -220,9 +220,10 @@ class HeadNorm(nn.Module):
 class RetNet(TokenMixer):
     """Multi-scale retention. ``forward`` runs the paradigm that ``form`` picks; every paradigm is the same function.
 
-    The state is ``{"kv": [B, H, dk, dv], "z": [B, H, dk] | None, "r": [B, H] | None, "offset": int}``: the
-    decayed key-value sum, the decayed key sum (score normaliser), the decay-row sum (only for a selective decay;
-    a per-head decay has it in closed form) and the number of tokens seen (positions for the rotation).
+    The state is ``{"kv": [B, H, dk, dv], "z": [B, H, dk] | None, "r": [B, H] | None, "offset": 0-d tensor}``:
+    the decayed key-value sum, the decayed key sum (score normaliser), the decay-row sum (only for a selective
+    decay; a per-head decay has it in closed form) and the number of tokens seen (positions for the rotation). An
+    allocated state (:meth:`allocate_state`) also carries ``"in_place"`` and ``"started"``.
     """
 
     config_class = RetNetConfig
@@ -325,13 +326,21 @@ class RetNet(TokenMixer):
             self._constants[key] = value
         return value
 
-    def own_state(self, state: Any) -> Any:
-        """Decoding steps then update ``kv``, ``z`` and ``offset`` in place: half the state traffic of a copy, and
-        fixed buffers for a CUDA graph."""
-        if state is None or state.get("in_place"):
-            return state
-        owned = {key: value.contiguous() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
-        return {**owned, "in_place": True}
+    def allocate_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """The empty state, owned by the caller (``in_place``): decoding steps update ``kv``, ``z`` and ``offset``
+        in place, which halves a step's state traffic against a copy and keeps a CUDA graph's buffers fixed. Its
+        size does not depend on ``capacity``."""
+        H, dk, dv, c = self.n_heads, self.key_dim, self.value_dim, self.config
+        work = torch.promote_types(dtype, torch.float32)  # what the core computes in
+        kv_dtype = STATE_DTYPES[c.state_dtype] or work
+        return {
+            "kv": torch.zeros(batch, H, dk, dv, device=device, dtype=kv_dtype),
+            "z": torch.zeros(batch, H, dk, device=device, dtype=work) if c.score_norm else None,
+            "r": torch.zeros(batch, H, device=device, dtype=work) if c.selective_decay and c.decay_norm else None,
+            "offset": torch.zeros((), device=device, dtype=torch.long),
+            "in_place": True,
+            "started": False,  # the prompt then runs in the configured mode, as a fresh sequence's does
+        }
 
     def form(self, n_tokens: int, continued: bool) -> str:
         """The paradigm of a call: ``mode`` for a fresh sequence; a continued one steps recurrently through a
@@ -374,7 +383,7 @@ class RetNet(TokenMixer):
                     ones,
                     log_decay,
                     backend="torch",
-                    form=self.form(T, state is not None),
+                    form=self.form(T, _continued(state)),
                     initial_state=r0,
                     output_final_state=return_state,
                     chunk_size=c.chunk_size,
@@ -403,8 +412,10 @@ class RetNet(TokenMixer):
             new_state["offset"] = offset.add_(T)
         else:
             new_state["offset"] = torch.as_tensor(offset + T, device=x.device)
-        if owned:
+        if owned:  # dense buffers, which the steps then update in place (a chunk's state can be a column slice)
+            new_state = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in new_state.items()}
             new_state["in_place"] = True
+            new_state["started"] = True
         return y, new_state
 
     def _steps(self, n_tokens: int, state: Any, trained: bool) -> bool:
@@ -416,7 +427,7 @@ class RetNet(TokenMixer):
         c = self.config
         B, H, T, _ = q.shape
         dv = self.value_dim
-        form = self.form(T, state is not None)
+        form = self.form(T, _continued(state))
         try:
             backend = dispatch.choose_backend(
                 c.kernel, q.device, form=form, dtype=v.dtype, dims=(q.shape[-1], dv), trained_decay=trained
@@ -474,7 +485,7 @@ class RetNet(TokenMixer):
 
     def _step(self, q, k, v, log_decay, state):
         """One token: ``S = gamma S + k^T v`` and ``z = gamma z + k`` with their reads in one pass over the state (one
-        fused kernel launch on CUDA), in place when the caller owns the state (:meth:`own_state`), into copies
+        fused kernel launch on CUDA), in place when the caller owns the state (:meth:`allocate_state`), into copies
         otherwise."""
         in_place = bool(state.get("in_place"))
         kv, z = state["kv"], state["z"]
@@ -494,6 +505,11 @@ class RetNet(TokenMixer):
         H, dk, dv = self.n_heads, self.key_dim, self.value_dim
         c = self.config
         return H * dk * dv + (H * dk if c.score_norm else 0) + (H if c.selective_decay and c.decay_norm else 0) + 1
+
+
+def _continued(state: Any) -> bool:
+    """Whether a call continues a sequence (an allocated state that no call has written yet does not)."""
+    return state is not None and state.get("started", True)
 
 
 def _logit_from_log(log_gamma: torch.Tensor) -> torch.Tensor:
