@@ -279,3 +279,21 @@ def test_cli_names_the_experiments_when_one_is_missing(store, tmp_path, capsys):
     assert code == 2
     assert "retnet_ablation" in capsys.readouterr().err
     assert not (tmp_path / "table.md").exists()
+
+
+def test_analysis_reads_records_only():
+    """``analysis`` turns MLflow records into tables: it imports no model, training, kernel or sweep code (the
+    producers, benchmarks included, live in ``experiments``), so it works on a store copied from anywhere."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "analysis"
+    producers = {"arch_zoo", "experiments", "kernels", "sweeps"}
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in producers]
+    assert not found, found

@@ -12,9 +12,11 @@ import mlflow
 import pytest
 import torch
 
-from analysis.bench import ModelSpec, build_model, model_config, parse_models
-from analysis.bench.cli import main
-from analysis.bench.decode import (
+from arch_zoo.contract import ConfigError
+from arch_zoo.mixers.attention import Attention
+from experiments.bench import ModelSpec, build_model, model_config, parse_models
+from experiments.bench.cli import main
+from experiments.bench.decode import (
     Stepper,
     _tensor_leaves,
     decode_step,
@@ -22,8 +24,6 @@ from analysis.bench.decode import (
     state_mib,
     structure_change,
 )
-from arch_zoo.contract import ConfigError
-from arch_zoo.mixers.attention import Attention
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_RETNET = ["--d-model", "64", "--layers", "2", "--vocab", "97", "--lengths", "32,64", "--steps", "3"]
@@ -214,7 +214,7 @@ def test_profiled_kernel_time_counts_kernels_not_the_annotations_around_them():
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
-    from analysis.bench.profiling import kernel_time_by_kind
+    from experiments.bench.profiling import kernel_time_by_kind
 
     def event(name, start, end, device=DeviceType.CUDA, annotation=False):
         return FunctionEvent(0, name, 0, start, end, device_type=device, is_user_annotation=annotation)
@@ -231,7 +231,7 @@ def test_profiled_kernel_time_counts_kernels_not_the_annotations_around_them():
 
 
 def test_profiled_kernels_are_grouped_by_kind():
-    from analysis.bench.profiling import kernel_kind
+    from experiments.bench.profiling import kernel_kind
 
     assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
     assert kernel_kind("_chunk_output_kernel") == "retention kernels"
@@ -292,7 +292,7 @@ def test_compiled_decode_steps_equal_eager_steps(name):
 
 
 def test_an_error_without_a_message_still_makes_a_status_line():
-    from analysis.bench import error_line
+    from experiments.bench import error_line
 
     assert error_line(AssertionError()) == "AssertionError"
     assert error_line(ValueError("bad\nmore")) == "ValueError: bad"

@@ -1,4 +1,4 @@
-"""``python -m analysis.state_precision`` on tiny CPU models: a float32 state decodes the training form's own
+"""``python -m experiments.state_precision`` on tiny CPU models: a float32 state decodes the training form's own
 function, a bfloat16 state costs more than a float16 one, the command rebuilds a run from its checkpoint and saved
 config and writes the table, the CSV and an MLflow run, and a model without RetNet says so."""
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.state_precision import find_config, main, measure, retnet_mixers, state_dtype
 from arch_zoo import LanguageModel, ModelConfig
 from arch_zoo.contract import ConfigError
+from experiments.state_precision import find_config, main, measure, retnet_mixers, state_dtype
 
 VOCAB = 61
 RETNET = {"name": "retnet", "head_dim": 8, "mode": "parallel"}

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from analysis.bench import (
+from arch_zoo.model import LanguageModel
+from experiments.bench import (
     ModelSpec,
     build_model,
     error_line,
@@ -36,8 +37,7 @@ from analysis.bench import (
     peak_mib,
     synchronize,
 )
-from analysis.bench.profiling import profile_step
-from arch_zoo.model import LanguageModel
+from experiments.bench.profiling import profile_step
 
 CHECK_GRAPH_MAX_MIB = 1024.0  # graph replay is compared with the eager step when the state is this small
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from analysis.bench import (
+from arch_zoo.model import compile_model
+from experiments.bench import (
     ModelSpec,
     build_model,
     error_line,
@@ -27,8 +28,7 @@ from analysis.bench import (
     peak_mib,
     synchronize,
 )
-from analysis.bench.profiling import profile_step
-from arch_zoo.model import compile_model
+from experiments.bench.profiling import profile_step
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What RetNet's ``state_dtype`` costs in model quality, measured on a trained checkpoint.
 
-    python -m analysis.state_precision --checkpoint RUN_DIR/checkpoints/last.ckpt --length 1024 --prompt 128
+    python -m experiments.state_precision --checkpoint RUN_DIR/checkpoints/last.ckpt --length 1024 --prompt 128
 
 Storing the recurrent state in bfloat16 or float16 halves a decoding step's memory traffic, but every step rounds
 the state once, and the rounding accumulates over a long continuation. This command takes validation sequences of
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.bench import device_label, resolve_device
-from analysis.bench.report import markdown, record_run
 from arch_zoo import LanguageModel
 from arch_zoo.contract import ConfigError
 from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
+from experiments.bench import device_label, resolve_device
+from experiments.bench.report import markdown, record_run
 
 EXPERIMENT = "state_precision"
 REFERENCE = "reference"
@@ -308,7 +308,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m analysis.state_precision", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.state_precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="a zoo-train checkpoint, or its run directory")
     parser.add_argument("--config", type=Path, default=None, help="the run's config (default: found beside it)")
     parser.add_argument("--length", type=_positive, default=1024, help="tokens per validation sequence")

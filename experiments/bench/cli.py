@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from analysis.bench import device_label, parse_models, resolve_device, resolve_dtype
-from analysis.bench.decode import DecodeSettings, run_decode
-from analysis.bench.report import log_run, write_outputs
-from analysis.bench.train import TrainSettings, run_train
 from arch_zoo.contract import ConfigError
 from arch_zoo.model import COMPILE_SCOPES
+from experiments.bench import device_label, parse_models, resolve_device, resolve_dtype
+from experiments.bench.decode import DecodeSettings, run_decode
+from experiments.bench.report import log_run, write_outputs
+from experiments.bench.train import TrainSettings, run_train
 
 
 def _ints(text: str) -> list[int]:

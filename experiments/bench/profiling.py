@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.bench import synchronize
+from experiments.bench import synchronize
 
 # kernel name fragments -> what they are, for the summary of a profiled step (first match wins)
 RETENTION_KERNELS = ("_chunk_output", "_chunk_scores", "_chunk_dkv", "_state_pass", "_state_combine", "_decode_step")
