@@ -20,7 +20,7 @@ import torch
 
 from arch_zoo import ConfigError
 from arch_zoo.mixers.retnet import RetNet, RetNetConfig
-from arch_zoo.torchscale_compat import (
+from tests.torchscale_compat import (
     convert_torchscale_msr_state_dict,
     load_torchscale_msr,
     torchscale_compatible,

@@ -1,4 +1,5 @@
-"""Load the official RetNet code's weights (torchscale 0.3.0 ``MultiScaleRetention``) into our ``retnet`` mixer.
+"""Load the official RetNet code's weights (torchscale 0.3.0 ``MultiScaleRetention``) into our ``retnet`` mixer:
+the oracle side of ``test_retnet_torchscale.py``, kept with the tests because nothing else uses it.
 
 torchscale's MSR equals ours under these settings (``torchscale_retnet_config`` builds them): its decay schedule
 ``gamma_h = 1 - 2^(-5-h)``, interleaved rotation with ``theta_i = 10000^(-i/(dk/2-1))``, k scaled by ``dk^-1/2``,
