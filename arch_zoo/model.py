@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,31 @@ class Block(nn.Module):
         return x, (mixer_state, ffn_state) if return_state else None
 
 
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token ``[B, 1]`` from the last position's ``logits [B, vocab]``: the argmax at temperature 0, else a
+    draw from the softmax at ``temperature``, restricted to the ``top_k`` most likely tokens and to the smallest set
+    whose probability reaches ``top_p`` (nucleus sampling; the most likely token always stays)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already hold top_p
+        logits = logits.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+
+
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss in float32 (``logits [B, T, V]``, ``targets [B, T]``; -100 is ignored)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -171,31 +197,39 @@ class LanguageModel(nn.Module):
     _cross_entropy = staticmethod(token_cross_entropy)  # compile_model puts a compiled one on the instance
 
     @torch.no_grad()
+    def stream(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the tokens ``[B, 1]`` that follow ``prompt: [B, T]``, one per step, decoding through the mixers'
+        states (allocated for the whole length: a recurrent mixer steps in O(1), attention writes its cache in
+        place). Sampling as :func:`sample_next`."""
+        states = self.allocate_states(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        logits, states = self(prompt, states, return_states=True)
+        for i in range(max_new_tokens):
+            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            yield token
+            if i + 1 < max_new_tokens:
+                logits, states = self(token, states, return_states=True)
+
     def generate(
         self,
         prompt: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 0.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Decode ``max_new_tokens`` after ``prompt: [B, T]`` through the mixers' states (greedy at temperature 0)."""
-        logits, states = self(prompt, self.allocate_states(prompt.shape[0], prompt.shape[1] + max_new_tokens), True)
-        out = [prompt]
-        for i in range(max_new_tokens):
-            next_logits = logits[:, -1].float()
-            if temperature <= 0:
-                token = next_logits.argmax(-1, keepdim=True)
-            else:
-                next_logits = next_logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(next_logits, min(top_k, next_logits.size(-1))).values[:, -1:]
-                    next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(next_logits, -1), 1, generator=generator)
-            out.append(token)
-            if i + 1 < max_new_tokens:
-                logits, states = self(token, states, return_states=True)
-        return torch.cat(out, dim=1)
+        """``prompt`` and ``max_new_tokens`` decoded tokens after it, ``[B, T + max_new_tokens]`` (see :meth:`stream`;
+        greedy at temperature 0)."""
+        tokens = self.stream(prompt, max_new_tokens, temperature, top_k, top_p, generator)
+        return torch.cat([prompt, *tokens], dim=1)
 
     def allocate_states(self, batch: int, capacity: int) -> list[Any]:
         """Every block's decoding state for ``batch`` sequences of up to ``capacity`` tokens, owned by the caller

@@ -27,12 +27,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import hydra
 import mlflow
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import LanguageModel
@@ -40,10 +38,10 @@ from arch_zoo.contract import ConfigError
 from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
 from experiments.bench import device_label, resolve_device
 from experiments.bench.report import markdown, record_run
+from experiments.checkpoints import build_data_module, data_config, find_config, load_model
 
 EXPERIMENT = "state_precision"
 REFERENCE = "reference"
-CONFIG_NAMES = ("config_resolved.yaml", ".hydra/config.yaml")  # beside checkpoints/, in order of preference
 
 # (field, header, format) of the table; the CSV keeps every field of a row
 COLUMNS = [
@@ -65,30 +63,6 @@ METRICS = ("nll", "bits", "delta_nll", "rel_delta_nll", "max_logit_diff", "rel_l
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_config(checkpoint: Path) -> Path:
-    """The config a ``zoo-train`` run saved: ``RUN/checkpoints/last.ckpt`` -> ``RUN/config_resolved.yaml``."""
-    run_dir = checkpoint.resolve().parent.parent
-    for name in CONFIG_NAMES:
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise ConfigError(
-        f"no {' or '.join(CONFIG_NAMES)} in {run_dir}, the run directory of {checkpoint}; pass --config PATH"
-    )
-
-
-def data_config(cfg: DictConfig) -> Any:
-    """The typed data config: the run's values merged into the schema that ``zoo-train`` registered for its
-    ``_target_`` (a saved YAML is untyped; the data modules expect their dataclass)."""
-    from experiments.config_store import register_configs
-
-    register_configs()
-    target = cfg.data.get("_target_")
-    for name, node in ConfigStore.instance().repo["data"].items():
-        if node.node.get("_target_") == target:
-            return OmegaConf.to_object(OmegaConf.merge(ConfigStore.instance().load(f"data/{name}").node, cfg.data))
-    raise ConfigError(f"the run's data._target_={target!r} has no registered data schema")
-
-
 def build_data(cfg: DictConfig, length: int) -> Any:
     """The run's data module, with ``length`` among its evaluation lengths (the ``val_len<N>`` windows)."""
     config = data_config(cfg)
@@ -99,9 +73,7 @@ def build_data(cfg: DictConfig, length: int) -> Any:
         )
     if length != config.block_size and length not in config.eval_lengths:
         config = dataclasses.replace(config, eval_lengths=[*config.eval_lengths, length])
-    data = hydra.utils.get_class(config._target_)(config, seed=cfg.get("seed", 0))
-    data.prepare_data()
-    return data
+    return build_data_module(cfg, config)
 
 
 def validation_sequences(data: Any, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,21 +89,6 @@ def validation_sequences(data: Any, length: int, count: int) -> tuple[torch.Tens
     indices = [round(i * (len(dataset) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
     inputs, targets = zip(*(dataset[i] for i in indices))
     return torch.stack(inputs), torch.stack(targets)
-
-
-def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch.device) -> tuple[LanguageModel, int]:
-    """The trained ``LanguageModel`` (float32, eval mode) and the checkpoint's step. Weights only: the Lightning
-    task's keys are ``model.<name>`` (``model._orig_mod.<name>`` when it was compiled)."""
-    from experiments.train import model_config
-
-    model = LanguageModel(model_config(cfg, vocab_size))  # vocab_size fills a null model.vocab_size, as in training
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    weights = {}
-    for key, value in saved["state_dict"].items():
-        if key.startswith("model."):
-            weights[key.removeprefix("model.").removeprefix("_orig_mod.")] = value
-    model.load_state_dict(weights)
-    return model.to(device=device, dtype=torch.float32).eval(), int(saved.get("global_step", -1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""A finished (or interrupted) ``zoo-train`` run, rebuilt from what it left: its saved config, its data module and
+its weights, through the training entry point's own functions, so that whatever reads a checkpoint (generation,
+measurements) sees the model and the tokens the run trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import mlflow
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from arch_zoo import LanguageModel
+from arch_zoo.contract import ConfigError
+
+CONFIG_NAMES = ("config_resolved.yaml", ".hydra/config.yaml")  # beside checkpoints/, in order of preference
+
+
+def find_config(checkpoint: Path) -> Path:
+    """The config a ``zoo-train`` run saved: ``RUN/checkpoints/last.ckpt`` -> ``RUN/config_resolved.yaml``."""
+    run_dir = checkpoint.resolve().parent.parent
+    for name in CONFIG_NAMES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ConfigError(
+        f"no {' or '.join(CONFIG_NAMES)} in {run_dir}, the run directory of {checkpoint}; pass --config PATH"
+    )
+
+
+def data_config(cfg: DictConfig) -> Any:
+    """The typed data config: the run's values merged into the schema that ``zoo-train`` registered for its
+    ``_target_`` (a saved YAML is untyped; the data modules expect their dataclass)."""
+    from experiments.config_store import register_configs
+
+    register_configs()
+    target = cfg.data.get("_target_")
+    for name, node in ConfigStore.instance().repo["data"].items():
+        if node.node.get("_target_") == target:
+            return OmegaConf.to_object(OmegaConf.merge(ConfigStore.instance().load(f"data/{name}").node, cfg.data))
+    raise ConfigError(f"the run's data._target_={target!r} has no registered data schema")
+
+
+def checkpoint_of_run(run_id: str, tracking_uri: str | None = None) -> Path:
+    """The last checkpoint of an MLflow run that ``zoo-train`` made on this machine (its ``output_dir`` tag)."""
+    try:
+        run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise ConfigError(f"no MLflow run {run_id!r} in {tracking_uri or mlflow.get_tracking_uri()}: {err}") from None
+    output_dir = run.data.tags.get("output_dir")
+    checkpoint = Path(output_dir or "") / "checkpoints" / "last.ckpt"
+    if not output_dir or not checkpoint.is_file():
+        raise ConfigError(
+            f"run {run_id} has no checkpoint on this machine (looked for {checkpoint}); pass checkpoint=PATH instead"
+        )
+    return checkpoint
+
+
+def build_data_module(cfg: DictConfig, config: Any | None = None) -> Any:
+    """The run's data module, prepared (tokenised and cached as in training); ``config`` replaces its data config."""
+    config = config or data_config(cfg)
+    data = hydra.utils.get_class(config._target_)(config, seed=cfg.get("seed", 0))
+    data.prepare_data()
+    return data
+
+
+def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch.device) -> tuple[LanguageModel, int]:
+    """The trained ``LanguageModel`` (float32, eval mode) and the checkpoint's step. Weights only: the Lightning
+    task's keys are ``model.<name>`` (``model._orig_mod.<name>`` when it was compiled)."""
+    from experiments.train import model_config
+
+    model = LanguageModel(model_config(cfg, vocab_size))  # vocab_size fills a null model.vocab_size, as in training
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights = {}
+    for key, value in saved["state_dict"].items():
+        if key.startswith("model."):
+            weights[key.removeprefix("model.").removeprefix("_orig_mod.")] = value
+    model.load_state_dict(weights)
+    return model.to(device=device, dtype=torch.float32).eval(), int(saved.get("global_step", -1))
