@@ -3,7 +3,7 @@
     zoo-generate checkpoint=outputs/2026-12-06/10-00-00 prompt='def main(' max_new_tokens=200
     zoo-generate run_id=<MLflow run id> prompt='import os' temperature=0.8 top_p=0.95 seed=1
 
-The model, its tokeniser and its data are rebuilt from the run's saved config (``experiments.checkpoints``); the
+The model, its tokeniser and its data are rebuilt from the run's saved config (``experiments.trained_run``); the
 prompt is run as one call and every further token is one step from the mixers' states (O(1) per token for RetNet).
 The text goes to stdout as it comes; the decoding speed goes to stderr at the end.
 """
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from arch_zoo.contract import ConfigError
 from experiments.bench import resolve_device
-from experiments.checkpoints import build_data_module, checkpoint_of_run, find_config, load_model
+from experiments.trained_run import build_data_module, checkpoint_of_run, find_config, load_model
 
 
 @dataclass

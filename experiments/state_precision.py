@@ -38,7 +38,7 @@ from arch_zoo.contract import ConfigError
 from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
 from experiments.bench import device_label, resolve_device
 from experiments.bench.report import markdown, record_run
-from experiments.checkpoints import build_data_module, data_config, find_config, load_model
+from experiments.trained_run import build_data_module, data_config, find_config, load_model
 
 EXPERIMENT = "state_precision"
 REFERENCE = "reference"
