@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from arch_zoo.contract import ConfigError
 from arch_zoo.model import sample_next
-from experiments.trained_run import build_data_module, find_config, load_model
 from experiments.generate import GenerateConfig, run
+from experiments.trained_run import build_data_module, find_config, load_model
 from tests.test_state_precision import RETNET, write_run
 
 
