@@ -49,6 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from experiments.store import first_opening
+
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -199,13 +201,14 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            pruner=hydra.utils.instantiate(self.pruner_spec),
-            direction=self.direction,
-            load_if_exists=True,
-        )
+        with first_opening(self.storage):  # parallel searches may share a storage that does not exist yet
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=self.storage,
+                pruner=hydra.utils.instantiate(self.pruner_spec),
+                direction=self.direction,
+                load_if_exists=True,
+            )
         study.sampler = self._sampler(already=len(study.get_trials(deepcopy=False)))
         retried = requeue_orphans(study)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
