@@ -11,6 +11,7 @@ Servers (``postgresql://``, ``http://``) serialise this themselves: no lock is t
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,18 @@ import mlflow
 from filelock import FileLock
 
 SQLITE = "sqlite:///"
+# user:password@ in any URL, and password-like query parameters (?password=..., &token=...)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<user>[^/@:\s'\"]*):(?P<secret>[^/@\s'\"]+)@")
+_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|secret|api_key|access_key)=)[^&\s'\"]+", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_secrets(text: str) -> str:
+    """``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``: what is safe to record or print."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    return _QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
+
+
 LOCK_TIMEOUT_S = 600  # a migration on a slow disk takes seconds; this only bounds a lock left by a hung process
 
 

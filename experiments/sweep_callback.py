@@ -16,7 +16,7 @@ import mlflow
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments.store import open_experiment
+from experiments.store import mask_secrets, open_experiment
 from experiments.tracking import PARENT_RUN_FILE, sweep_key, tracking_uri
 
 log = logging.getLogger("arch_zoo")
@@ -51,7 +51,7 @@ class MlflowSweepParent(Callback):
                 client.delete_tag(self.run_id, "failure_reason")
             log.info("sweep continues in its MLflow parent run %s; finished trials are skipped", self.run_id)
         else:
-            overrides = " ".join(config.hydra.overrides.task)
+            overrides = mask_secrets(" ".join(config.hydra.overrides.task))
             tags = {"sweep": sweep, "sweep_parent": "true", "overrides": overrides, "sweep_key": key}
             self.run_id = client.create_run(experiment_id, run_name=f"{sweep} (sweep)", tags=tags).info.run_id
         sweep_dir = Path(config.hydra.sweep.dir)

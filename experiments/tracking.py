@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo.contract import ConfigError
 from experiments.checkpoints import previous_of, usable_checkpoint
-from experiments.store import open_experiment
+from experiments.store import mask_secrets, open_experiment
 
 log = logging.getLogger("arch_zoo")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -33,8 +34,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as MLflow params, credentials in store URLs masked."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(resolved).items()}
+    return {k: mask_secrets(str(v))[:MAX_PARAM_LENGTH] for k, v in flatten(resolved).items()}
 
 
 def git_info() -> dict[str, str]:
@@ -65,7 +67,7 @@ def run_name(mixer: str, overrides: list[str]) -> str:
         if key in ("model/mixer",) or key.startswith("hydra"):
             continue
         shown.append(f"{key.split('.')[-1].split('/')[-1]}={value}")
-    return " ".join([mixer, *shown])[:250]
+    return mask_secrets(" ".join([mixer, *shown]))[:250]
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -80,9 +82,9 @@ def experiment_of(cfg: DictConfig) -> tuple[mlflow.MlflowClient, str]:
 def make_logger(cfg: DictConfig, name: str, tags: dict[str, str], run_id: str | None = None) -> MLFlowLogger:
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
-        run_name=name,
+        run_name=mask_secrets(name),
         tracking_uri=tracking_uri(cfg.logger.tracking_uri),
-        tags=tags,
+        tags={k: mask_secrets(v) for k, v in tags.items()},
         log_model=bool(cfg.logger.log_checkpoint),
         run_id=run_id,
     )
@@ -200,7 +202,7 @@ def supersede_unfinished(cfg: DictConfig, key: str, new_run_id: str) -> None:
 
 def mark_failed(logger: MLFlowLogger, reason: str) -> None:
     client, run_id = logger.experiment, logger.run_id
-    client.set_tag(run_id, "failure_reason", reason[:5000])
+    client.set_tag(run_id, "failure_reason", mask_secrets(reason)[:5000])
     if "Diverged" in reason:
         client.set_tag(run_id, "diverged", "true")
     client.set_terminated(run_id, status="FAILED")
@@ -209,7 +211,7 @@ def mark_failed(logger: MLFlowLogger, reason: str) -> None:
 def mark_interrupted(logger: MLFlowLogger, reason: str) -> None:
     """A run stopped by a signal: KILLED (not FAILED: nothing is wrong with it), the signal in its reason."""
     client, run_id = logger.experiment, logger.run_id
-    client.set_tag(run_id, "failure_reason", reason[:5000])
+    client.set_tag(run_id, "failure_reason", mask_secrets(reason)[:5000])
     client.set_terminated(run_id, status="KILLED")
 
 
@@ -251,22 +253,25 @@ def log_hydra_artifacts(logger: MLFlowLogger, output_dir: Path, cfg: DictConfig)
     """The composed config, Hydra's own config and the overrides, as files under ``hydra/`` in the run."""
     hydra_dir = output_dir / ".hydra"
     resolved = output_dir / "config_resolved.yaml"
-    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved.write_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)))
     client, run_id = logger.experiment, logger.run_id
     client.log_artifact(run_id, str(resolved), "hydra")
     if hydra_dir.is_dir():
-        for path in sorted(hydra_dir.glob("*.yaml")):
-            client.log_artifact(run_id, str(path), "hydra")
+        with tempfile.TemporaryDirectory() as masked:  # the copies on the server hold no credentials
+            for path in sorted(hydra_dir.glob("*.yaml")):
+                copy = Path(masked) / path.name
+                copy.write_text(mask_secrets(path.read_text()))
+                client.log_artifact(run_id, str(copy), "hydra")
 
 
 def record_failed_trial(cfg: DictConfig, overrides: list[str], reason: str) -> None:
     """A trial that failed before its run existed (a bad config in a sweep) still gets a FAILED run."""
     client, experiment_id = experiment_of(cfg)
     tags = {
-        "overrides": " ".join(overrides),
+        "overrides": mask_secrets(" ".join(overrides)),
         "run_key": run_key(overrides),
-        "failure_reason": reason[:5000],
+        "failure_reason": mask_secrets(reason)[:5000],
         **sweep_tags(cfg),
     }
-    run = client.create_run(experiment_id, run_name="failed: " + " ".join(overrides)[:200], tags=tags)
+    run = client.create_run(experiment_id, run_name=mask_secrets("failed: " + " ".join(overrides))[:200], tags=tags)
     client.set_terminated(run.info.run_id, status="FAILED")

@@ -28,6 +28,7 @@ from experiments.callbacks import InjectFailure, Throughput
 from experiments.checkpoints import AtomicCheckpointIO
 from experiments.config_store import register_configs
 from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
+from experiments.store import mask_secrets
 from experiments.tracking import (
     config_key,
     config_params,
@@ -250,7 +251,7 @@ def report(metrics: dict[str, float], baselines: dict[str, float], logger, outpu
             lines.append(f"  {split}: {value:.3f} {unit} (loss {metrics[split + '/loss']:.3f}){baseline}")
     lines.append(f"  outputs and checkpoints: {output_dir}")
     if logger is not None:
-        uri = logger._tracking_uri
+        uri = mask_secrets(logger._tracking_uri)
         lines.append(f"  MLflow run {logger.run_id} in experiment {logger._experiment_name!r}, store {uri}")
         lines.append(f"  browse it: mlflow ui --backend-store-uri {uri}")
     print("\n".join(lines), flush=True)

@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from experiments.store import first_opening
+from experiments.store import first_opening, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class OptunaSweeper(Sweeper):
         log.info(
             "Optuna study %r in %s: %d of %d trials finished%s; searching %s",
             self.study_name,
-            self.storage,
+            mask_secrets(self.storage),
             done,
             self.n_trials,
             f", {retried} interrupted trial(s) enqueued again" if retried else "",
@@ -307,7 +307,7 @@ class OptunaSweeper(Sweeper):
         counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
         summary: dict[str, Any] = {
             "study_name": self.study_name,
-            "storage": self.storage,
+            "storage": mask_secrets(self.storage),
             "trials": {k: v for k, v in counts.items() if v},
         }
         if counts["COMPLETE"]:
@@ -316,7 +316,7 @@ class OptunaSweeper(Sweeper):
             summary["best"]["overrides"] = best.user_attrs.get("overrides", [])
             log.info("best trial %d: %s=%.5g with %s", best.number, self.monitor, best.value, best.params)
         OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optuna_study.yaml")
-        log.info("browse the study: optuna-dashboard %s", self.storage)
+        log.info("browse the study: optuna-dashboard %s", mask_secrets(self.storage))
 
 
 def requeue_orphans(study: optuna.Study) -> int:

@@ -369,3 +369,78 @@ def test_with_every_checkpoint_damaged_the_fresh_start_command_is_given_and_neve
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
     (old,) = [r for r in runs if r.info.status == "KILLED"]
     assert old.data.tags["superseded_by"] in {r.info.run_id for r in runs}
+
+
+SECRET_URL = "postgresql://alice:hunter2@db.example:5432/mlflow"
+
+
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        (SECRET_URL, "postgresql://alice:***@db.example:5432/mlflow"),
+        ("mysql+pymysql://bob:p%40ss@h/db x=1", "mysql+pymysql://bob:***@h/db x=1"),
+        ("https://:tok3n@mlflow.example/", "https://:***@mlflow.example/"),
+        ("postgresql://h/db?user=u&password=hunter2&sslmode=require", "postgresql://h/db?user=u&password=***&sslmode=require"),
+        ("sqlite:////abs/mlflow.db http://host:5000", "sqlite:////abs/mlflow.db http://host:5000"),  # nothing to hide
+    ],
+)  # fmt: skip
+def test_credentials_in_urls_are_masked(text, masked):
+    from experiments.store import mask_secrets
+
+    assert mask_secrets(text) == masked
+
+
+def test_a_store_password_reaches_no_param_tag_name_or_artifact(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    import experiments.train  # noqa: F401  (registers the config schemas)
+    from experiments.tracking import config_params, log_hydra_artifacts, make_logger, run_name
+
+    overrides = [f"logger.tracking_uri={SECRET_URL}", f"+callbacks.pruning.storage={SECRET_URL}"]
+    conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    recorded = [*config_params(cfg).values(), run_name("retnet", overrides)]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides))
+    logged: list[str] = []
+    client = SimpleNamespace(log_artifact=lambda run_id, path, folder: logged.append(Path(path).read_text()))
+    log_hydra_artifacts(SimpleNamespace(experiment=client, run_id="r"), tmp_path, cfg)
+    captured = {}
+
+    class Logger:  # what make_logger hands to MLflow
+        def __init__(self, **kwargs):
+            captured.update(kwargs)
+
+    import experiments.tracking as tracking
+
+    original, tracking.MLFlowLogger = tracking.MLFlowLogger, Logger
+    try:
+        make_logger(cfg, run_name("retnet", overrides), {"command": "zoo-train " + " ".join(overrides)})
+    finally:
+        tracking.MLFlowLogger = original
+    recorded += [*logged, captured["run_name"], *captured["tags"].values()]
+    assert len(logged) == 2 and any("alice:***@db.example" in text for text in recorded)
+    assert not [text for text in recorded if "hunter2" in text]
+    assert captured["tracking_uri"] == SECRET_URL  # the client itself still gets the real URL
+
+
+@pytest.mark.slow
+def test_resume_reads_no_checkpoint_outside_the_output_root(tmp_path, data_cache):
+    import shutil
+
+    code, _ = run_once(tmp_path, data_cache, "inject_failure={at_step: 5, kind: kill}", f"hydra.run.dir={tmp_path}/r")
+    assert code == -signal.SIGKILL
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    shutil.copytree(tmp_path / "r", elsewhere)
+    (run,) = runs_of(tmp_path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.set_tag(run.info.run_id, "output_dir", str(elsewhere))  # whoever can write tags on a shared server
+
+    code, output = run_once(tmp_path, data_cache, f"hydra.run.dir={tmp_path}/r2")
+    assert code == 2, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert f"records its outputs in {elsewhere}, outside {tmp_path}" in last and "resume_root=DIR" in last
+    assert "resuming" not in output
