@@ -26,6 +26,7 @@ from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments import interrupts
 from experiments.callbacks import InjectFailure, Throughput
 from experiments.checkpoints import AtomicCheckpointIO
+from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.config_store import register_configs
 from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
 from experiments.store import mask_secrets
@@ -46,6 +47,7 @@ from experiments.tracking import (
     run_name,
     supersede_unfinished,
     sweep_tags,
+    tracking_uri,
 )
 from sweeps.optuna_sweeper import register_with_hydra
 
@@ -77,6 +79,10 @@ def check(cfg: DictConfig) -> tuple[ModelConfig, Any, OptimConfig]:
     optim: OptimConfig = OmegaConf.to_object(cfg.optim)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
+    check_settings(cfg)
+    check_optim(optim, cfg.trainer.max_steps)
+    if cfg.logger.enabled:
+        check_tracking_uri(tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
     return model, data, optim

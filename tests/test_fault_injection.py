@@ -4,6 +4,7 @@ must hold after each: nothing a user ran is lost, nothing is counted twice, and 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -444,3 +445,79 @@ def test_resume_reads_no_checkpoint_outside_the_output_root(tmp_path, data_cache
     last = output.strip().splitlines()[-1]
     assert f"records its outputs in {elsewhere}, outside {tmp_path}" in last and "resume_root=DIR" in last
     assert "resuming" not in output
+
+
+def composed(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    import experiments.train  # noqa: F401  (registers the config schemas)
+
+    conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+foo=bar", "unknown setting 'foo': nothing reads it"),
+        ("+sed=1", "did you mean seed=...?"),
+        ("data.eval_batch_size=0", "data.eval_batch_size=0: set it to 1 or more"),
+        ("optim.lr=nan", "optim.lr=nan must be a finite positive number, e.g. optim.lr=0.003"),
+        ("optim.lr=-1", "optim.lr=-1.0 must be a finite positive number"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps=-5: set 0 or more steps"),
+        ("logger.tracking_uri=sqlite://mlflow.db", "names no file: sqlite URIs start sqlite:///"),
+        ("logger.tracking_uri=postgres1://u:pw@h/db", "has an unknown scheme 'postgres1'"),
+        ("logger.tracking_uri=http://", "names no host"),
+    ],
+)
+def test_bad_settings_fail_in_the_check_before_anything_is_built(override, message):
+    from arch_zoo import ConfigError
+    from experiments.train import check
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        check(composed(override))
+    assert "\n" not in str(err.value) and ":pw@" not in str(err.value)
+
+
+def test_warmup_beyond_the_run_is_warned_about(caplog):
+    from experiments.train import check
+
+    with caplog.at_level("WARNING", logger="arch_zoo"):
+        check(composed("trainer.max_steps=100", "optim.warmup_steps=100"))
+    assert (
+        "optim.warmup_steps=100 >= trainer.max_steps=100" in caplog.text and "lower optim.warmup_steps" in caplog.text
+    )
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a directory", "matches only directories"),
+    (b"caf\xe9 au lait\n", "is not UTF-8 text (byte 3); convert it, or set data.corpus.lossy_decode=true"),
+    (b"\x7fELF\x02\x01\x00\x00binary", "looks binary (it holds NUL bytes)"),
+])  # fmt: skip
+def test_files_that_are_not_text_are_refused_by_name(tmp_path, content, message):
+    from arch_zoo import ConfigError
+    from experiments.data.corpus import CorpusConfig, load_corpus
+
+    target = tmp_path / "corpus" / "doc.txt"
+    if isinstance(content, bytes):
+        target.parent.mkdir()
+        target.write_bytes(content)
+        pattern = str(target)
+    else:
+        target.mkdir(parents=True)
+        pattern = str(tmp_path / "corpus" / "*")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_corpus(CorpusConfig(source="files", files=[pattern]))
+    if isinstance(content, bytes) and b"\x00" not in content:  # the user's way out works
+        text = load_corpus.__globals__["_read_text"](str(target), lossy=True)
+        assert text.startswith("caf\ufffd")
+
+
+def test_a_bad_learning_rate_exits_2_in_seconds_with_nothing_recorded(tmp_path, data_cache):
+    started = time.monotonic()
+    proc = start(tmp_path, data_cache, [*TINY, "optim.lr=nan", f"hydra.run.dir={tmp_path}/r"], multirun=False)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2
+    assert output.strip().splitlines()[-1].startswith("error: optim.lr=nan must be a finite positive number")
+    assert not (tmp_path / "mlflow.db").exists() and time.monotonic() - started < 60

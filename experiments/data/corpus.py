@@ -38,6 +38,8 @@ class CorpusConfig:
     # out-of-domain sets: name -> list of files/globs, or the built-in "pydoc_topics"
     ood: dict[str, list[str]] = field(default_factory=dict)
     max_train_docs: int | None = None
+    # files that are not UTF-8 text are refused; true decodes them anyway, undecodable bytes replaced
+    lossy_decode: bool = False
 
 
 @dataclass
@@ -75,12 +77,34 @@ def _expand(patterns: list[str]) -> list[str]:
         matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matched:
             raise ConfigError(f"data: no file matches {pattern!r}; fix the path in data.corpus.files / val_files / ood")
-        paths += matched
+        files = [p for p in matched if os.path.isfile(p)]
+        if not files:
+            raise ConfigError(
+                f"data: {pattern!r} matches only directories; match the files in them, "
+                f"e.g. '{pattern.rstrip('/')}/**/*.txt'"
+            )
+        paths += files
     return paths
 
 
-def _file_documents(patterns: list[str]) -> list[tuple[str, str]]:
-    return [(p, Path(p).read_text(encoding="utf-8", errors="replace")) for p in _expand(patterns)]
+def _read_text(path: str, lossy: bool) -> str:
+    """A file's text; one that is binary or not UTF-8 is refused, unless ``lossy`` (replacement characters)."""
+    data = Path(path).read_bytes()
+    if lossy:
+        return data.decode("utf-8", errors="replace")
+    if b"\0" in data:
+        raise ConfigError(f"data: {path} looks binary (it holds NUL bytes); leave it out of data.corpus.files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"data: {path} is not UTF-8 text (byte {err.start}); convert it, or set data.corpus.lossy_decode=true "
+            "to replace what does not decode"
+        ) from None
+
+
+def _file_documents(patterns: list[str], lossy: bool = False) -> list[tuple[str, str]]:
+    return [(p, _read_text(p, lossy)) for p in _expand(patterns)]
 
 
 def _to_dataset(docs: list[tuple[str, str]]) -> datasets.Dataset:
@@ -118,9 +142,9 @@ def load_corpus(config: CorpusConfig) -> Corpus:
         train = _to_dataset([d for d in docs if not _in_val(d[0], config.val_percent)])
         val = _to_dataset([d for d in docs if _in_val(d[0], config.val_percent)])
     elif config.source == "files":
-        docs = _file_documents(config.files)
+        docs = _file_documents(config.files, config.lossy_decode)
         if config.val_files:
-            train, val = _to_dataset(docs), _to_dataset(_file_documents(config.val_files))
+            train, val = _to_dataset(docs), _to_dataset(_file_documents(config.val_files, config.lossy_decode))
         else:
             train = _to_dataset([d for d in docs if not _in_val(d[0], config.val_percent)])
             val = _to_dataset([d for d in docs if _in_val(d[0], config.val_percent)])
@@ -147,5 +171,7 @@ def load_corpus(config: CorpusConfig) -> Corpus:
         raise ConfigError("data: the corpus gave an empty train or validation split; add files or raise val_percent")
     ood = {}
     for name, paths in config.ood.items():
-        ood[name] = _to_dataset(_pydoc_topics() if list(paths) == ["pydoc_topics"] else _file_documents(list(paths)))
+        ood[name] = _to_dataset(
+            _pydoc_topics() if list(paths) == ["pydoc_topics"] else _file_documents(list(paths), config.lossy_decode)
+        )
     return Corpus(train, val, ood, _hash(train, val, *ood.values()))

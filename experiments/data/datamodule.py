@@ -45,6 +45,8 @@ class DataConfig:
     def check(self) -> None:
         if self.block_size < 2 or self.batch_size < 1:
             raise ConfigError("data.block_size must be >= 2 and data.batch_size >= 1")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size={self.eval_batch_size}: set it to 1 or more")
         if any(n < 2 for n in self.eval_lengths):
             raise ConfigError(f"data.eval_lengths={self.eval_lengths}: every length must be >= 2")
         check_corpus(self.corpus)
