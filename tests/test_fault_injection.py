@@ -521,3 +521,13 @@ def test_a_bad_learning_rate_exits_2_in_seconds_with_nothing_recorded(tmp_path, 
     assert proc.returncode == 2
     assert output.strip().splitlines()[-1].startswith("error: optim.lr=nan must be a finite positive number")
     assert not (tmp_path / "mlflow.db").exists() and time.monotonic() - started < 60
+
+
+def test_a_single_text_file_gives_training_and_validation_text(tmp_path):
+    from experiments.data.corpus import CorpusConfig, load_corpus
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"line {i} of my notes\n" for i in range(100)))
+    corpus = load_corpus(CorpusConfig(source="files", files=[str(notes)], val_percent=2.0))
+    assert corpus.train["text"][0].splitlines()[-1] == "line 97 of my notes"
+    assert corpus.val["text"] == ["line 98 of my notes\nline 99 of my notes\n"]

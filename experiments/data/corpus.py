@@ -31,7 +31,8 @@ class CorpusConfig:
     train_split: str = "train"
     val_split: str | None = "validation"
     text_field: str = "text"
-    # files: local text files or globs (one document per file); validation is a hashed share of them
+    # files: local text files or globs (one document per file); validation is a hashed share of them, or, when that
+    # leaves a split empty (one or a few files), the last val_percent of every file's lines
     files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
     val_percent: float = 2.0
@@ -53,6 +54,19 @@ class Corpus:
 def _in_val(key: str, percent: float) -> bool:
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 10000
     return bucket < percent * 100
+
+
+def _split_within(docs: list[tuple[str, str]], percent: float) -> tuple[list, list]:
+    """The last ``percent`` of each document's lines as validation, the rest as training (for one or a few files)."""
+    train, val = [], []
+    for key, text in docs:
+        lines = text.splitlines(keepends=True)
+        cut = len(lines) - max(1, round(len(lines) * percent / 100)) if len(lines) > 1 else len(lines)
+        if lines[:cut]:
+            train.append((key, "".join(lines[:cut])))
+        if lines[cut:]:
+            val.append((f"{key}#val", "".join(lines[cut:])))
+    return train, val
 
 
 def _stdlib_documents() -> list[tuple[str, str]]:
@@ -146,8 +160,11 @@ def load_corpus(config: CorpusConfig) -> Corpus:
         if config.val_files:
             train, val = _to_dataset(docs), _to_dataset(_file_documents(config.val_files, config.lossy_decode))
         else:
-            train = _to_dataset([d for d in docs if not _in_val(d[0], config.val_percent)])
-            val = _to_dataset([d for d in docs if _in_val(d[0], config.val_percent)])
+            held_out = [d for d in docs if _in_val(d[0], config.val_percent)]
+            kept = [d for d in docs if not _in_val(d[0], config.val_percent)]
+            if not held_out or not kept:  # too few files for a share of them: hold out the end of every file
+                kept, held_out = _split_within(docs, config.val_percent)
+            train, val = _to_dataset(kept), _to_dataset(held_out)
     else:
         try:
             full = datasets.load_dataset(config.name, config.config_name)
@@ -168,7 +185,10 @@ def load_corpus(config: CorpusConfig) -> Corpus:
     if config.max_train_docs is not None:
         train = train.select(range(min(config.max_train_docs, len(train))))
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError("data: the corpus gave an empty train or validation split; add files or raise val_percent")
+        raise ConfigError(
+            "data: the corpus gave an empty train or validation split; name validation text with "
+            "data.corpus.val_files=[...], or add text"
+        )
     ood = {}
     for name, paths in config.ood.items():
         ood[name] = _to_dataset(
