@@ -190,7 +190,9 @@ def broken_plugin(root: Path) -> Path:
 
 
 def test_a_broken_plugin_is_listed_with_its_error_and_everything_else_works(tmp_path, data_cache):
-    env = {**environment(data_cache), "PYTHONPATH": str(broken_plugin(tmp_path / "site")), "COLUMNS": "300"}
+    env = environment(data_cache)
+    env["PYTHONPATH"] = os.pathsep.join([str(broken_plugin(tmp_path / "site")), env.get("PYTHONPATH", "")])
+    env["COLUMNS"] = "300"
     listing = subprocess.run(
         [str(Path(ZOO_TRAIN).with_name("zoo-mixers"))], capture_output=True, text=True, env=env, timeout=300
     )
