@@ -20,6 +20,7 @@ from analysis import plots
 from analysis.paper import TABLES, PaperTable, get_table
 from analysis.runs import (
     client_for,
+    deduplicate,
     experiment_id,
     load_runs,
     metric_history,
@@ -118,7 +119,13 @@ def log_summary(table: ResultTable, files: list[Path], tracking_uri: str | None,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        frame = trials(load_runs(args.experiment, args.tracking_uri))
+        frame, duplicates = deduplicate(trials(load_runs(args.experiment, args.tracking_uri)))
+        if not duplicates.empty:
+            print(
+                f"zoo-table: warning: the store holds {len(duplicates)} more run(s) of a (config, seed) already "
+                f"counted; each is counted once (the newest finished run). Left out: {' '.join(duplicates['run_id'])}",
+                file=sys.stderr,
+            )
         paper = guess_paper(args.experiment, frame) if args.paper == "auto" else get_table(args.paper)
         table = build_table(frame, args.metric, args.reference, paper, args.experiment)
         lengths = state_size_lengths(frame)

@@ -125,6 +125,26 @@ def trials(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[~frame["is_parent"] & ~frame["is_summary"]].reset_index(drop=True)
 
 
+def identity(frame: pd.DataFrame) -> pd.Series:
+    """What a run computed, as its producer tagged it: ``config_key`` (the resolved config, seed included), else the
+    older ``run_key`` (the overrides); NaN where a run carries neither."""
+    empty = pd.Series(index=frame.index, dtype=object)
+    return frame.get("tags.config_key", empty).fillna(frame.get("tags.run_key", empty))
+
+
+def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One run per (config, seed): where a store holds several (a sweep relaunched by an older version trained a
+    finished trial again), the newest finished one is kept, else the newest. Returns (kept, left out)."""
+    if frame.empty:
+        return frame, frame
+    key = identity(frame)
+    keyed = frame[key.notna()].assign(_key=key[key.notna()], _ok=lambda f: f["outcome"].eq("ok"))
+    keyed = keyed.sort_values(["_ok", "start_time"], kind="stable")
+    dropped = keyed[keyed.duplicated(["_key", "seed"], keep="last")].index
+    kept = frame.drop(index=dropped).reset_index(drop=True)
+    return kept, frame.loc[dropped].reset_index(drop=True)
+
+
 def metric_names(frame: pd.DataFrame) -> list[str]:
     return sorted(c.removeprefix("metrics.") for c in frame.columns if c.startswith("metrics."))
 

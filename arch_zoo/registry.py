@@ -4,6 +4,8 @@ Built-in mixers register themselves with :func:`register_mixer` when ``arch_zoo.
 Third-party packages plug in through the entry-point group ``arch_zoo.mixers``; each entry point names a module or
 a mixer class, and loading it registers the mixer (by the decorator, or under the entry point's name). Plugins are
 discovered lazily: only when a name is not found among the loaded mixers, or when the full list is asked for.
+A plugin that fails to import is set aside with its error (:func:`broken_plugins`): the others and the built-ins
+still work, and asking for its name says why it is missing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.metadata
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
 
 ENTRY_POINT_GROUP = "arch_zoo.mixers"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class MixerSpec:
 
 
 _MIXERS: dict[str, MixerSpec] = {}
+_BROKEN: dict[str, str] = {}  # entry-point name -> why it failed to import
 _plugins_loaded = False
 _builtins_loaded = False
 _loading_source = "builtin"
@@ -79,9 +84,12 @@ def load_plugins(force: bool = False) -> None:
         try:
             obj = ep.load()
         except Exception as err:  # a broken plugin must not hide the others
-            raise ConfigError(f"mixer plugin {ep.name!r} ({ep.value}) failed to import: {err}") from err
+            _BROKEN[ep.name] = f"{ep.value} failed to import: {type(err).__name__}: {err}"
+            log.warning("mixer plugin %r is broken and left out: %s", ep.name, _BROKEN[ep.name])
+            continue
         finally:
             _loading_source = "builtin"
+        _BROKEN.pop(ep.name, None)
         if ep.name not in _MIXERS and isinstance(obj, type) and issubclass(obj, TokenMixer):
             _MIXERS[ep.name] = MixerSpec(ep.name, obj, obj.config_class, f"plugin {ep.value}")
 
@@ -93,10 +101,22 @@ def available_mixers() -> dict[str, MixerSpec]:
     return dict(sorted(_MIXERS.items()))
 
 
+def broken_plugins() -> dict[str, str]:
+    """Plugins of the entry-point group that failed to import: name -> the error."""
+    _load_builtins()
+    load_plugins()
+    return dict(sorted(_BROKEN.items()))
+
+
 def get_mixer(name: str) -> MixerSpec:
     _load_builtins()
     if name not in _MIXERS:
         load_plugins()
+    if name in _BROKEN and name not in _MIXERS:
+        raise ConfigError(
+            f"mixer {name!r} comes from a plugin that is broken: {_BROKEN[name]}. "
+            f"Fix or reinstall the package that provides it, or choose another with model/mixer=NAME."
+        )
     if name not in _MIXERS:
         known = sorted(_MIXERS)
         close = difflib.get_close_matches(name, known, n=1)

@@ -72,19 +72,22 @@ class Throughput(L.Callback):
 
 class InjectFailure(L.Callback):
     """Fail on purpose at a given step (``inject_failure={at_step: 5, kind: kill}``), to exercise what users
-    rely on: ``kill`` ends the process abruptly (resume), ``raise`` raises (a failed trial), ``diverge`` makes the
-    loss NaN."""
+    rely on: ``kill`` ends the process abruptly (resume), ``sigterm``/``sigint`` send the process that signal (a
+    scheduler's stop, Ctrl+C), ``raise`` raises (a failed trial), ``diverge`` makes the loss NaN."""
+
+    KINDS = ("kill", "sigterm", "sigint", "raise", "diverge")
 
     def __init__(self, at_step: int, kind: str = "raise") -> None:
-        if kind not in ("kill", "raise", "diverge"):
-            raise ValueError(f"inject_failure.kind={kind!r}; choose kill, raise or diverge")
+        if kind not in self.KINDS:
+            raise ValueError(f"inject_failure.kind={kind!r}; choose one of {', '.join(self.KINDS)}")
         self.at_step, self.kind = at_step, kind
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step != self.at_step:
             return
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind in ("kill", "sigterm", "sigint"):
+            os.kill(os.getpid(), getattr(signal, "SIG" + self.kind.removeprefix("sig").upper()))
+            return
         if self.kind == "raise":
             raise RuntimeError(f"injected failure at step {self.at_step}")
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""``zoo-mixers``: list every registered mixer (plugins included) with its config fields and decoding state."""
+"""``zoo-mixers``: list every registered mixer (plugins included) with its config fields and decoding state, and
+every plugin that failed to import with its error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from arch_zoo import available_mixers, build_mixer
+from arch_zoo.registry import broken_plugins
 
 
 def list_mixers() -> None:
@@ -26,4 +28,6 @@ def list_mixers() -> None:
             if f.name != "name"
         )
         table.add_row(name, spec.source, state, fields)
+    for name, error in broken_plugins().items():  # listed, so that a missing name is explained
+        table.add_row(name, "broken plugin", "unavailable", error)
     Console().print(table)

@@ -4,7 +4,9 @@ artifacts, the git commit, and a readable run name."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,11 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from arch_zoo.contract import ConfigError
+from experiments.checkpoints import previous_of, usable_checkpoint
+from experiments.store import mask_secrets, open_experiment
+
+log = logging.getLogger("arch_zoo")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
@@ -27,8 +34,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as MLflow params, credentials in store URLs masked."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(resolved).items()}
+    return {k: mask_secrets(str(v))[:MAX_PARAM_LENGTH] for k, v in flatten(resolved).items()}
 
 
 def git_info() -> dict[str, str]:
@@ -59,19 +67,24 @@ def run_name(mixer: str, overrides: list[str]) -> str:
         if key in ("model/mixer",) or key.startswith("hydra"):
             continue
         shown.append(f"{key.split('.')[-1].split('/')[-1]}={value}")
-    return " ".join([mixer, *shown])[:250]
+    return mask_secrets(" ".join([mixer, *shown]))[:250]
 
 
 def tracking_uri(configured: str | None) -> str:
     return configured or mlflow.get_tracking_uri()
 
 
+def experiment_of(cfg: DictConfig) -> tuple[mlflow.MlflowClient, str]:
+    """The configured store and experiment, created if missing (safely when many runs start at once)."""
+    return open_experiment(tracking_uri(cfg.logger.tracking_uri), cfg.logger.experiment_name)
+
+
 def make_logger(cfg: DictConfig, name: str, tags: dict[str, str], run_id: str | None = None) -> MLFlowLogger:
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
-        run_name=name,
+        run_name=mask_secrets(name),
         tracking_uri=tracking_uri(cfg.logger.tracking_uri),
-        tags=tags,
+        tags={k: mask_secrets(v) for k, v in tags.items()},
         log_model=bool(cfg.logger.log_checkpoint),
         run_id=run_id,
     )
@@ -81,12 +94,45 @@ def make_logger(cfg: DictConfig, name: str, tags: dict[str, str], run_id: str | 
 
 
 IGNORED_IN_RUN_KEY = ("hydra.", "resume", "inject_failure", "trainer.enable_progress_bar", "logger.")
+# What a trial computes does not depend on these: how it is shown, logged or labelled by a sweeper. (An injected
+# failure is part of a trial: a sweep over failures has as many trials as failures.)
+IGNORED_IN_CONFIG_KEY = ("resume", "logger", "name", "callbacks", "trainer.enable_progress_bar")
 
 
 def run_key(overrides: list[str]) -> str:
     """Identity of a run for resuming: its overrides, minus those that do not change what it computes."""
     kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(IGNORED_IN_RUN_KEY))
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+
+
+def config_key(cfg: DictConfig) -> str:
+    """Identity of what a run computes: its resolved config (seed included), whatever the position of the trial in a
+    sweep or the overrides that produced it; a relaunched sweep matches its finished trials by it."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    kept = {k: v for k, v in flatten(resolved).items() if not k.startswith(IGNORED_IN_CONFIG_KEY)}
+    return hashlib.sha256(repr(sorted(kept.items())).encode()).hexdigest()[:16]
+
+
+def sweep_key(overrides: list[str]) -> str:
+    """Identity of a sweep: its multirun overrides (``seed=0,1,2``) and its sweeper's (``hydra.sweeper.*``), so the
+    same command finds its parent run; where it writes and how it launches do not count."""
+    kept = [o for o in overrides if o.lstrip("+~").startswith(("hydra.sweeper", "hydra/sweeper"))]
+    return run_key(overrides) + hashlib.sha256("\n".join(sorted(kept)).encode()).hexdigest()[:8]
+
+
+def find_finished_run(cfg: DictConfig, key: str, parent_run_id: str) -> mlflow.entities.Run | None:
+    """The newest FINISHED trial of the sweep ``parent_run_id`` whose resolved config is ``key``."""
+    client, experiment_id = experiment_of(cfg)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.config_key = '{key}' and tags.mlflow.parentRunId = '{parent_run_id}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 @dataclass
@@ -96,32 +142,90 @@ class Resumable:
     checkpoint: Path
 
 
-def find_unfinished_run(cfg: DictConfig, key: str) -> Resumable | None:
-    """The newest run with the same overrides that did not finish and left a checkpoint."""
-    client = mlflow.MlflowClient(tracking_uri(cfg.logger.tracking_uri))
-    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
-    if experiment is None:
-        return None
+def find_unfinished_run(cfg: DictConfig, key: str, fresh_command: str) -> Resumable | None:
+    """The newest run with the same overrides that did not finish, was not superseded by a fresh start, and left a
+    checkpoint; the newest intact one of its checkpoints (``experiments/checkpoints.py``).
+
+    Raises ConfigError, naming ``fresh_command``, when every checkpoint of that run is damaged, or when the run's
+    recorded output directory lies outside ``resume_root`` (anyone who can write tags on a shared tracking server
+    could otherwise choose where a relaunch reads and writes)."""
+    client, experiment_id = experiment_of(cfg)
     runs = client.search_runs(
-        [experiment.experiment_id],
+        [experiment_id],
         filter_string=f"tags.run_key = '{key}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=5,
     )
+    root = Path(cfg.get("resume_root") or Path.cwd()).resolve()
     for run in runs:
+        if "superseded_by" in run.data.tags:
+            continue
         output_dir = Path(run.data.tags.get("output_dir", ""))
-        checkpoint = output_dir / "checkpoints" / "last.ckpt"
-        if checkpoint.is_file():
-            return Resumable(run.info.run_id, output_dir, checkpoint)
+        newest = output_dir / "checkpoints" / "last.ckpt"
+        if not (newest.is_file() or previous_of(newest).is_file()):
+            continue
+        run_id = run.info.run_id
+        if not output_dir.resolve().is_relative_to(root):
+            raise ConfigError(
+                f"MLflow run {run_id} records its outputs in {output_dir}, outside {root}; it is not resumed. "
+                f"Set resume_root=DIR to trust checkpoints under DIR, or start afresh: {fresh_command}"
+            )
+        checkpoint, problems = usable_checkpoint(newest)
+        for line in problems:
+            log.warning(line)
+        if checkpoint is None:
+            raise ConfigError(
+                f"cannot resume MLflow run {run_id}: {'; '.join(problems)}. Start afresh with: {fresh_command}"
+            )
+        if problems:
+            log.warning("resuming from the previous checkpoint, %s", checkpoint)
+        return Resumable(run_id, output_dir, checkpoint)
     return None
+
+
+def supersede_unfinished(cfg: DictConfig, key: str, new_run_id: str) -> None:
+    """After an explicit fresh start (``resume=false``), the unfinished runs of the same overrides are never resumed:
+    tagged ``superseded_by``, and those left RUNNING by a crash are closed as KILLED."""
+    client, experiment_id = experiment_of(cfg)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.run_key = '{key}' and attributes.status != 'FINISHED'", max_results=1000
+    )
+    for run in runs:
+        run_id = run.info.run_id
+        if run_id == new_run_id or "superseded_by" in run.data.tags:
+            continue
+        client.set_tag(run_id, "superseded_by", new_run_id)
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", f"superseded by a fresh start (resume=false): run {new_run_id}")
+            client.set_terminated(run_id, status="KILLED")
 
 
 def mark_failed(logger: MLFlowLogger, reason: str) -> None:
     client, run_id = logger.experiment, logger.run_id
-    client.set_tag(run_id, "failure_reason", reason[:5000])
+    client.set_tag(run_id, "failure_reason", mask_secrets(reason)[:5000])
     if "Diverged" in reason:
         client.set_tag(run_id, "diverged", "true")
     client.set_terminated(run_id, status="FAILED")
+
+
+def mark_interrupted(logger: MLFlowLogger, reason: str) -> None:
+    """A run stopped by a signal: KILLED (not FAILED: nothing is wrong with it), the signal in its reason."""
+    client, run_id = logger.experiment, logger.run_id
+    client.set_tag(run_id, "failure_reason", mask_secrets(reason)[:5000])
+    client.set_terminated(run_id, status="KILLED")
+
+
+def mark_sweep_interrupted(cfg: DictConfig, reason: str) -> None:
+    """The parent run of a sweep stopped by a signal: KILLED with the reason; relaunching the sweep reuses it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    parent_file = Path(HydraConfig.get().sweep.dir) / PARENT_RUN_FILE
+    if not parent_file.is_file():
+        return
+    client = mlflow.MlflowClient(tracking_uri(cfg.logger.tracking_uri))
+    run_id = parent_file.read_text().strip()
+    client.set_tag(run_id, "failure_reason", f"{reason}; relaunch the same command to run the remaining trials")
+    client.set_terminated(run_id, status="KILLED")
 
 
 def sweep_tags(cfg: DictConfig) -> dict[str, str]:
@@ -149,24 +253,25 @@ def log_hydra_artifacts(logger: MLFlowLogger, output_dir: Path, cfg: DictConfig)
     """The composed config, Hydra's own config and the overrides, as files under ``hydra/`` in the run."""
     hydra_dir = output_dir / ".hydra"
     resolved = output_dir / "config_resolved.yaml"
-    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved.write_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)))
     client, run_id = logger.experiment, logger.run_id
     client.log_artifact(run_id, str(resolved), "hydra")
     if hydra_dir.is_dir():
-        for path in sorted(hydra_dir.glob("*.yaml")):
-            client.log_artifact(run_id, str(path), "hydra")
+        with tempfile.TemporaryDirectory() as masked:  # the copies on the server hold no credentials
+            for path in sorted(hydra_dir.glob("*.yaml")):
+                copy = Path(masked) / path.name
+                copy.write_text(mask_secrets(path.read_text()))
+                client.log_artifact(run_id, str(copy), "hydra")
 
 
 def record_failed_trial(cfg: DictConfig, overrides: list[str], reason: str) -> None:
     """A trial that failed before its run existed (a bad config in a sweep) still gets a FAILED run."""
-    client = mlflow.MlflowClient(tracking_uri(cfg.logger.tracking_uri))
-    experiment = client.get_experiment_by_name(cfg.logger.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.logger.experiment_name)
+    client, experiment_id = experiment_of(cfg)
     tags = {
-        "overrides": " ".join(overrides),
+        "overrides": mask_secrets(" ".join(overrides)),
         "run_key": run_key(overrides),
-        "failure_reason": reason[:5000],
+        "failure_reason": mask_secrets(reason)[:5000],
         **sweep_tags(cfg),
     }
-    run = client.create_run(experiment_id, run_name="failed: " + " ".join(overrides)[:200], tags=tags)
+    run = client.create_run(experiment_id, run_name=mask_secrets("failed: " + " ".join(overrides))[:200], tags=tags)
     client.set_terminated(run.info.run_id, status="FAILED")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -22,20 +23,31 @@ from omegaconf import DictConfig, OmegaConf
 from arch_zoo import FFNConfig, ModelConfig, make_config
 from arch_zoo.contract import ConfigError
 from arch_zoo.model import COMPILE_SCOPES, compile_model
+from experiments import interrupts
 from experiments.callbacks import InjectFailure, Throughput
+from experiments.checkpoints import AtomicCheckpointIO
+from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.config_store import register_configs
 from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
+from experiments.store import mask_secrets
 from experiments.tracking import (
+    config_key,
     config_params,
+    experiment_of,
+    find_finished_run,
     find_unfinished_run,
     git_info,
     log_hydra_artifacts,
     make_logger,
     mark_failed,
+    mark_interrupted,
+    mark_sweep_interrupted,
     record_failed_trial,
     run_key,
     run_name,
+    supersede_unfinished,
     sweep_tags,
+    tracking_uri,
 )
 from sweeps.optuna_sweeper import register_with_hydra
 
@@ -67,13 +79,36 @@ def check(cfg: DictConfig) -> tuple[ModelConfig, Any, OptimConfig]:
     optim: OptimConfig = OmegaConf.to_object(cfg.optim)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
+    check_settings(cfg)
+    check_optim(optim, cfg.trainer.max_steps)
+    if cfg.logger.enabled:
+        check_tracking_uri(tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
     return model, data, optim
 
 
+def finished_trial(cfg: DictConfig, key: str) -> dict[str, float] | None:
+    """A trial whose resolved config already FINISHED in this sweep (the parent run a relaunch reuses) is not trained
+    again: a relaunched sweep picks up where it stopped, and its table never sees one (config, seed) twice.
+    ``resume=false`` retrains."""
+    if not (cfg.logger.enabled and cfg.resume and HydraConfig.get().mode.name == "MULTIRUN"):
+        return None
+    parent = sweep_tags(cfg).get("mlflow.parentRunId")
+    done = find_finished_run(cfg, key, parent) if parent else None
+    if done is None:
+        return None
+    log.info("trial already finished as MLflow run %s; skipped (resume=false trains it again)", done.info.run_id)
+    return dict(done.data.metrics)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     model_cfg, data_cfg, optim_cfg = check(cfg)
+    identity = config_key(cfg)
+    if cfg.logger.enabled:
+        experiment_of(cfg)  # the store and experiment exist before any lookup or logger touches them
+    if (metrics := finished_trial(cfg, identity)) is not None:
+        return metrics
     L.seed_everything(cfg.seed, workers=True)
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -95,16 +130,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     overrides = list(hydra_cfg.overrides.task)
     name = cfg.name or run_name(mixer_name, overrides)
     key = run_key(overrides)
-    resumed = find_unfinished_run(cfg, key) if cfg.logger.enabled and cfg.resume else None
+    fresh_command = " ".join(["zoo-train", *map(shlex.quote, sys.argv[1:]), "resume=false"])
+    resumed = find_unfinished_run(cfg, key, fresh_command) if cfg.logger.enabled and cfg.resume else None
     if resumed is not None:
         output_dir = resumed.output_dir
         log.info("resuming MLflow run %s from %s", resumed.run_id, resumed.checkpoint)
 
+    on_signal = interrupts.CheckpointOnSignal(output_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [
         Throughput(window=cfg.trainer.log_every_n_steps),
         ModelCheckpoint(
             dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
         ),
+        on_signal,
     ]
     if cfg.inject_failure is not None:
         callbacks.append(InjectFailure(**cfg.inject_failure))
@@ -118,6 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "mixer": mixer_name,
             "overrides": " ".join(overrides),
             "run_key": key,
+            "config_key": identity,
             "output_dir": str(output_dir),
             "command": " ".join(sys.argv),
             **git_info(),
@@ -125,11 +164,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         }
         logger = make_logger(cfg, name, tags, run_id=resumed.run_id if resumed else None)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if logger is not None and not cfg.resume:
+        supersede_unfinished(cfg, key, logger.run_id)
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=logger or False,
         callbacks=callbacks,
         default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
     )
 
     model = task.model
@@ -152,22 +194,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ", ".join(f"{k.removeprefix('data.')} {v}" for k, v in data.summary().items()),
     )
 
+    metrics: dict[str, float] = {}
     try:
         trainer.fit(task, datamodule=data, ckpt_path=str(resumed.checkpoint) if resumed else None)
+        if cfg.final_validate:
+            metrics = final_validation(trainer, task, data)
     except BaseException as err:
+        stop = interrupts.as_interruption(err)
+        if stop is not None:
+            saved = f"checkpoint of step {on_signal.saved_at} saved" if on_signal.saved_at else "no new checkpoint"
+            stop = interrupts.Interrupted(stop.signum, f" at step {trainer.global_step}; {saved}")
         if logger is not None:
-            if getattr(err, "pruned", False) or type(err).__name__ == "TrialPruned":
+            if stop is not None:
+                mark_interrupted(logger, f"{stop}; relaunch the same command to resume")
+            elif getattr(err, "pruned", False) or type(err).__name__ == "TrialPruned":
                 logger.experiment.set_tag(logger.run_id, "pruned", "true")
                 logger.experiment.set_terminated(logger.run_id, status="KILLED")
             else:
                 mark_failed(logger, f"{type(err).__name__}: {err}")
             err.mlflow_run_id = logger.run_id  # type: ignore[attr-defined]
+        if stop is not None:
+            raise stop from err
         raise
-    metrics: dict[str, float] = {}
-    if cfg.final_validate:
-        metrics = final_validation(trainer, task, data)
-        if logger is not None:
-            logger.finalize("success")
+    if cfg.final_validate and logger is not None:
+        logger.finalize("success")
     if trainer.is_global_zero:  # under DDP every rank runs this function; one summary is enough
         report(metrics, baselines, logger, output_dir)
     return metrics
@@ -207,17 +257,21 @@ def report(metrics: dict[str, float], baselines: dict[str, float], logger, outpu
             lines.append(f"  {split}: {value:.3f} {unit} (loss {metrics[split + '/loss']:.3f}){baseline}")
     lines.append(f"  outputs and checkpoints: {output_dir}")
     if logger is not None:
-        uri = logger._tracking_uri
+        uri = mask_secrets(logger._tracking_uri)
         lines.append(f"  MLflow run {logger.run_id} in experiment {logger._experiment_name!r}, store {uri}")
         lines.append(f"  browse it: mlflow ui --backend-store-uri {uri}")
     print("\n".join(lines), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         metrics = train(cfg)
+    except interrupts.Interrupted as stop:
+        if multirun and cfg.logger.enabled:  # the sweep stops here, loudly; its relaunch runs the rest
+            mark_sweep_interrupted(cfg, f"{stop} in trial {HydraConfig.get().job.num}")
+        raise
     except Exception as err:
         if not multirun:
             if isinstance(err, ConfigError):
@@ -230,6 +284,16 @@ def main(cfg: DictConfig) -> float | None:
             record_failed_trial(cfg, list(HydraConfig.get().overrides.task), f"{type(err).__name__}: {err}")
         return float("nan")
     return metrics.get("val/loss")
+
+
+def main() -> None:
+    """``zoo-train``: Hydra's entry point, with SIGTERM/SIGINT turned into a recorded stop and exit code 143/130."""
+    interrupts.install()
+    try:
+        run()
+    except interrupts.Interrupted as stop:
+        print(f"error: {stop}; relaunch the same command to resume", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

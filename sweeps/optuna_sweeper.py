@@ -49,6 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from experiments.store import first_opening, mask_secrets
+
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -199,20 +201,21 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            pruner=hydra.utils.instantiate(self.pruner_spec),
-            direction=self.direction,
-            load_if_exists=True,
-        )
+        with first_opening(self.storage):  # parallel searches may share a storage that does not exist yet
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=self.storage,
+                pruner=hydra.utils.instantiate(self.pruner_spec),
+                direction=self.direction,
+                load_if_exists=True,
+            )
         study.sampler = self._sampler(already=len(study.get_trials(deepcopy=False)))
         retried = requeue_orphans(study)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         log.info(
             "Optuna study %r in %s: %d of %d trials finished%s; searching %s",
             self.study_name,
-            self.storage,
+            mask_secrets(self.storage),
             done,
             self.n_trials,
             f", {retried} interrupted trial(s) enqueued again" if retried else "",
@@ -304,7 +307,7 @@ class OptunaSweeper(Sweeper):
         counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
         summary: dict[str, Any] = {
             "study_name": self.study_name,
-            "storage": self.storage,
+            "storage": mask_secrets(self.storage),
             "trials": {k: v for k, v in counts.items() if v},
         }
         if counts["COMPLETE"]:
@@ -313,7 +316,7 @@ class OptunaSweeper(Sweeper):
             summary["best"]["overrides"] = best.user_attrs.get("overrides", [])
             log.info("best trial %d: %s=%.5g with %s", best.number, self.monitor, best.value, best.params)
         OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optuna_study.yaml")
-        log.info("browse the study: optuna-dashboard %s", self.storage)
+        log.info("browse the study: optuna-dashboard %s", mask_secrets(self.storage))
 
 
 def requeue_orphans(study: optuna.Study) -> int:

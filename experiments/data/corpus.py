@@ -31,13 +31,16 @@ class CorpusConfig:
     train_split: str = "train"
     val_split: str | None = "validation"
     text_field: str = "text"
-    # files: local text files or globs (one document per file); validation is a hashed share of them
+    # files: local text files or globs (one document per file); validation is a hashed share of them, or, when that
+    # leaves a split empty (one or a few files), the last val_percent of every file's lines
     files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
     val_percent: float = 2.0
     # out-of-domain sets: name -> list of files/globs, or the built-in "pydoc_topics"
     ood: dict[str, list[str]] = field(default_factory=dict)
     max_train_docs: int | None = None
+    # files that are not UTF-8 text are refused; true decodes them anyway, undecodable bytes replaced
+    lossy_decode: bool = False
 
 
 @dataclass
@@ -51,6 +54,19 @@ class Corpus:
 def _in_val(key: str, percent: float) -> bool:
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 10000
     return bucket < percent * 100
+
+
+def _split_within(docs: list[tuple[str, str]], percent: float) -> tuple[list, list]:
+    """The last ``percent`` of each document's lines as validation, the rest as training (for one or a few files)."""
+    train, val = [], []
+    for key, text in docs:
+        lines = text.splitlines(keepends=True)
+        cut = len(lines) - max(1, round(len(lines) * percent / 100)) if len(lines) > 1 else len(lines)
+        if lines[:cut]:
+            train.append((key, "".join(lines[:cut])))
+        if lines[cut:]:
+            val.append((f"{key}#val", "".join(lines[cut:])))
+    return train, val
 
 
 def _stdlib_documents() -> list[tuple[str, str]]:
@@ -75,12 +91,34 @@ def _expand(patterns: list[str]) -> list[str]:
         matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matched:
             raise ConfigError(f"data: no file matches {pattern!r}; fix the path in data.corpus.files / val_files / ood")
-        paths += matched
+        files = [p for p in matched if os.path.isfile(p)]
+        if not files:
+            raise ConfigError(
+                f"data: {pattern!r} matches only directories; match the files in them, "
+                f"e.g. '{pattern.rstrip('/')}/**/*.txt'"
+            )
+        paths += files
     return paths
 
 
-def _file_documents(patterns: list[str]) -> list[tuple[str, str]]:
-    return [(p, Path(p).read_text(encoding="utf-8", errors="replace")) for p in _expand(patterns)]
+def _read_text(path: str, lossy: bool) -> str:
+    """A file's text; one that is binary or not UTF-8 is refused, unless ``lossy`` (replacement characters)."""
+    data = Path(path).read_bytes()
+    if lossy:
+        return data.decode("utf-8", errors="replace")
+    if b"\0" in data:
+        raise ConfigError(f"data: {path} looks binary (it holds NUL bytes); leave it out of data.corpus.files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"data: {path} is not UTF-8 text (byte {err.start}); convert it, or set data.corpus.lossy_decode=true "
+            "to replace what does not decode"
+        ) from None
+
+
+def _file_documents(patterns: list[str], lossy: bool = False) -> list[tuple[str, str]]:
+    return [(p, _read_text(p, lossy)) for p in _expand(patterns)]
 
 
 def _to_dataset(docs: list[tuple[str, str]]) -> datasets.Dataset:
@@ -118,12 +156,15 @@ def load_corpus(config: CorpusConfig) -> Corpus:
         train = _to_dataset([d for d in docs if not _in_val(d[0], config.val_percent)])
         val = _to_dataset([d for d in docs if _in_val(d[0], config.val_percent)])
     elif config.source == "files":
-        docs = _file_documents(config.files)
+        docs = _file_documents(config.files, config.lossy_decode)
         if config.val_files:
-            train, val = _to_dataset(docs), _to_dataset(_file_documents(config.val_files))
+            train, val = _to_dataset(docs), _to_dataset(_file_documents(config.val_files, config.lossy_decode))
         else:
-            train = _to_dataset([d for d in docs if not _in_val(d[0], config.val_percent)])
-            val = _to_dataset([d for d in docs if _in_val(d[0], config.val_percent)])
+            held_out = [d for d in docs if _in_val(d[0], config.val_percent)]
+            kept = [d for d in docs if not _in_val(d[0], config.val_percent)]
+            if not held_out or not kept:  # too few files for a share of them: hold out the end of every file
+                kept, held_out = _split_within(docs, config.val_percent)
+            train, val = _to_dataset(kept), _to_dataset(held_out)
     else:
         try:
             full = datasets.load_dataset(config.name, config.config_name)
@@ -144,8 +185,13 @@ def load_corpus(config: CorpusConfig) -> Corpus:
     if config.max_train_docs is not None:
         train = train.select(range(min(config.max_train_docs, len(train))))
     if len(train) == 0 or len(val) == 0:
-        raise ConfigError("data: the corpus gave an empty train or validation split; add files or raise val_percent")
+        raise ConfigError(
+            "data: the corpus gave an empty train or validation split; name validation text with "
+            "data.corpus.val_files=[...], or add text"
+        )
     ood = {}
     for name, paths in config.ood.items():
-        ood[name] = _to_dataset(_pydoc_topics() if list(paths) == ["pydoc_topics"] else _file_documents(list(paths)))
+        ood[name] = _to_dataset(
+            _pydoc_topics() if list(paths) == ["pydoc_topics"] else _file_documents(list(paths), config.lossy_decode)
+        )
     return Corpus(train, val, ood, _hash(train, val, *ood.values()))

@@ -1,7 +1,9 @@
 """Tokenise once, pack into one token stream per split, cache to disk, and serve fixed-length blocks.
 
 The cache key is the corpus content hash plus the tokeniser's identity, so every run on the same text reuses the
-packed arrays (written atomically, so parallel runs can share the cache) and a changed corpus never hits a stale one.
+packed arrays and a changed corpus never hits a stale one. Each array carries a checksum and its vocabulary bound,
+and is built and checked under a lock (``experiments/data/verified_cache.py``), so parallel runs share the cache
+and a damaged one is rebuilt.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from arch_zoo.contract import ConfigError
+from experiments.data import verified_cache
 from experiments.data.base import CachedDataModule
 from experiments.data.corpus import CorpusConfig, check_corpus, load_corpus
 from experiments.data.tokenizer import Tokenizer, make_tokenizer
@@ -42,6 +45,8 @@ class DataConfig:
     def check(self) -> None:
         if self.block_size < 2 or self.batch_size < 1:
             raise ConfigError("data.block_size must be >= 2 and data.batch_size >= 1")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size={self.eval_batch_size}: set it to 1 or more")
         if any(n < 2 for n in self.eval_lengths):
             raise ConfigError(f"data.eval_lengths={self.eval_lengths}: every length must be >= 2")
         check_corpus(self.corpus)
@@ -95,8 +100,7 @@ class TextDataModule(CachedDataModule):
         key = hashlib.sha256(f"{corpus.content_hash}|{self.tokenizer.identity}".encode()).hexdigest()[:20]
         folder = self.cache_dir / "packed" / key
         meta_path = folder / "meta.json"
-        if not meta_path.exists():
-            self._pack(corpus, folder)
+        verified_cache.ensure(folder, lambda folder: self._pack(corpus, folder))
         self.meta = json.loads(meta_path.read_text())
         for name in self.meta["splits"]:
             tokens = np.load(folder / f"{name}.npy", mmap_mode="r")
@@ -129,11 +133,8 @@ class TextDataModule(CachedDataModule):
             for ids in encoded["ids"]:
                 pieces += [np.asarray(ids, dtype=dtype), np.asarray([tok.eos_id], dtype=dtype)]
             tokens = np.concatenate(pieces)
-            tmp = folder / f"{name}.tmp.npy"
-            np.save(tmp, tokens)
-            tmp.replace(folder / f"{name}.npy")
             meta["splits"][name] = {
-                "n_tokens": int(len(tokens)),
+                **verified_cache.save_array(folder, name, tokens),
                 "n_bytes": int(sum(encoded["n_bytes"])),
                 "n_docs": len(ds),
             }

@@ -1,0 +1,75 @@
+"""Checks of a run's settings that need nothing built: each failure is one line naming the fix, raised before any
+data is read or weight allocated (a bad learning rate or store URL would otherwise surface minutes later, as a
+library's traceback)."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+from arch_zoo.contract import ConfigError
+from experiments.lit_module import OptimConfig
+from experiments.store import mask_secrets
+
+log = logging.getLogger("arch_zoo")
+PRIMARY_CONFIG = Path(__file__).resolve().parent / "conf" / "train.yaml"
+# URI schemes MLflow opens a tracking store for (a plain path is a local directory store)
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "uc")
+
+
+@cache
+def known_settings() -> frozenset[str]:
+    """The top-level keys of the primary config and its config groups."""
+    primary = OmegaConf.load(PRIMARY_CONFIG)
+    groups = {next(iter(entry)) for entry in primary.defaults if isinstance(entry, DictConfig)}
+    return frozenset({*primary.keys(), *groups} - {"defaults", "hydra"})
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """A key added with ``+key=value`` that no part of the program reads (a typo, a stale option) is refused."""
+    for key in cfg.keys():
+        if key in known_settings():
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known_settings()), n=1)
+        hint = f"did you mean {close[0]}=...? " if close else ""
+        raise ConfigError(
+            f"unknown setting {key!r}: nothing reads it; {hint}settings are {', '.join(sorted(known_settings()))} "
+            "(+name=... adds only config groups such as +sweep=NAME)"
+        )
+
+
+def check_optim(optim: OptimConfig, max_steps: int) -> None:
+    for name in ("lr", "weight_decay", "eps", "min_lr_ratio"):
+        value = getattr(optim, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in ("lr", "eps")):
+            default = getattr(OptimConfig, name)
+            raise ConfigError(f"optim.{name}={value} must be a finite positive number, e.g. optim.{name}={default}")
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps}: set 0 or more steps")
+    if optim.warmup_steps >= max_steps:
+        log.warning(
+            "optim.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never leaves its warmup; "
+            "lower optim.warmup_steps",
+            optim.warmup_steps,
+            max_steps,
+        )
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can open: a known scheme, and sqlite's three slashes (two name no file)."""
+    scheme = urlparse(uri).scheme.lower().split("+")[0]
+    if len(scheme) == 1:  # a Windows drive letter: a local path
+        scheme = ""
+    fix = "e.g. logger.tracking_uri=sqlite:///mlflow.db, a directory, or http://host:5000"
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"logger.tracking_uri={mask_secrets(uri)} has an unknown scheme {scheme!r}; {fix}")
+    if scheme == "sqlite" and not (uri.startswith("sqlite:///") or uri == "sqlite://"):
+        raise ConfigError(f"logger.tracking_uri={mask_secrets(uri)} names no file: sqlite URIs start sqlite:///; {fix}")
+    if scheme in ("http", "https", "postgresql", "mysql", "mssql") and not urlparse(uri).hostname:
+        raise ConfigError(f"logger.tracking_uri={mask_secrets(uri)} names no host; {fix}")
