@@ -27,6 +27,16 @@ SWEEP = [
     "sweep_name=faults",
     "seed=0,1,2",
 ]
+# one run of 8 steps, checkpointed every 2
+SHORT = [
+    *TINY,
+    "model/mixer=transformer",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+    "checkpoint_every=2",
+    "logger.log_checkpoint=false",
+    "logger.experiment_name=faults",
+]
 
 
 def environment(cache: Path) -> dict[str, str]:
@@ -113,9 +123,6 @@ def test_table_counts_a_config_and_seed_once_and_says_so(tmp_path, capsys):
     assert ",2.5,0.5," in csv  # mean and std of 3.0 (the newer seed-0 run), 2.0, 2.5
 
 
-LONG = ["trainer.max_steps=40", "trainer.val_check_interval=20"]  # long enough that a signal lands mid-training
-
-
 def checkpoint_step(path: Path) -> int:
     import torch
 
@@ -124,24 +131,24 @@ def checkpoint_step(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigint_checkpoints_marks_killed_exits_130_and_the_relaunch_matches_a_straight_run(tmp_path, data_cache):
-    single = [a for a in SWEEP if a != "seed=0,1,2"]
+    single = SHORT
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight.mkdir(), stopped.mkdir()
     reference = start(straight, data_cache, [*single, f"hydra.run.dir={straight}/run"], multirun=False)
     assert reference.wait(timeout=600) == 0
 
-    # Ctrl+C as the 8th step starts: the step finishes, is checkpointed, and the process stops
-    ctrl_c = "inject_failure={at_step: 7, kind: sigint}"
+    # Ctrl+C as the 6th step starts: the step finishes, is checkpointed, and the process stops
+    ctrl_c = "inject_failure={at_step: 5, kind: sigint}"
     proc = start(stopped, data_cache, [*single, ctrl_c, f"hydra.run.dir={stopped}/run"], multirun=False)
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, output[-3000:]
-    assert output.strip().splitlines()[-1].startswith("error: interrupted by SIGINT at step 8")
+    assert output.strip().splitlines()[-1].startswith("error: interrupted by SIGINT at step 6")
     (run,) = runs_of(stopped)
     assert run.info.status == "KILLED"
     reason = run.data.tags["failure_reason"]
-    assert reason.startswith("interrupted by SIGINT at step 8; checkpoint of step 8 saved"), reason
+    assert reason.startswith("interrupted by SIGINT at step 6; checkpoint of step 6 saved"), reason
     assert "relaunch the same command" in reason
-    assert checkpoint_step(stopped / "run" / "checkpoints" / "last.ckpt") == 8
+    assert checkpoint_step(stopped / "run" / "checkpoints" / "last.ckpt") == 6
 
     again = start(stopped, data_cache, [*single, f"hydra.run.dir={stopped}/run2"], multirun=False)
     output = again.communicate(timeout=600)[0]
@@ -154,26 +161,27 @@ def test_sigint_checkpoints_marks_killed_exits_130_and_the_relaunch_matches_a_st
 
 @pytest.mark.slow
 def test_sigterm_mid_sweep_exits_143_marks_trial_and_parent_and_the_relaunch_runs_the_rest(tmp_path, data_cache):
-    args = [*SWEEP, *LONG]
+    # three trials; the second is sent SIGTERM as its 4th step starts (the third's injection never fires)
+    faults = "inject_failure=null,{at_step: 3, kind: sigterm},{at_step: 100, kind: raise}"
+    args = [*SHORT, "sweep_name=faults", faults]
     proc = start(tmp_path, data_cache, [*args, f"hydra.sweep.dir={tmp_path}/sweep_a"])
-    wait_for(tmp_path / "sweep_a" / "1" / "checkpoints" / "last.ckpt", proc)
-    proc.terminate()  # SIGTERM, as a scheduler or `timeout` sends it
-    output = proc.communicate(timeout=300)[0]
+    output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 143, output[-3000:]
-    assert "error: interrupted by SIGTERM" in output
+    assert output.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM at step 4")
     trials, (parent,) = trials_and_parents(tmp_path)
-    assert sorted(r.info.status for r in trials) == ["FINISHED", "KILLED"]
+    assert sorted(r.info.status for r in trials) == ["FINISHED", "KILLED"]  # the third never started
     assert parent.info.status == "KILLED"
-    assert parent.data.tags["failure_reason"].startswith("interrupted by SIGTERM")
+    assert parent.data.tags["failure_reason"].startswith("interrupted by SIGTERM at step 4")
     assert "in trial 1" in parent.data.tags["failure_reason"]
 
     again = start(tmp_path, data_cache, [*args, f"hydra.sweep.dir={tmp_path}/sweep_b"])
     output = again.communicate(timeout=600)[0]
     assert again.returncode == 0, output[-3000:]
+    assert output.count("trial already finished") == 1 and output.count("resuming MLflow run") == 1
     trials, (parent,) = trials_and_parents(tmp_path)
     assert parent.info.status == "FINISHED" and "failure_reason" not in parent.data.tags
-    assert sorted(int(r.data.params["seed"]) for r in trials) == [0, 1, 2]
-    assert all(r.info.status == "FINISHED" for r in trials)
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert len({r.data.tags["config_key"] for r in trials}) == 3
 
 
 def broken_plugin(root: Path) -> Path:
@@ -288,19 +296,8 @@ def test_a_damaged_token_cache_is_detected_and_rebuilt_with_a_notice(tmp_path, d
     assert int(np.array(rebuilt.splits["train"].tokens).max()) < rebuilt.vocab_size
 
 
-KILLED_AT_5 = [
-    *TINY,
-    "model/mixer=transformer",
-    "trainer.max_steps=8",
-    "trainer.val_check_interval=4",
-    "checkpoint_every=2",
-    "logger.log_checkpoint=false",
-    "logger.experiment_name=faults",
-]
-
-
 def run_once(tmp: Path, cache: Path, *args: str) -> tuple[int, str]:
-    proc = start(tmp, cache, [*KILLED_AT_5, *args], multirun=False)
+    proc = start(tmp, cache, [*SHORT, *args], multirun=False)
     output = proc.communicate(timeout=600)[0]
     return proc.returncode, output
 
