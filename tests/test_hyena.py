@@ -140,7 +140,9 @@ def test_filter_matches_its_definition_and_does_not_depend_on_length(name):
         h = filt.compute(config.l_max)
         # 1e-6, not 1e-12: the module builds its constants (t, deltas) in float32, like its parameters
         assert rel_err(h, naive_filter(filt, config, config.l_max)) < 1e-6
-        assert torch.equal(filt.compute(10), h[:, :10])  # a prefix: decoding sees the filters training saw
+        # a prefix: decoding sees the filters training saw (to rounding: a BLAS may block a 10-row product
+        # differently from an l_max-row one, so the last bit can differ)
+        assert rel_err(filt.compute(10), h[:, :10]) < 1e-14
 
 
 def test_filter_gradcheck():
