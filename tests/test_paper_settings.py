@@ -28,15 +28,16 @@ SIZES = ["table5_small", "table5"]
 VOCAB = 257
 
 
+# The overrides in the order a sweeper gives a trial: its swept parameters first, then the command line's +sweep.
 def table5(arch: str, size: str, *extra: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["+sweep=table5", f"+arch={arch}", f"experiment={size}", *extra])
+        return compose("train", overrides=[f"+arch={arch}", "+sweep=table5", f"experiment={size}", *extra])
 
 
 def table6(row: str, size: str, *extra: str):
     shape = [] if size == "table5_small" else [f"experiment={size}"]  # the sweep's own model is the miniature
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["+sweep=retnet_ablation", f"+ablation={row}", *shape, *extra])
+        return compose("train", overrides=[f"+ablation={row}", "+sweep=retnet_ablation", *shape, *extra])
 
 
 def build(cfg, device: str = "meta") -> LanguageModel:
@@ -173,6 +174,11 @@ def test_head_dim_row_divides_the_model_head_dim_by_4(size):
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_the_ablation_reference_row_is_retnet_as_table5_runs_it(size):
+    assert table6("full", size).model.mixer == table5("retnet", size).model.mixer
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_every_ablation_row_changes_only_its_switch(size):
     reference = without(table6("full", size), "model.mixer", "variant")
     full = OmegaConf.to_container(table6("full", size).model.mixer, resolve=True)
@@ -189,6 +195,7 @@ def test_every_ablation_row_changes_only_its_switch(size):
         assert without(cfg, "model.mixer", "variant") == reference, row
         mixer = OmegaConf.to_container(cfg.model.mixer, resolve=True)
         assert {k: v for k, v in mixer.items() if full[k] != v} == change, row
+        assert cfg.variant != "Full RetNet", row  # the row keeps its own label
 
 
 @pytest.mark.parametrize("size", SIZES)
