@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import re
 import shutil
+import site as sitepackages
 import subprocess
 import sys
 import sysconfig
@@ -151,10 +152,14 @@ def test_the_lock_pins_everything_the_suite_needs():
 )
 def test_the_environment_make_built_is_exactly_the_lock():
     pins = lock_pins()
+    # what make installed is in the environment's own site-packages; other sys.path entries that earlier tests add
+    # (the test plugin from conftest, setuptools' vendored packages after a wheel build) are not installed
+    site = {Path(p).resolve() for p in sitepackages.getsitepackages()}
     installed = {
-        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in importlib.metadata.distributions()
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+        for d in importlib.metadata.distributions()
+        if Path(d.locate_file("")).resolve() in site
     }
-    installed.pop("arch-zoo")
-    installed.pop("tiny-mixer-plugin", None)  # the test plugin, which conftest puts on sys.path: not installed
+    installed.pop("arch-zoo", None)
     differs = {n: (v, pins.get(n)) for n, v in installed.items() if v.split("+")[0] != pins.get(n)}
     assert not differs, f"installed vs requirements.lock (run `make clean test`, or `make lock` to refresh): {differs}"
