@@ -1,6 +1,6 @@
 """arch-zoo: language models assembled from registered token mixers (pure PyTorch; no training code here)."""
 
-from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
+from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, exclude_from_size, set_optim
 from arch_zoo.layers import FFNConfig, register_ffn
 from arch_zoo.model import LanguageModel, ModelConfig
 from arch_zoo.registry import available_mixers, build_mixer, get_mixer, make_config, register_mixer
@@ -14,6 +14,7 @@ __all__ = [
     "TokenMixer",
     "available_mixers",
     "build_mixer",
+    "exclude_from_size",
     "get_mixer",
     "make_config",
     "register_ffn",

@@ -11,8 +11,12 @@ A mixer maps ``x: [batch, time, d_model]`` to ``y`` of the same shape, causally:
   (constant for recurrent mixers, growing for attention's KV cache). It is logged with every run.
 
 Parameters that need their own optimiser settings (SSM and filter parameters in H3/Hyena, decays) carry them as
-an attribute ``param._optim = {"lr": ..., "weight_decay": ...}``; the training loop turns these into parameter
-groups. Nothing outside a mixer's own file branches on the mixer's name.
+an attribute ``param._optim`` (see :func:`set_optim`); the training loop turns these into parameter groups.
+Tables indexed by position (Hyena's positional features) are marked with :func:`exclude_from_size`: they train, but
+their size follows the sequence length, not the width, so equal-size comparisons do not count them.
+A mixer whose initialisation depends on the model's depth says so in :meth:`MixerConfig.for_depth`; a mixer that
+cannot read sequences past some length says so in :attr:`TokenMixer.max_length`.
+Nothing outside a mixer's own file branches on the mixer's name.
 """
 
 from __future__ import annotations
@@ -38,16 +42,42 @@ class MixerConfig:
     def check(self, d_model: int) -> None:
         """Raise :class:`ConfigError` when this config cannot be built at width ``d_model``."""
 
+    def for_depth(self, n_layers: int) -> MixerConfig:
+        """This config inside a model of ``n_layers`` layers (the model calls it before building). The default
+        is unchanged; a mixer whose reference initialisation depends on the depth fills in its own field."""
+        return self
+
     @classmethod
     def small(cls) -> MixerConfig:
         """A config that builds at ``d_model=64`` (contract tests, tiny CPU runs); the defaults unless overridden."""
         return cls()
 
 
+OPTIM_KEYS = ("lr", "lr_scale", "lr_max", "weight_decay")
+
+
 def set_optim(param: nn.Parameter, **settings: float) -> nn.Parameter:
-    """Attach per-parameter optimiser settings (e.g. ``lr=1e-3, weight_decay=0.0``) to ``param``."""
+    """Attach per-parameter optimiser settings to ``param``: ``lr`` (a peak learning rate of its own),
+    ``lr_scale`` (a multiple of the run's learning rate), ``lr_max`` (the run's learning rate, capped here) and
+    ``weight_decay``. The relative forms exist because reference codes state them so (RWKV-4's 2x and 3x decay
+    rates, H3's ``min(1e-3, lr)``), and a fixed number would stop meaning the same once the run's rate changes."""
+    unknown = sorted(set(settings) - set(OPTIM_KEYS))
+    if unknown:
+        raise ValueError(f"set_optim: unknown setting(s) {unknown}; known: {', '.join(OPTIM_KEYS)}")
     param._optim = dict(settings)  # type: ignore[attr-defined]
     return param
+
+
+def exclude_from_size(param: nn.Parameter) -> nn.Parameter:
+    """Mark ``param`` as a positional table: trained, but not counted when models are matched for size."""
+    param._excluded_from_size = True  # type: ignore[attr-defined]
+    return param
+
+
+def counts_towards_size(param: nn.Parameter) -> bool:
+    """The one definition of size in equal-size comparisons: a trainable parameter that is not a positional
+    table (see :func:`exclude_from_size`)."""
+    return param.requires_grad and not getattr(param, "_excluded_from_size", False)
 
 
 class TokenMixer(nn.Module):
@@ -79,6 +109,11 @@ class TokenMixer(nn.Module):
 
     def state_size(self, seq_len: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence this mixer is defined on (None: any length)."""
+        return None
 
     def allocate_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype) -> Any:
         """A decoding state for ``batch`` sequences of up to ``capacity`` tokens, owned by the caller: calls that

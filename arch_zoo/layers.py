@@ -56,6 +56,7 @@ class FFNConfig:
     bias: bool = False
     dropout: float = 0.0
     hidden_size: int | None = None  # set, it wins over mult (the model sets it to match a parameter budget)
+    n_layers: int | None = None  # the model's depth, set by the model: an FFN whose init depends on it reads it
 
     def hidden(self, d_model: int) -> int:
         if self.hidden_size is not None:

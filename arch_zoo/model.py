@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.contract import ConfigError, counts_towards_size
 from arch_zoo.layers import FFNConfig, build_ffn, make_norm
 from arch_zoo.registry import build_mixer, make_config
 
@@ -41,9 +41,18 @@ class ModelConfig:
     hybrid_mixer: Any = None
     hybrid_layers: list[int] = field(default_factory=list)
     hybrid_every: int = 0
-    # equal-size comparisons (the paper's Table 5): choose the FFN width so that the non-embedding parameter
-    # count comes as close as possible to this number, whatever the mixer costs
+    # equal-size comparisons (the paper's Table 5): choose the FFN width so that the counted parameters (see
+    # counted_parameters) come as close as possible to a budget, whatever the mixer costs. The budget is either
+    # budget_per_layer * d_model^2 * n_layers (the paper's rule: 12, RetNet's 8 d^2 mixer plus a 4 d^2 FFN), which
+    # follows the model's shape, or a literal target_params; not both.
+    budget_per_layer: float | None = None
     target_params: int | None = None
+
+    def size_budget(self) -> int | None:
+        """The equal-size budget in counted parameters, or None when the FFN width is not matched."""
+        if self.budget_per_layer is not None:
+            return round(self.budget_per_layer * self.d_model**2 * self.n_layers)
+        return self.target_params
 
     def hybrid_layer_set(self) -> set[int]:
         layers = set(self.hybrid_layers)
@@ -57,6 +66,11 @@ class ModelConfig:
             raise ConfigError("model.vocab_size is not set; set it, or let the training entry point take the data's")
         if self.d_model <= 0 or self.n_layers <= 0 or self.vocab_size <= 0:
             raise ConfigError("model.d_model, model.n_layers and model.vocab_size must be positive")
+        if self.budget_per_layer is not None and self.target_params is not None:
+            raise ConfigError(
+                "model.budget_per_layer and model.target_params both set the equal-size budget; set one "
+                "(e.g. model.target_params=null)"
+            )
         mixer = make_config(self.mixer)
         mixer.check(self.d_model)
         hybrid = self.hybrid_layer_set()
@@ -69,28 +83,34 @@ class ModelConfig:
             make_config(self.hybrid_mixer).check(self.d_model)
 
 
-def _count(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+def counted_parameters(module: nn.Module | None) -> int:
+    """Parameters that count towards a model's size in equal-size comparisons, for every mixer and FFN alike:
+    trainable, and not a positional table (:func:`arch_zoo.contract.exclude_from_size`). A tied weight counts once."""
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if counts_towards_size(p))
 
 
 def matched_ffn(config: ModelConfig, mixers: list[nn.Module]) -> FFNConfig:
-    """The FFN config whose width brings the non-embedding parameter count nearest ``config.target_params``.
+    """The FFN config whose width brings the counted parameters of the blocks and final norm nearest the budget
+    (:meth:`ModelConfig.size_budget`).
 
     An FFN's size is affine in its width, so two probe builds give the slope and intercept."""
-    if config.target_params is None or config.ffn.kind == "none":
+    target = config.size_budget()
+    if target is None or config.ffn.kind == "none":
         return config.ffn
     d, L = config.d_model, config.n_layers
     with torch.device("meta"):
-        f1 = _count(build_ffn(dataclasses.replace(config.ffn, hidden_size=1), d))
-        f2 = _count(build_ffn(dataclasses.replace(config.ffn, hidden_size=2), d))
-        norms = _count(make_norm(config.norm, d, config.norm_eps))
+        f1 = counted_parameters(build_ffn(dataclasses.replace(config.ffn, hidden_size=1), d))
+        f2 = counted_parameters(build_ffn(dataclasses.replace(config.ffn, hidden_size=2), d))
+        norms = counted_parameters(make_norm(config.norm, d, config.norm_eps))
     slope, intercept = f2 - f1, f1 - (f2 - f1)
-    fixed = sum(_count(m) for m in mixers) + L * (2 * norms + intercept) + norms
-    hidden = round((config.target_params - fixed) / (L * slope))
+    fixed = sum(counted_parameters(m) for m in mixers) + L * (2 * norms + intercept) + norms
+    hidden = round((target - fixed) / (L * slope))
     if hidden < 1:
         raise ConfigError(
-            f"model.target_params={config.target_params:,} is below what the mixers alone need ({fixed:,}); "
-            "raise it or shrink d_model / n_layers"
+            f"the size budget {target:,} (model.budget_per_layer or model.target_params) is below what the "
+            f"mixers alone need ({fixed:,}); raise it or shrink d_model / n_layers"
         )
     return dataclasses.replace(config.ffn, hidden_size=hidden)
 
@@ -150,10 +170,15 @@ class LanguageModel(nn.Module):
         config.check()
         hybrid = config.hybrid_layer_set()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        mixer, hybrid_mixer = (
+            None if spec is None else make_config(spec).for_depth(config.n_layers)
+            for spec in (config.mixer, config.hybrid_mixer)
+        )
         mixers = [
-            build_mixer(config.hybrid_mixer if i in hybrid else config.mixer, config.d_model, i)
-            for i in range(config.n_layers)
+            build_mixer(hybrid_mixer if i in hybrid else mixer, config.d_model, i) for i in range(config.n_layers)
         ]
+        ffn = dataclasses.replace(config.ffn, n_layers=config.n_layers)
+        config = dataclasses.replace(config, mixer=mixer, hybrid_mixer=hybrid_mixer, ffn=ffn)
         config = dataclasses.replace(config, ffn=matched_ffn(config, mixers))
         self.config = config
         self.blocks = nn.ModuleList(Block(config, mixer, i) for i, mixer in enumerate(mixers))
@@ -244,6 +269,19 @@ class LanguageModel(nn.Module):
             params.pop(id(self.embedding.weight), None)
             params.pop(id(self.head.weight), None)
         return sum(p.numel() for p in params.values())
+
+    def size(self) -> dict[str, int]:
+        """The model's size as equal-size comparisons see it: ``counted`` (trainable block and final-norm
+        parameters, positional tables excepted; what the budget matches) and ``not_counted`` (embedding, head,
+        positional tables, frozen parameters). The two add up to every parameter."""
+        counted = counted_parameters(self.blocks) + counted_parameters(self.norm)
+        return {"counted": counted, "not_counted": self.num_parameters() - counted}
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence every mixer is defined on (None: any length)."""
+        limits = [block.mixer.max_length for block in self.blocks if block.mixer.max_length is not None]
+        return min(limits) if limits else None
 
     def state_size(self, seq_len: int) -> int:
         """Numbers in one sequence's decoding state after ``seq_len`` tokens, summed over layers (mixers and any FFN

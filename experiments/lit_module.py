@@ -43,14 +43,25 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only (not norms, biases, embeddings' 1-D friends); honour ``param._optim`` overrides."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Decay matrices only (not norms, biases, embeddings' 1-D friends); honour ``param._optim`` overrides.
+
+    ``lr_scale`` and ``lr_max`` are relative to the run's ``lr`` (see ``arch_zoo.contract.set_optim``) and become a
+    group's own peak rate; the schedule then scales every group alike."""
     grouped: dict[tuple, list[torch.nn.Parameter]] = {}
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
         settings = {"weight_decay": weight_decay if param.ndim >= 2 else 0.0}
-        settings.update(getattr(param, "_optim", {}))
+        custom = dict(getattr(param, "_optim", {}))
+        scale, cap = custom.pop("lr_scale", None), custom.pop("lr_max", None)
+        if (scale is not None or cap is not None) and lr is None:
+            raise ValueError("parameter_groups: relative learning rates (lr_scale, lr_max) need the run's lr")
+        if scale is not None:
+            settings["lr"] = lr * scale
+        if cap is not None:
+            settings["lr"] = min(settings.get("lr", lr), cap)
+        settings.update(custom)
         grouped.setdefault(tuple(sorted(settings.items())), []).append(param)
     return [{"params": params, **dict(key)} for key, params in grouped.items()]
 
@@ -88,6 +99,9 @@ class LanguageModelTask(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         inputs, targets = batch
+        limit = self.model.max_length
+        if limit is not None and inputs.shape[1] > limit:
+            return  # a split longer than a mixer is defined on (Hyena past l_max): left unevaluated, not failed
         logits, _ = self.model(inputs)
         logits, targets = logits.flatten(0, 1).float(), targets.flatten()
         nats = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
@@ -113,7 +127,7 @@ class LanguageModelTask(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        groups = parameter_groups(self.model, o.weight_decay)
+        groups = parameter_groups(self.model, o.weight_decay, o.lr)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         # a group's own "lr" is kept as its peak; the schedule scales every group alike
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -180,6 +180,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     summary = {
         "model.n_params": n_params,
         "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
+        # equal size, as every mixer is matched: counted (the budget) vs not counted (embeddings, positional tables)
+        **{f"model.n_params_{kind}": n for kind, n in model.size().items()},
         **data.summary(),
         **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
     }

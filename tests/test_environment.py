@@ -157,6 +157,6 @@ def test_the_environment_make_built_is_exactly_the_lock():
         re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
         for d in importlib.metadata.distributions(path=[site])
     }
-    installed.pop("arch-zoo")
+    installed.pop("arch-zoo", None)
     differs = {n: (v, pins.get(n)) for n, v in installed.items() if v.split("+")[0] != pins.get(n)}
     assert not differs, f"installed vs requirements.lock (run `make clean test`, or `make lock` to refresh): {differs}"

@@ -172,7 +172,7 @@ def test_ssm_init_and_optimiser_settings():
     assert torch.allclose(-ssm.log_A_real.exp(), torch.full_like(ssm.log_A_real, -0.5))
     assert torch.allclose(ssm.A_imag[0], torch.pi * torch.arange(32.0))  # S4D-Lin, d_state/2 modes
     for p in (ssm.log_dt, ssm.log_A_real, ssm.A_imag, ssm.B):
-        assert p._optim == {"lr": 1e-3, "weight_decay": 0.0}
+        assert p._optim == {"lr_max": 1e-3, "weight_decay": 0.0}  # min(1e-3, run lr), as the reference config
     for p in (ssm.C, mixer.shift_kernel, mixer.in_proj.weight, mixer.out_proj.weight):
         assert not hasattr(p, "_optim")
     no_lr = make_h3(dataclasses.replace(CONFIGS["default"], ssm_lr=None), d_model=8)

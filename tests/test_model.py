@@ -7,6 +7,7 @@ import torch
 
 from arch_zoo import ConfigError, FFNConfig, LanguageModel, ModelConfig, available_mixers, make_config, set_optim
 from arch_zoo.layers import ffn_kinds
+from arch_zoo.mixers.hyena import HyenaConfig
 from experiments.lit_module import lr_multiplier, parameter_groups
 from tests.conftest import mixer_params
 
@@ -81,6 +82,21 @@ def test_parameter_groups_honour_per_parameter_settings():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_relative_learning_rates_follow_the_run_lr():
+    model = tiny_model(small("transformer"))
+    scaled, capped = model.blocks[0].mixer.qkv.weight, model.blocks[1].mixer.qkv.weight
+    set_optim(scaled, lr_scale=2.0)
+    set_optim(capped, lr_max=1e-3)
+    for lr, cap in [(3e-3, 1e-3), (5e-4, 5e-4)]:
+        by_param = {id(p): g for g in parameter_groups(model, weight_decay=0.1, lr=lr) for p in g["params"]}
+        assert by_param[id(scaled)]["lr"] == pytest.approx(2 * lr)
+        assert by_param[id(capped)]["lr"] == pytest.approx(cap)  # min(lr_max, lr), as H3's reference config
+    with pytest.raises(ValueError, match="need the run's lr"):
+        parameter_groups(model, weight_decay=0.1)
+    with pytest.raises(ValueError, match="unknown setting"):
+        set_optim(scaled, lr_mult=2.0)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     values = [lr_multiplier(s, warmup=10, total=100, min_ratio=0.1) for s in range(101)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
@@ -103,6 +119,18 @@ def test_target_params_picks_the_ffn_width_that_matches_the_budget():
         assert abs(model.num_parameters(non_embedding=True) - target) <= 3 * 64  # one hidden unit per layer
     with pytest.raises(ConfigError, match="below what the mixers alone need"):
         LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=3, mixer="transformer", target_params=1000))
+
+
+def test_the_budget_follows_the_shape_and_positional_tables_are_not_counted():
+    for d, L in [(64, 2), (96, 3)]:
+        config = ModelConfig(vocab_size=50, d_model=d, n_layers=L, mixer=HyenaConfig(name="hyena", l_max=32))
+        model = LanguageModel(dataclasses.replace(config, budget_per_layer=12))
+        size = model.size()
+        assert abs(size["counted"] - 12 * d * d * L) <= L * 2 * d  # one hidden unit per layer
+        tables = sum(b.mixer.filter.z.numel() for b in model.blocks)
+        assert size["not_counted"] == 2 * 50 * d + tables and sum(size.values()) == model.num_parameters()
+    with pytest.raises(ConfigError, match="both set the equal-size budget"):
+        LanguageModel(ModelConfig(vocab_size=50, d_model=64, mixer="transformer", budget_per_layer=12, target_params=1))
 
 
 def test_cached_rotary_tables_match_a_fresh_computation_and_grow():

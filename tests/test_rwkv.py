@@ -215,7 +215,9 @@ def test_rwkv4_initialisation():
     torch.testing.assert_close(w @ w.T, torch.eye(C), atol=1e-5, rtol=0)
     with torch.no_grad():
         assert torch.count_nonzero(first(torch.randn(2, 5, C))[0]) == 0
-    assert all(p._optim == {"weight_decay": 0.0} for p in (first.time_decay, first.time_first))
+    # RWKV-LM v4 trains the decay at 2x and the bonus at 3x the run's learning rate, both without weight decay
+    assert first.time_decay._optim == {"weight_decay": 0.0, "lr_scale": 2.0}
+    assert first.time_first._optim == {"weight_decay": 0.0, "lr_scale": 3.0}
 
 
 def test_config_errors_name_the_fix():
@@ -223,7 +225,7 @@ def test_config_errors_name_the_fix():
         make_rwkv(RWKVConfig(mode="parallel"))
     with pytest.raises(ConfigError, match="chunk_size"):
         make_rwkv(RWKVConfig(chunk_size=0))
-    with pytest.raises(ConfigError, match="model.n_layers"):
+    with pytest.raises(ConfigError, match="init_n_layers"):
         make_rwkv(RWKVConfig(init_n_layers=0))
 
 

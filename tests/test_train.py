@@ -233,7 +233,7 @@ def test_ablation_sweep_runs_from_one_override(tmp_path, data_cache):
     assert all(r.info.status == "FINISHED" for r in trials.values())
     assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "False"
     assert trials["- γ decay"].data.params["model.mixer.decay"] == "False"
-    assert trials["reduce head dimension"].data.params["model.mixer.head_dim"] == "8"
+    assert trials["reduce head dimension"].data.params["model.mixer.head_dim_divisor"] == "4"  # relative, not a literal
 
 
 @pytest.mark.slow

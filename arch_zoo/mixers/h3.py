@@ -26,15 +26,17 @@ register plus ``(d_model / head_dim) * head_dim^2 * d_state`` for the diagonal S
 Config (defaults: the paper and its reference code):
     d_state: state size ``N`` of both SSMs (64). A complex diagonal SSM has ``N/2`` modes in conjugate pairs and
         outputs ``2 Re(C x)``, so it holds ``N`` real numbers like the real one.
-    head_dim: channels per head (1: ``k*v`` is elementwise, the paper's default). The RetNet paper's Table 5
-        ran H3 with head dim 8.
+    head_dim: channels per head (1: ``k*v`` is elementwise, the H3 paper's and reference config's default). The
+        RetNet paper's Table 5 ran H3 with head dim 8 (``sweeps/configs/arch/h3.yaml`` sets it).
     complex_ssm: S4D-Lin init ``A_n = -1/2 + i pi n`` (true, the reference config's ``diag-lin``); false: S4D-Real,
         ``A_n = -(n+1)`` with ``N`` real modes.
-    discretization: ``zoh`` (S4D's choice: ``A_bar = exp(dt A)``, ``B_bar = (A_bar - 1) / A * B``) or ``bilinear``
-        (``A_bar = (1 + dt A/2) / (1 - dt A/2)``, the default of the H3 reference code's diagonal kernel).
+    discretization: ``bilinear`` (``A_bar = (1 + dt A/2) / (1 - dt A/2)``, ``B_bar = dt B / (1 - dt A/2)``: the
+        default of the reference code's diagonal kernel, ``SSKernelDiag(disc='bilinear')``, which the H3 layer
+        never overrides) or ``zoh`` (S4D's choice: ``A_bar = exp(dt A)``, ``B_bar = (A_bar - 1) / A * B``).
     dt_min, dt_max: each head's step ``dt`` is drawn log-uniformly in ``[dt_min, dt_max]``.
-    ssm_lr: learning rate of ``dt``, ``A`` and ``B`` of the diagonal SSM, which are trained without weight decay;
-        the reference uses ``min(1e-3, base lr)``. ``None``: the base learning rate.
+    ssm_lr: cap on the learning rate of ``dt``, ``A`` and ``B`` of the diagonal SSM, which are trained without
+        weight decay: their peak rate is ``min(ssm_lr, optim.lr)``, the reference config's
+        ``lr: min(0.001, optimizer.lr)``. ``None``: the base learning rate.
 
 Differences from the reference code, neither changing the function class: the shift SSM's input vector ``B`` is
 fixed to ``e_1`` (the reference also trains it, an over-parameterisation of the same FIR); output channels are
@@ -60,7 +62,7 @@ class H3Config(MixerConfig):
     d_state: int = 64
     head_dim: int = 1
     complex_ssm: bool = True
-    discretization: str = "zoh"
+    discretization: str = "bilinear"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     ssm_lr: float | None = 1e-3
@@ -126,8 +128,8 @@ class DiagonalSSM(nn.Module):
             self.A_imag = None
             self.B = nn.Parameter(torch.ones(n_ssm, modes))
             self.C = nn.Parameter(torch.randn(n_ssm, modes))
-        # The papers train dt, A and B with their own (smaller) learning rate and no weight decay.
-        lr = {} if config.ssm_lr is None else {"lr": config.ssm_lr}
+        # The reference trains dt, A and B at min(1e-3, base lr) and without weight decay.
+        lr = {} if config.ssm_lr is None else {"lr_max": config.ssm_lr}
         for p in (self.log_dt, self.log_A_real, self.A_imag, self.B):
             if p is not None:
                 set_optim(p, weight_decay=0.0, **lr)

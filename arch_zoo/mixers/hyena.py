@@ -23,8 +23,9 @@ Sequences are limited to ``l_max`` tokens, since the positional features are def
 
 Config (defaults: the paper's language models on the Pile, as in its reference configs):
     order: depth ``N`` of the recurrence of gates and long convolutions (2).
-    l_max: the longest sequence; positions are normalised by it, so it is part of the function (2048, the RetNet
-        paper's training length).
+    l_max: the longest sequence; positions are normalised by it, so it is part of the function. The reference
+        ties it to the training length (``l_max: ${dataset.max_length}``); ``sweeps/configs/arch/hyena.yaml`` ties
+        it to ``data.block_size`` likewise. Default 2048, the RetNet paper's training length.
     filter_order: width of the filter MLP (64).
     filter_emb_dim: size of the positional features, odd: ``t`` plus ``(emb_dim-1)/2`` cosine and sine bands (33).
     filter_inner_layers: hidden ``filter_order x filter_order`` layers of the MLP (2).
@@ -37,11 +38,16 @@ Config (defaults: the paper's language models on the Pile, as in its reference c
     filter_lr: learning rate of the filter MLP and sine frequencies, trained without weight decay. ``None``: the
         base learning rate (the Pile configs); the reference's synthetic-task configs use 1e-3.
     pos_emb_lr: learning rate of the positional features, trained without weight decay; ``None``: the base
-        learning rate (the Pile configs); 0: frozen.
+        learning rate (the Pile configs); 0: frozen. Either way they are a positional table ``[l_max, emb_dim]``
+        whose size follows the length, not the width, so equal-size comparisons do not count them.
+    init_n_layers: the model's depth (the model fills it in): the output projection starts at
+        ``N(0, 0.02 / sqrt(2 n_layers))``, the reference language model's GPT-2 rescaling of ``out_proj``; unset
+        (a layer built on its own): ``N(0, 0.02)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
+from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, exclude_from_size, set_optim
 from arch_zoo.convolutions import ShortCausalConv, causal_conv_tail, fft_causal_conv
 from arch_zoo.registry import register_mixer
 
@@ -69,6 +75,10 @@ class HyenaConfig(MixerConfig):
     decay_target: float = 1e-2
     filter_lr: float | None = None
     pos_emb_lr: float | None = None
+    init_n_layers: int | None = None
+
+    def for_depth(self, n_layers: int) -> HyenaConfig:
+        return self if self.init_n_layers is not None else dataclasses.replace(self, init_n_layers=n_layers)
 
     def check(self, d_model: int) -> None:
         if self.order < 2:
@@ -81,6 +91,8 @@ class HyenaConfig(MixerConfig):
         for name in ("l_max", "filter_order", "short_filter_order"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"hyena: {name} must be >= 1; set model.mixer.{name}")
+        if self.init_n_layers is not None and self.init_n_layers < 1:
+            raise ConfigError("hyena: init_n_layers must be >= 1 (or null)")
         if self.filter_inner_layers < 0:
             raise ConfigError("hyena: filter_inner_layers must be >= 0")
         if not (0 < self.fast_decay_pct and 0 < self.slow_decay_pct and 0 < self.decay_target < 1):
@@ -113,7 +125,7 @@ class ImplicitFilter(nn.Module):
             self.register_buffer("z", z)
         else:
             lr = {} if config.pos_emb_lr is None else {"lr": config.pos_emb_lr}
-            self.z = set_optim(nn.Parameter(z), weight_decay=0.0, **lr)
+            self.z = exclude_from_size(set_optim(nn.Parameter(z), weight_decay=0.0, **lr))
         self.register_buffer("t", t)
         sine = Sine(config.filter_order, config.sine_freq)  # one module, so one frequency vector, for all layers
         layers: list[nn.Module] = [nn.Linear(config.filter_emb_dim, config.filter_order), sine]
@@ -167,6 +179,8 @@ class Hyena(TokenMixer):
                 nn.init.normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if config.init_n_layers is not None:  # the reference's residual rescaling, by its name "out_proj.weight"
+            nn.init.normal_(self.out_proj.weight, std=0.02 / math.sqrt(2 * config.init_n_layers))
 
     def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
         B, T, D = x.shape
@@ -191,6 +205,10 @@ class Hyena(TokenMixer):
                 v = causal_conv_tail(history[-1], h[n], T, bias[n])
         y = self.out_proj((gates[0] * v).transpose(1, 2))
         return y, ({"short": short_history, "long": history} if return_state else None)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.l_max
 
     def state_size(self, seq_len: int) -> int:
         c = self.config

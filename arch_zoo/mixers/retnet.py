@@ -87,6 +87,9 @@ class RetNetConfig(MixerConfig):
     n_heads: int = 4  # the paper's 200M model: d_model 1024 / 4 heads = key head dim 256
     head_dim: int | None = None  # key dim per head; set, it wins over n_heads (n_heads = d_model / head_dim)
     value_factor: float = 2.0  # value head dim = value_factor * head_dim
+    # key head dim = (head_dim, or d_model / n_heads) / head_dim_divisor, d_model unchanged: the paper's "reduce head
+    # dimension" row is 4 (256 -> 64 at its width), relative to whatever head dim the ablated model has
+    head_dim_divisor: int = 1
     swish_gate: bool = True
     gate_realloc: str = "value"  # gate off: "value" widens the values so the size stays equal; "none" drops it
     group_norm: bool = True
@@ -128,6 +131,11 @@ class RetNetConfig(MixerConfig):
                 f"retnet: d_model={d_model} is not divisible by head_dim={self.head_dim}; "
                 f"set model.mixer.head_dim to a divisor of {d_model}"
             )
+        base = self.head_dim if self.head_dim is not None else d_model // self.n_heads
+        if self.head_dim_divisor < 1 or base % self.head_dim_divisor:
+            raise ConfigError(
+                f"retnet: head_dim_divisor={self.head_dim_divisor} must be a positive divisor of the head dim {base}"
+            )
         head_dim = self.key_head_dim(d_model)
         if self.xpos and head_dim % 2:
             raise ConfigError(f"retnet: xpos rotates pairs of channels, so head_dim={head_dim} must be even")
@@ -147,7 +155,8 @@ class RetNetConfig(MixerConfig):
             raise ConfigError("retnet: a trained decay starts from gamma < 1; lower single_scale_gamma")
 
     def key_head_dim(self, d_model: int) -> int:
-        return self.head_dim if self.head_dim is not None else d_model // self.n_heads
+        base = self.head_dim if self.head_dim is not None else d_model // self.n_heads
+        return base // self.head_dim_divisor
 
     def value_head_dim(self, d_model: int) -> int:
         """Value dim per head; without the gate, ``gate_realloc="value"`` gives its weights to wider values."""

@@ -36,8 +36,9 @@ chunkwise.
 Initialisation (RWKV-4's, it depends on the layer ``l`` of ``n`` through ``r0 = l / (n - 1)`` and
 ``r1 = 1 - l / n``): ``time_decay_c = -5 + 8 (c / (C-1))^(0.7 + 1.3 r0)``, ``time_first_c = log 0.3 + 0.5 zigzag``,
 ``mu_k = (c/C)^r1``, ``mu_v = (c/C)^r1 + 0.3 r0``, ``mu_r = (c/C)^(0.5 r1)``; ``W_k``, ``W_r`` and ``W_o`` zero,
-``W_v`` orthogonal. The mixer is told its layer but not the depth, so the depth is the config field
-``init_n_layers``. ``time_decay``, ``time_first`` and the ``mu`` are trained without weight decay, as in RWKV-LM.
+``W_v`` orthogonal. The depth ``n`` is the config field ``init_n_layers``, which the model fills in with its own
+depth. ``time_decay``, ``time_first`` and the ``mu`` are trained without weight decay, and ``time_decay`` and
+``time_first`` at 2x and 3x the run's learning rate, as RWKV-LM's v4 trainer does (``layerwise_lr``).
 
 Config (defaults: RWKV-4):
     mode: ``chunkwise`` (the training form; with ``chunk_size >= T`` it is the fully parallel masked form) or
@@ -45,19 +46,23 @@ Config (defaults: RWKV-4):
         recurrently.
     chunk_size: tokens per chunk of the chunkwise form (32): larger chunks mean fewer sequential steps but
         ``O(T L C)`` multiply-adds; 16-64 is fastest on a CPU.
-    init_n_layers: the depth over which the layer-dependent initialisation is spread (RWKV's ``n_layer``); set it
-        to the model's depth. Layers past it start like the last one. Default 16, the depth of the RetNet paper's
-        comparison models.
+    init_n_layers: the depth over which the layer-dependent initialisation is spread (RWKV's ``n_layer``). Unset,
+        a model fills in its own depth; a layer built on its own uses 16, the depth of the RetNet paper's
+        comparison models. Layers past it start like the last one.
+    decay_lr_scale, first_lr_scale: learning-rate multipliers of ``time_decay`` (2) and ``time_first`` (3), RWKV-LM
+        v4's ``my_lr_scale`` groups.
     zero_init: start ``W_k``, ``W_r``, ``W_o`` at zero as RWKV-4 does (the layer adds nothing at first); false
         draws them orthogonal like ``W_v``, which tests of a random layer need.
 
 The channel mix (``model.ffn.kind=rwkv_channel``): ``k = W_k(mix_k(x_t, x_{t-1}))``,
 ``out = sigmoid(W_r mix_r(x_t, x_{t-1})) * W_v relu(k)^2``. Its hidden width is ``model.ffn.mult * d_model``
-(RWKV-4 uses ``mult=4``). Its state is the last token's ``x``: ``d_model`` numbers.
+(RWKV-4 uses ``mult=4``). Its init spreads over the model's depth (``model.ffn.n_layers``, which the model sets).
+Its state is the last token's ``x``: ``d_model`` numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -265,16 +270,27 @@ class RWKVConfig(MixerConfig):
 
     mode: str = "chunkwise"  # chunkwise | recurrent
     chunk_size: int = 32
-    init_n_layers: int = INIT_N_LAYERS  # depth that RWKV-4's layer-dependent init is spread over
+    init_n_layers: int | None = None  # depth that RWKV-4's layer-dependent init is spread over (None: the model's)
     zero_init: bool = True  # W_k, W_r, W_o start at zero (RWKV-4)
+    decay_lr_scale: float = 2.0  # RWKV-LM v4: time_decay trains at 2x the learning rate
+    first_lr_scale: float = 3.0  # RWKV-LM v4: time_first trains at 3x the learning rate
+
+    def for_depth(self, n_layers: int) -> RWKVConfig:
+        return self if self.init_n_layers is not None else dataclasses.replace(self, init_n_layers=n_layers)
+
+    def depth(self) -> int:
+        """The depth the init spreads over: the field, or 16 for a layer built outside a model."""
+        return self.init_n_layers if self.init_n_layers is not None else INIT_N_LAYERS
 
     def check(self, d_model: int) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"rwkv: mode={self.mode!r} is not one of {', '.join(MODES)}")
         if self.chunk_size < 1:
             raise ConfigError(f"rwkv: chunk_size={self.chunk_size} must be at least 1")
-        if self.init_n_layers < 1:
-            raise ConfigError(f"rwkv: init_n_layers={self.init_n_layers} must be at least 1; set it to model.n_layers")
+        if self.init_n_layers is not None and self.init_n_layers < 1:
+            raise ConfigError(
+                f"rwkv: init_n_layers={self.init_n_layers} must be at least 1 (or null: the model's depth)"
+            )
         if d_model < 2:
             raise ConfigError(f"rwkv: d_model={d_model} must be at least 2 (the decay init spans the channels)")
 
@@ -290,8 +306,12 @@ class RWKV(TokenMixer):
 
     def __init__(self, d_model: int, config: RWKVConfig, layer_idx: int = 0) -> None:
         super().__init__(d_model, config, layer_idx)
-        self.time_decay = set_optim(nn.Parameter(torch.empty(d_model)), weight_decay=0.0)
-        self.time_first = set_optim(nn.Parameter(torch.empty(d_model)), weight_decay=0.0)
+        self.time_decay = set_optim(
+            nn.Parameter(torch.empty(d_model)), weight_decay=0.0, lr_scale=config.decay_lr_scale
+        )
+        self.time_first = set_optim(
+            nn.Parameter(torch.empty(d_model)), weight_decay=0.0, lr_scale=config.first_lr_scale
+        )
         self.time_mix_k = set_optim(nn.Parameter(torch.empty(d_model)), weight_decay=0.0)
         self.time_mix_v = set_optim(nn.Parameter(torch.empty(d_model)), weight_decay=0.0)
         self.time_mix_r = set_optim(nn.Parameter(torch.empty(d_model)), weight_decay=0.0)
@@ -304,7 +324,7 @@ class RWKV(TokenMixer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         C = self.d_model
-        r0, r1 = _depth_ratios(self.layer_idx, self.config.init_n_layers)
+        r0, r1 = _depth_ratios(self.layer_idx, self.config.depth())
         c = torch.arange(C, dtype=torch.float64)
         self.time_decay.copy_(-5 + 8 * (c / (C - 1)) ** (0.7 + 1.3 * r0))  # slow .. fast decays across channels
         zigzag = ((c + 1) % 3 - 1) * 0.5
@@ -346,8 +366,9 @@ class RWKV(TokenMixer):
 class RWKVChannelMix(nn.Module):
     """RWKV's channel mixing: a squared-ReLU FFN on token-shifted inputs, gated by a sigmoid receptance."""
 
-    def __init__(self, d_model: int, config: FFNConfig, layer_idx: int = 0, init_n_layers: int = INIT_N_LAYERS):
+    def __init__(self, d_model: int, config: FFNConfig, layer_idx: int = 0):
         super().__init__()
+        init_n_layers = config.n_layers if config.n_layers is not None else INIT_N_LAYERS
         hidden = config.hidden(d_model)
         self.d_model = d_model
         self.time_mix_k = set_optim(nn.Parameter(torch.empty(d_model)), weight_decay=0.0)
