@@ -243,8 +243,9 @@ def test_failed_trials_are_told_fail_and_pruned_trials_pruned(tmp_path, data_cac
 
 @pytest.mark.slow
 def test_parallel_trials_share_the_mlflow_store_and_lose_nothing(tmp_path, data_cache, sequential):
-    # trials long enough to overlap although the two workers start a little apart
-    longer = ["trainer.max_steps=30", "trainer.val_check_interval=10"]
+    # trials long enough to overlap although the two workers start apart: 30 steps took 0.6 s on an idle 2-core
+    # machine, and the second worker started 0.3 s after the first trial had ended
+    longer = ["trainer.max_steps=200", "trainer.val_check_interval=100"]
     proc = search(tmp_path, data_cache, "hydra/launcher=local_parallel", "hydra.sweeper.n_trials=2", *longer)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is launching 2 jobs" in proc.stderr + proc.stdout  # one batch of two, in two worker processes
@@ -260,8 +261,8 @@ def test_parallel_trials_share_the_mlflow_store_and_lose_nothing(tmp_path, data_
     for run in parallel:
         assert len(run.data.params) == len(reference.data.params)
         assert set(run.data.metrics) == set(reference.data.metrics)
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(30))
-        assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 4  # 3 during training, 1 final
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(200))
+        assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 3  # 2 during training, 1 final
         assert {a.path for a in client.list_artifacts(run.info.run_id, "hydra")} == reference_artifacts
 
 
