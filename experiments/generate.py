@@ -1,7 +1,7 @@
 """``zoo-generate``: text from a trained run, streamed as it is decoded through the mixers' states.
 
-    zoo-generate checkpoint=outputs/2026-12-06/10-00-00 prompt='def main(' max_new_tokens=200
-    zoo-generate run_id=<MLflow run id> prompt='import os' temperature=0.8 top_p=0.95 seed=1
+    zoo-generate checkpoint=outputs/2026-12-06/10-00-00 'prompt="def main("' max_new_tokens=200
+    zoo-generate run_id=<MLflow run id> 'prompt="import os"' temperature=0.8 top_p=0.95 seed=1
 
 The model, its tokeniser and its data are rebuilt from the run's saved config (``experiments.trained_run``); the
 prompt is run as one call and every further token is one step from the mixers' states (O(1) per token for RetNet).
@@ -44,7 +44,7 @@ class GenerateConfig:
         if (self.checkpoint is None) == (self.run_id is None):
             raise ConfigError("say which run to decode from: checkpoint=PATH or run_id=ID (one of them)")
         if not self.prompt:
-            raise ConfigError("prompt= is empty; give the text to continue, e.g. prompt='def main('")
+            raise ConfigError("prompt= is empty; give the text to continue, e.g. 'prompt=\"def main(\"'")
         if self.max_new_tokens < 1 or self.temperature < 0:
             raise ConfigError("max_new_tokens must be >= 1 and temperature >= 0 (0: greedy)")
         if self.top_k is not None and self.top_k < 1:
