@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from arch_zoo.contract import ConfigError
 from arch_zoo.export import load_pretrained, read_meta, save_pretrained
 from experiments.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
-from experiments.trained_run import build_data_module, checkpoint_of_run, find_config, load_model
+from experiments.trained_run import load_text_model, resolve_checkpoint
 
 TOKENIZER_FILE = "tokenizer.json"
 # what predict(..., params=) takes, with its defaults: greedy, 64 tokens; top_k 0 and top_p 1 mean no limit
@@ -36,12 +36,7 @@ PREDICT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p":
 
 def export_run(checkpoint: Path, out: Path) -> Path:
     """Write the run's model (float32) and tokeniser to ``out``."""
-    cfg = OmegaConf.load(find_config(checkpoint))
-    data = build_data_module(cfg)
-    tokenizer = getattr(data, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError(f"the run's data ({type(data).__name__}) has no text tokeniser to export with the model")
-    model, step = load_model(cfg, checkpoint, data.vocab_size, torch.device("cpu"))
+    model, tokenizer, _, step = load_text_model(checkpoint, torch.device("cpu"))
     extra = {"tokenizer": tokenizer.identity, "step": step, "checkpoint": str(checkpoint)}
     save_pretrained(model, out, extra)
     if isinstance(tokenizer, BPETokenizer):
@@ -116,15 +111,9 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 def run(cfg: ExportConfig) -> tuple[Path, str | None]:
-    if (cfg.checkpoint is None) == (cfg.run_id is None):
-        raise ConfigError("say which run to export: checkpoint=PATH or run_id=ID (one of them)")
     if cfg.log_model and cfg.run_id is None:
         raise ConfigError("log_model=true logs to an MLflow run: give run_id=ID")
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else checkpoint_of_run(cfg.run_id, cfg.tracking_uri)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
-        raise ConfigError(f"no checkpoint at {checkpoint}")
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.run_id, cfg.tracking_uri)
     out = Path(cfg.out) if cfg.out else checkpoint.resolve().parent.parent / "exported"
     export_run(checkpoint, out)
     uri = log_model(cfg.run_id, out, cfg.tracking_uri) if cfg.log_model else None

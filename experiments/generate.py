@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 import torch
@@ -22,7 +21,7 @@ from omegaconf import OmegaConf
 
 from arch_zoo.contract import ConfigError
 from experiments.bench import resolve_device
-from experiments.trained_run import build_data_module, checkpoint_of_run, find_config, load_model
+from experiments.trained_run import load_text_model, resolve_checkpoint
 
 
 @dataclass
@@ -41,8 +40,6 @@ class GenerateConfig:
     device: str = "auto"  # auto (cuda if there is one), cuda, cpu
 
     def check(self) -> None:
-        if (self.checkpoint is None) == (self.run_id is None):
-            raise ConfigError("say which run to decode from: checkpoint=PATH or run_id=ID (one of them)")
         if not self.prompt:
             raise ConfigError("prompt= is empty; give the text to continue, e.g. 'prompt=\"def main(\"'")
         if self.max_new_tokens < 1 or self.temperature < 0:
@@ -77,18 +74,9 @@ def run(cfg: GenerateConfig, out=sys.stdout) -> dict[str, float]:
     """Decode and stream; returns the measured speed."""
     cfg.check()
     device = resolve_device(cfg.device)
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else checkpoint_of_run(cfg.run_id, cfg.tracking_uri)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
-        raise ConfigError(f"no checkpoint at {checkpoint}")
-    run_cfg = OmegaConf.load(find_config(checkpoint))
-    data = build_data_module(run_cfg)
-    tokenizer = getattr(data, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError(f"the run's data ({type(data).__name__}) has no text tokeniser: nothing to decode into text")
-    model, _ = load_model(run_cfg, checkpoint, data.vocab_size, device)
-    prompt = torch.tensor([encode_prompt(tokenizer, cfg.prompt, data.vocab_size)], device=device)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, cfg.run_id, cfg.tracking_uri)
+    model, tokenizer, vocab_size, _ = load_text_model(checkpoint, device)
+    prompt = torch.tensor([encode_prompt(tokenizer, cfg.prompt, vocab_size)], device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out.write(cfg.prompt)
     ids: list[int] = []

@@ -80,3 +80,26 @@ def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch
             weights[key.removeprefix("model.").removeprefix("_orig_mod.")] = value
     model.load_state_dict(weights)
     return model.to(device=device, dtype=torch.float32).eval(), int(saved.get("global_step", -1))
+
+
+def resolve_checkpoint(checkpoint: str | None, run_id: str | None, tracking_uri: str | None = None) -> Path:
+    """The ``last.ckpt`` that ``checkpoint`` (the file or its run directory) or ``run_id`` names (exactly one)."""
+    if (checkpoint is None) == (run_id is None):
+        raise ConfigError("say which run: checkpoint=PATH or run_id=ID (one of them)")
+    path = Path(checkpoint) if checkpoint else checkpoint_of_run(run_id, tracking_uri)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}")
+    return path
+
+
+def load_text_model(checkpoint: Path, device: torch.device) -> tuple[LanguageModel, Any, int, int]:
+    """``(model, tokenizer, vocab_size, step)`` of a run trained on text, its tokeniser built as in training."""
+    cfg = OmegaConf.load(find_config(checkpoint))
+    data = build_data_module(cfg)
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(f"the run's data ({type(data).__name__}) has no text tokeniser")
+    model, step = load_model(cfg, checkpoint, data.vocab_size, device)
+    return model, tokenizer, data.vocab_size, step
