@@ -28,9 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be built; the message says how to fix it."""
+from arch_zoo.errors import ConfigError as ConfigError  # re-exported: a mixer's check() raises it
 
 
 @dataclass

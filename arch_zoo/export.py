@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from arch_zoo.layers import FFNConfig
 from arch_zoo.model import LanguageModel, ModelConfig
 

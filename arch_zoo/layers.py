@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from arch_zoo.kernels.core import at_least_float32  # noqa: F401 - shared by the mixers; defined beside the core
 
 

@@ -31,6 +31,7 @@ class MixerSpec:
     mixer_class: type[TokenMixer]
     config_class: type[MixerConfig]
     source: str  # "builtin" or the plugin's distribution / entry point
+    alias_of: str | None = None  # an older name kept working (configs, sweeps, the labels of recorded runs)
 
 
 _MIXERS: dict[str, MixerSpec] = {}
@@ -45,20 +46,24 @@ class UnknownMixerError(ConfigError, KeyError):
         return str(self.args[0])
 
 
-def register_mixer(name: str, config_class: type[MixerConfig] | None = None) -> Callable[[type], type]:
+def register_mixer(
+    name: str, config_class: type[MixerConfig] | None = None, aliases: tuple[str, ...] = ()
+) -> Callable[[type], type]:
     """Class decorator: bind ``name`` to a :class:`TokenMixer` subclass and its config dataclass.
 
-    The config class defaults to the mixer's ``config_class`` attribute.
+    The config class defaults to the mixer's ``config_class`` attribute. ``aliases`` are former names that keep
+    selecting the same mixer; a config made under one keeps that name, so a run is recorded as it was asked for.
     """
 
     def decorate(mixer_class: type[TokenMixer]) -> type[TokenMixer]:
         cfg = config_class or getattr(mixer_class, "config_class", None)
         if cfg is None or not (dataclasses.is_dataclass(cfg) and issubclass(cfg, MixerConfig)):
             raise TypeError(f"mixer {name!r}: config class must be a dataclass subclassing MixerConfig")
-        if name in _MIXERS and _MIXERS[name].mixer_class is not mixer_class:
-            raise ValueError(f"mixer name {name!r} is already registered by {_MIXERS[name].mixer_class}")
         mixer_class.config_class = cfg
-        _MIXERS[name] = MixerSpec(name, mixer_class, cfg, _loading_source)
+        for key in (name, *aliases):
+            if key in _MIXERS and _MIXERS[key].mixer_class is not mixer_class:
+                raise ValueError(f"mixer name {key!r} is already registered by {_MIXERS[key].mixer_class}")
+            _MIXERS[key] = MixerSpec(key, mixer_class, cfg, _loading_source, None if key == name else name)
         return mixer_class
 
     return decorate
@@ -95,7 +100,7 @@ def load_plugins(force: bool = False) -> None:
 
 
 def available_mixers() -> dict[str, MixerSpec]:
-    """Every registered mixer, plugins included, sorted by name."""
+    """Every registered name, plugins and aliases included (``spec.alias_of`` tells an alias), sorted by name."""
     _load_builtins()
     load_plugins()
     return dict(sorted(_MIXERS.items()))

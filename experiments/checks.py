@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from experiments.lit_module import OptimConfig
 from experiments.store import mask_secrets
 

@@ -17,6 +17,9 @@ def list_mixers() -> None:
     for column in ("name", "source", "state @T=2048, d=64", "config fields (defaults)"):
         table.add_column(column, overflow="fold")
     for name, spec in available_mixers().items():
+        if spec.alias_of is not None:
+            table.add_row(name, f"alias of {spec.alias_of}", "", "")
+            continue
         small = dataclasses.replace(spec.config_class.small(), name=name)
         try:
             state = f"{build_mixer(small, 64).state_size(2048):,}"

@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from mlflow.models import infer_signature
 from omegaconf import OmegaConf
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from arch_zoo.export import load_pretrained, read_meta, save_pretrained
 from experiments.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 from experiments.trained_run import load_text_model, resolve_checkpoint

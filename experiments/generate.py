@@ -19,7 +19,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from experiments.bench import resolve_device
 from experiments.trained_run import load_text_model, resolve_checkpoint
 

@@ -15,7 +15,7 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from experiments.checkpoints import previous_of, usable_checkpoint
 from experiments.store import mask_secrets, open_experiment
 

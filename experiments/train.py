@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import FFNConfig, ModelConfig, make_config
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments import interrupts
 from experiments.callbacks import InjectFailure, Throughput

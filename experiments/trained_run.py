@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import LanguageModel
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 
 CONFIG_NAMES = ("config_resolved.yaml", ".hydra/config.yaml")  # beside checkpoints/, in order of preference
 

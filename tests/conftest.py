@@ -30,11 +30,14 @@ def data_cache(tmp_path_factory) -> Path:
 
 
 def mixer_params() -> list:
-    """Every registered mixer as a pytest param; those that cannot build on this machine are skipped with why."""
+    """Every registered mixer as a pytest param (once: not again under an alias); those that cannot build on this
+    machine are skipped with why."""
     from arch_zoo import available_mixers
 
     params = []
     for name, spec in available_mixers().items():
+        if spec.alias_of is not None:
+            continue
         reason = spec.mixer_class.unavailable()
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))

@@ -64,3 +64,17 @@ def test_bad_settings_name_the_fix():
         make(kv_attention="flash")
     with pytest.raises(ConfigError, match="not divisible by n_heads=5"):
         build_mixer(AttentionConfig(name="transformer", n_heads=5), 64)
+
+
+def test_registered_as_attention_and_still_selected_as_transformer():
+    """The registry name matches the file and class; "transformer", the name older configs and recorded runs use,
+    selects the same mixer and keeps its name in the config (so a run is labelled as it was asked for)."""
+    from arch_zoo import available_mixers, get_mixer, make_config
+    from arch_zoo.mixers.attention import Attention
+
+    assert get_mixer("attention").mixer_class is Attention and get_mixer("attention").alias_of is None
+    assert get_mixer("transformer").mixer_class is Attention and get_mixer("transformer").alias_of == "attention"
+    assert make_config("transformer").name == "transformer"
+    assert make_config(AttentionConfig()).name == "attention"
+    assert isinstance(build_mixer("transformer", 64), Attention)
+    assert {"attention", "transformer"} <= set(available_mixers())

@@ -36,20 +36,20 @@ class AttentionConfig(MixerConfig):
     kv_attention: str = "sdpa"
 
     def check(self, d_model: int) -> None:
+        who = self.name or "attention"  # the name it was selected by ("transformer" in older configs)
         if self.n_heads <= 0 or d_model % self.n_heads:
             raise ConfigError(
-                f"transformer: d_model={d_model} is not divisible by n_heads={self.n_heads}; "
+                f"{who}: d_model={d_model} is not divisible by n_heads={self.n_heads}; "
                 f"set model.mixer.n_heads to a divisor of {d_model}"
             )
         if self.rotary and (d_model // self.n_heads) % 2:
-            raise ConfigError("transformer: rotary positions need an even head dim; change n_heads or rotary=false")
+            raise ConfigError(f"{who}: rotary positions need an even head dim; change n_heads or rotary=false")
         if self.kv_attention not in KV_ATTENTIONS:
-            raise ConfigError(
-                f"transformer: kv_attention={self.kv_attention!r} is not one of {', '.join(KV_ATTENTIONS)}"
-            )
+            raise ConfigError(f"{who}: kv_attention={self.kv_attention!r} is not one of {', '.join(KV_ATTENTIONS)}")
 
 
-@register_mixer("transformer")
+# registered under its own name; "transformer", its first name, still selects it (configs, recorded runs)
+@register_mixer("attention", aliases=("transformer",))
 class Attention(TokenMixer):
     config_class = AttentionConfig
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from arch_zoo.layers import FFNConfig
 from arch_zoo.model import LanguageModel, ModelConfig
 from arch_zoo.registry import get_mixer, make_config

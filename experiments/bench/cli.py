@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from arch_zoo.model import COMPILE_SCOPES
 from experiments.bench import device_label, parse_models, resolve_device, resolve_dtype
 from experiments.bench.decode import DecodeSettings, run_decode

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 
 
 @dataclass

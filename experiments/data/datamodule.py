@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from experiments.data import verified_cache
 from experiments.data.base import CachedDataModule
 from experiments.data.corpus import CorpusConfig, check_corpus, load_corpus

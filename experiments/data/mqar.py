@@ -29,7 +29,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 from experiments.data.base import CachedDataModule
 
 IGNORE = -100  # target of every position that is not an answer

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from arch_zoo.contract import ConfigError
+from arch_zoo.errors import ConfigError
 
 
 class Tokenizer(Protocol):
