@@ -1,6 +1,6 @@
 """``zoo-table``: an MLflow experiment -> table.md / table.tex / table.csv and PNG plots, logged back to MLflow.
 
-    zoo-table --experiment retnet_ablation                 # Table 6 side by side (guessed from the sweep's name)
+    zoo-table --experiment retnet_ablation                 # Table 6 side by side (the runs' paper_table tag)
     zoo-table --experiment table5 --metric val/ppl --metric ood/pydoc/ppl --tracking-uri sqlite:///mlflow.db
     zoo-table --experiment mqar --state-size-length 64     # accuracy against the state after 64 tokens, not 128
 
@@ -30,8 +30,6 @@ from analysis.runs import (
 )
 from analysis.table import ResultTable, build_table
 
-# Which paper table a sweep reproduces, so that ``zoo-table --experiment retnet_ablation`` needs no --paper.
-PAPER_OF_SWEEP = {"table5": "table5", "retnet_ablation": "table6"}
 CURVE_METRICS = ("val/loss", "train/loss")
 
 
@@ -51,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--paper",
         choices=["auto", *sorted(TABLES), "none"],
         default="auto",
-        help="the paper's table to print beside ours (auto: from the sweep's name)",
+        help="the paper's table to print beside ours (auto: from the runs' paper_table tag, which sweeps log)",
     )
     parser.add_argument(
         "--state-size-length",
@@ -64,12 +62,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def guess_paper(experiment: str, runs: pd.DataFrame) -> PaperTable | None:
-    sweeps = set(runs["tags.sweep"].dropna()) if "tags.sweep" in runs else set()
-    for name in [experiment, *sorted(sweeps)]:
-        if name in PAPER_OF_SWEEP:
-            return get_table(PAPER_OF_SWEEP[name])
-    return None
+def guess_paper(runs: pd.DataFrame) -> PaperTable | None:
+    """The paper table the runs say they reproduce: the tag ``paper_table`` a sweep's YAML sets and zoo-train logs
+    (the most common one, should runs disagree). Runs without it (recorded before the tag, or loose runs) get no
+    paper columns unless ``--paper`` names a table."""
+    if "tags.paper_table" not in runs:
+        return None
+    named = runs["tags.paper_table"].dropna()
+    named = named[named.astype(str).str.len() > 0]
+    return get_table(named.value_counts().index[0]) if len(named) else None
 
 
 def write_plots(
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"counted; each is counted once (the newest finished run). Left out: {' '.join(duplicates['run_id'])}",
                 file=sys.stderr,
             )
-        paper = guess_paper(args.experiment, frame) if args.paper == "auto" else get_table(args.paper)
+        paper = guess_paper(frame) if args.paper == "auto" else get_table(args.paper)
         table = build_table(frame, args.metric, args.reference, paper, args.experiment)
         lengths = state_size_lengths(frame)
         if args.state_size_length is not None and args.state_size_length not in lengths:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_zoo.contract import ConfigError, counts_towards_size
+from arch_zoo.contract import MixerConfig, counts_towards_size
+from arch_zoo.errors import ConfigError
 from arch_zoo.layers import FFNConfig, build_ffn, make_norm
-from arch_zoo.registry import build_mixer, make_config
+from arch_zoo.registry import make_config, mixer_class
 
 
 @dataclass
@@ -60,8 +61,9 @@ class ModelConfig:
             layers |= set(range(self.hybrid_every - 1, self.n_layers, self.hybrid_every))
         return layers
 
-    def check(self) -> None:
-        """Fail early, with the fix in the message, before any weight is allocated."""
+    def check(self) -> tuple[MixerConfig, MixerConfig | None]:
+        """Fail early, with the fix in the message, before any weight is allocated. Returns the mixer configs as the
+        layers get them (typed, placed at this depth), each checked once: the model builds its layers from these."""
         if self.vocab_size is None:
             raise ConfigError("model.vocab_size is not set; set it, or let the training entry point take the data's")
         if self.d_model <= 0 or self.n_layers <= 0 or self.vocab_size <= 0:
@@ -71,16 +73,18 @@ class ModelConfig:
                 "model.budget_per_layer and model.target_params both set the equal-size budget; set one "
                 "(e.g. model.target_params=null)"
             )
-        mixer = make_config(self.mixer)
+        mixer = make_config(self.mixer).for_depth(self.n_layers)
         mixer.check(self.d_model)
+        hybrid_mixer = None if self.hybrid_mixer is None else make_config(self.hybrid_mixer).for_depth(self.n_layers)
         hybrid = self.hybrid_layer_set()
         if hybrid:
-            if self.hybrid_mixer is None:
+            if hybrid_mixer is None:
                 raise ConfigError("model.hybrid_layers/hybrid_every is set but model.hybrid_mixer is not")
             bad = sorted(i for i in hybrid if not 0 <= i < self.n_layers)
             if bad:
                 raise ConfigError(f"model.hybrid_layers {bad} are outside 0..{self.n_layers - 1}")
-            make_config(self.hybrid_mixer).check(self.d_model)
+            hybrid_mixer.check(self.d_model)
+        return mixer, hybrid_mixer
 
 
 def counted_parameters(module: nn.Module | None) -> int:
@@ -167,16 +171,11 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        config.check()
+        mixer, hybrid_mixer = config.check()  # typed once; each layer's constructor checks its own config
         hybrid = config.hybrid_layer_set()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        mixer, hybrid_mixer = (
-            None if spec is None else make_config(spec).for_depth(config.n_layers)
-            for spec in (config.mixer, config.hybrid_mixer)
-        )
-        mixers = [
-            build_mixer(hybrid_mixer if i in hybrid else mixer, config.d_model, i) for i in range(config.n_layers)
-        ]
+        layer_configs = [hybrid_mixer if i in hybrid else mixer for i in range(config.n_layers)]
+        mixers = [mixer_class(c.name)(config.d_model, c, i) for i, c in enumerate(layer_configs)]
         ffn = dataclasses.replace(config.ffn, n_layers=config.n_layers)
         config = dataclasses.replace(config, mixer=mixer, hybrid_mixer=hybrid_mixer, ffn=ffn)
         config = dataclasses.replace(config, ffn=matched_ffn(config, mixers))

@@ -160,6 +160,12 @@ def make_config(spec: MixerConfig | Mapping[str, Any] | str) -> MixerConfig:
     return entry.config_class(**values)
 
 
+def mixer_class(name: str) -> type[TokenMixer]:
+    """The class registered under ``name`` (an alias included)."""
+    return get_mixer(name).mixer_class
+
+
 def build_mixer(spec: MixerConfig | Mapping[str, Any] | str, d_model: int, layer_idx: int = 0) -> TokenMixer:
+    """One mixer from a name, a dict or a config (its constructor checks the config)."""
     config = make_config(spec)
-    return get_mixer(config.name).mixer_class(d_model, config, layer_idx)
+    return mixer_class(config.name)(d_model, config, layer_idx)

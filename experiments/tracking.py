@@ -229,12 +229,15 @@ def mark_sweep_interrupted(cfg: DictConfig, reason: str) -> None:
 
 
 def sweep_tags(cfg: DictConfig) -> dict[str, str]:
-    """Tags that group a sweep's trials: its name, the row label it gives this trial, and its parent run."""
+    """Tags that group a sweep's trials: its name, the paper table it reproduces, the row label it gives this trial,
+    and its parent run."""
     from hydra.core.hydra_config import HydraConfig
 
     tags = {}
     if cfg.get("sweep_name"):
         tags["sweep"] = str(cfg.sweep_name)
+    if cfg.get("paper_table"):
+        tags["paper_table"] = str(cfg.paper_table)
     if cfg.get("variant"):
         detail = cfg.get("variant_detail")
         tags["variant"] = f"{cfg.variant} {detail}" if detail else str(cfg.variant)

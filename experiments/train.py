@@ -11,26 +11,30 @@ import logging
 import shlex
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from arch_zoo import FFNConfig, ModelConfig, make_config
+from arch_zoo import ModelConfig
 from arch_zoo.errors import ConfigError
 from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments import interrupts
-from experiments.callbacks import InjectFailure, Throughput
+from experiments.callbacks import InjectFailure
 from experiments.checkpoints import AtomicCheckpointIO
 from experiments.checks import check_optim, check_settings, check_tracking_uri
+from experiments.compose import model_config
 from experiments.config_store import register_configs
 from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
 from experiments.store import mask_secrets
 from experiments.tracking import (
+    Resumable,
     config_key,
     config_params,
     experiment_of,
@@ -49,43 +53,37 @@ from experiments.tracking import (
     sweep_tags,
     tracking_uri,
 )
-from sweeps.optuna_sweeper import register_with_hydra
 
 log = logging.getLogger("arch_zoo")
 # Our training order resumes from the step count (experiments/data/sampling.py), not from a loader state_dict, so
 # Lightning's warning that a mid-epoch resume "can cause unreliable results" does not apply; the resume test proves it.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 register_configs()
-register_with_hydra()
 
 
-def model_config(cfg: DictConfig, vocab_size: int | None) -> ModelConfig:
-    values = OmegaConf.to_container(cfg.model, resolve=True)
-    values["ffn"] = FFNConfig(**values["ffn"])
-    values["mixer"] = make_config(values["mixer"])
-    if values.get("hybrid_mixer") is not None:
-        values["hybrid_mixer"] = make_config(values["hybrid_mixer"])
-    if values.get("vocab_size") is None:
-        values["vocab_size"] = vocab_size
-    return ModelConfig(**values)
+class Settings(NamedTuple):
+    """The typed parts of a composed config, each turned into its dataclass once (``OmegaConf.to_object``) and
+    checked once; what is built is built from these, not from the tree again."""
+
+    model: ModelConfig
+    data: Any  # the data module's own config dataclass (DataConfig, MQARConfig, ...)
+    optim: OptimConfig
 
 
-def check(cfg: DictConfig) -> tuple[ModelConfig, Any, OptimConfig]:
+def check(cfg: DictConfig) -> Settings:
     """Everything that can be wrong with a config, found before anything heavy is built."""
-    model = model_config(cfg, vocab_size=cfg.model.vocab_size or 1)
-    model.check()
-    data = OmegaConf.to_object(cfg.data)
-    data.check()
-    optim: OptimConfig = OmegaConf.to_object(cfg.optim)
+    settings = Settings(model_config(cfg, vocab_size=1), OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.optim))
+    settings.model.check()  # vocab_size 1 stands in for the data's until the data is prepared
+    settings.data.check()
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
     check_settings(cfg)
-    check_optim(optim, cfg.trainer.max_steps)
+    check_optim(settings.optim, cfg.trainer.max_steps)
     if cfg.logger.enabled:
         check_tracking_uri(tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
-    return model, data, optim
+    return settings
 
 
 def finished_trial(cfg: DictConfig, key: str) -> dict[str, float] | None:
@@ -102,13 +100,38 @@ def finished_trial(cfg: DictConfig, key: str) -> dict[str, float] | None:
     return dict(done.data.metrics)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    model_cfg, data_cfg, optim_cfg = check(cfg)
-    identity = config_key(cfg)
-    if cfg.logger.enabled:
-        experiment_of(cfg)  # the store and experiment exist before any lookup or logger touches them
-    if (metrics := finished_trial(cfg, identity)) is not None:
-        return metrics
+@dataclass
+class Run:
+    """A training run built and not yet fitted: what :func:`fit` needs, and what another entry point (a benchmark,
+    an evaluation) may take from a build without training."""
+
+    cfg: DictConfig
+    task: LanguageModelTask
+    data: L.LightningDataModule
+    trainer: L.Trainer
+    logger: MLFlowLogger | None
+    output_dir: Path
+    resumed: Resumable | None
+    on_signal: interrupts.CheckpointOnSignal
+
+
+def configured_callbacks(cfg: DictConfig, logged: bool) -> list[L.Callback]:
+    """The ``callbacks`` config group's Lightning callbacks (``callbacks/default.yaml``; a sweeper adds its own with
+    ``+callbacks.NAME={_target_: ...}``), less those this run cannot take: Lightning refuses a progress bar when
+    ``trainer.enable_progress_bar=false`` and a learning-rate monitor without a logger."""
+    built = [hydra.utils.instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
+    return [
+        callback
+        for callback in built
+        if not (isinstance(callback, ProgressBar) and not cfg.trainer.enable_progress_bar)
+        and not (isinstance(callback, LearningRateMonitor) and not logged)
+    ]
+
+
+def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
+    """Data, model, callbacks, logger and trainer of a run, built from its checked settings (and run tags logged),
+    ready for :func:`fit`. An unfinished run with the same overrides is resumed into its MLflow run and folder."""
+    model_cfg, data_cfg, optim_cfg = settings or check(cfg)
     L.seed_everything(cfg.seed, workers=True)
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -136,34 +159,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         output_dir = resumed.output_dir
         log.info("resuming MLflow run %s from %s", resumed.run_id, resumed.checkpoint)
 
+    # checkpointing and the stop on a signal are how a run resumes, so they are part of every run, not settings
     on_signal = interrupts.CheckpointOnSignal(output_dir / "checkpoints" / "last.ckpt")
-    callbacks: list[L.Callback] = [
-        Throughput(window=cfg.trainer.log_every_n_steps),
-        ModelCheckpoint(
-            dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
-        ),
-        on_signal,
-    ]
+    checkpoints = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
+    )
+    callbacks: list[L.Callback] = [checkpoints, on_signal]
     if cfg.inject_failure is not None:
         callbacks.append(InjectFailure(**cfg.inject_failure))
-    # extra Lightning callbacks from the config (e.g. a sweeper's pruning callback): name -> {_target_: ..., ...}
-    callbacks += [hydra.utils.instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+    callbacks += configured_callbacks(cfg, logged=cfg.logger.enabled)
     logger = None
     if cfg.logger.enabled:
         tags = {
             "mixer": mixer_name,
             "overrides": " ".join(overrides),
             "run_key": key,
-            "config_key": identity,
+            "config_key": config_key(cfg),
             "output_dir": str(output_dir),
             "command": " ".join(sys.argv),
             **git_info(),
             **sweep_tags(cfg),
         }
         logger = make_logger(cfg, name, tags, run_id=resumed.run_id if resumed else None)
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if logger is not None and not cfg.resume:
         supersede_unfinished(cfg, key, logger.run_id)
     trainer = L.Trainer(
@@ -173,7 +190,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         default_root_dir=str(output_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    return Run(cfg, task, data, trainer, logger, output_dir, resumed, on_signal)
 
+
+def fit(run: Run) -> dict[str, float]:
+    """Train a built run, validate its final weights, and record the outcome (FINISHED, FAILED with the reason,
+    KILLED when interrupted or pruned); returns the final validation metrics."""
+    cfg, task, data, trainer, logger = run.cfg, run.task, run.data, run.trainer, run.logger
     model = task.model
     n_params = sum(p.numel() for p in model.parameters())
     baselines = data.baselines()
@@ -185,26 +208,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         **data.summary(),
         **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
     }
-    if logger is not None and resumed is None:
+    if logger is not None and run.resumed is None:
         logger.log_hyperparams({**config_params(cfg), **summary})
         logger.log_metrics({f"baseline/{k}": v for k, v in baselines.items()}, step=0)
-        log_hydra_artifacts(logger, output_dir, cfg)
+        log_hydra_artifacts(logger, run.output_dir, cfg)
     log.info(
         "model: %s, %.2fM parameters; data: %s",
-        mixer_name,
+        task.model.config.mixer.name,
         n_params / 1e6,
         ", ".join(f"{k.removeprefix('data.')} {v}" for k, v in data.summary().items()),
     )
 
     metrics: dict[str, float] = {}
     try:
-        trainer.fit(task, datamodule=data, ckpt_path=str(resumed.checkpoint) if resumed else None)
+        trainer.fit(task, datamodule=data, ckpt_path=str(run.resumed.checkpoint) if run.resumed else None)
         if cfg.final_validate:
             metrics = final_validation(trainer, task, data)
     except BaseException as err:
         stop = interrupts.as_interruption(err)
         if stop is not None:
-            saved = f"checkpoint of step {on_signal.saved_at} saved" if on_signal.saved_at else "no new checkpoint"
+            saved = (
+                f"checkpoint of step {run.on_signal.saved_at} saved" if run.on_signal.saved_at else "no new checkpoint"
+            )
             stop = interrupts.Interrupted(stop.signum, f" at step {trainer.global_step}; {saved}")
         if logger is not None:
             if stop is not None:
@@ -221,8 +246,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.final_validate and logger is not None:
         logger.finalize("success")
     if trainer.is_global_zero:  # under DDP every rank runs this function; one summary is enough
-        report(metrics, baselines, logger, output_dir)
+        report(metrics, baselines, logger, run.output_dir)
     return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Check, skip a trial its sweep already finished, build, fit."""
+    settings = check(cfg)
+    if cfg.logger.enabled:
+        experiment_of(cfg)  # the store and experiment exist before any lookup or logger touches them
+    if (metrics := finished_trial(cfg, config_key(cfg))) is not None:
+        return metrics
+    return fit(build_run(cfg, settings))
 
 
 def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.LightningDataModule) -> dict[str, float]:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import LanguageModel
 from arch_zoo.errors import ConfigError
+from experiments.compose import model_config
 
 CONFIG_NAMES = ("config_resolved.yaml", ".hydra/config.yaml")  # beside checkpoints/, in order of preference
 
@@ -70,8 +71,6 @@ def build_data_module(cfg: DictConfig, config: Any | None = None) -> Any:
 def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch.device) -> tuple[LanguageModel, int]:
     """The trained ``LanguageModel`` (float32, eval mode) and the checkpoint's step. Weights only: the Lightning
     task's keys are ``model.<name>`` (``model._orig_mod.<name>`` when it was compiled)."""
-    from experiments.train import model_config
-
     model = LanguageModel(model_config(cfg, vocab_size))  # vocab_size fills a null model.vocab_size, as in training
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     weights = {}

@@ -396,32 +396,3 @@ class OptunaPruning(L.Callback):
         # every rank stops together, on rank zero's decision
         if trainer.strategy.broadcast(prune, src=0):
             raise optuna.TrialPruned(f"trial {self.trial_number} of {self.study_name!r} pruned at step {step}")
-
-
-HYDRA_PLUGIN_MODULE = "hydra_plugins.arch_zoo"
-
-
-def register_with_hydra() -> None:
-    """Expose the sweeper to Hydra, which builds sweepers only from classes it can import from the ``hydra_plugins``
-    namespace. Rather than ship a ``hydra_plugins`` package beside the project's own, a subclass is published as the
-    module ``hydra_plugins.arch_zoo`` at start-up and registered through Hydra's public ``Plugins.register``."""
-    import importlib
-    import sys
-    import types
-
-    from hydra.core.plugins import Plugins
-
-    if HYDRA_PLUGIN_MODULE in sys.modules:
-        return
-    try:
-        importlib.import_module("hydra_plugins")
-    except ImportError:  # no Hydra plugin installed: an empty namespace
-        namespace = types.ModuleType("hydra_plugins")
-        namespace.__path__ = []
-        sys.modules["hydra_plugins"] = namespace
-    module = types.ModuleType(HYDRA_PLUGIN_MODULE, "arch-zoo's Hydra plugins (see sweeps.optuna_sweeper)")
-    module.OptunaSweeper = type(
-        "OptunaSweeper", (OptunaSweeper,), {"__module__": HYDRA_PLUGIN_MODULE, "__doc__": OptunaSweeper.__doc__}
-    )
-    sys.modules[HYDRA_PLUGIN_MODULE] = module
-    Plugins.instance().register(module.OptunaSweeper)

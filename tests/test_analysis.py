@@ -87,6 +87,7 @@ def store(tmp_path_factory) -> str:
     for variant, seeds in ABLATION.items():
         for seed, result in seeds.items():
             tags = {"variant": variant, "sweep": "retnet_ablation", "mlflow.parentRunId": parent.info.run_id}
+            tags["paper_table"] = "table6"  # what the sweep's YAML declares and zoo-train logs
             fake_run(client, sweep, f"+sweep=retnet_ablation +ablation=x seed={seed}", seed, result, tags)
     client.set_terminated(parent.info.run_id, status="FINISHED")
 
@@ -258,7 +259,7 @@ print(json.dumps({{"code": code, "loaded": loaded}}))
     experiment = client.get_experiment_by_name("retnet_ablation").experiment_id
     summaries = client.search_runs([experiment], "tags.summary = 'true'")
     assert len(summaries) == 1 and summaries[0].info.status == "FINISHED"
-    assert summaries[0].data.params["paper"] == "table6"  # guessed from the sweep's name
+    assert summaries[0].data.params["paper"] == "table6"  # from the trials' paper_table tag
     logged = {a.path for a in client.list_artifacts(summaries[0].info.run_id)}
     assert {"table.md", "table.tex", "table.csv", *pngs} <= logged
 
@@ -297,3 +298,19 @@ def test_analysis_reads_records_only():
                 names = [node.module]
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in producers]
     assert not found, found
+
+
+def test_the_paper_table_comes_from_the_runs_tag_that_the_sweep_yaml_declares(store):
+    """A sweep's YAML names the paper table it reproduces; zoo-train logs it as the tag ``paper_table`` and zoo-table
+    reads it from the records (runs without it, such as loose runs, get no paper columns unless --paper says)."""
+    from hydra import compose, initialize_config_module
+
+    import experiments.train  # noqa: F401  (registers the config schemas)
+    from analysis.cli import guess_paper
+
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        declared = {sweep: compose("train", [f"+sweep={sweep}"]).paper_table for sweep in ("retnet_ablation", "table5")}
+        assert compose("train", ["+sweep=mqar"]).paper_table is None
+    assert declared == {"retnet_ablation": "table6", "table5": "table5"}
+    assert guess_paper(trials(load_runs("retnet_ablation", store))) is TABLE6
+    assert guess_paper(trials(load_runs("loose", store))) is None

@@ -127,6 +127,32 @@ def test_the_installed_wheel_imports_beside_the_hub_package_from_the_repository_
     assert seen["hub_available"] and seen["hub_api"] and seen["finite"]
 
 
+HYDRA_PLUGIN_PROBE = """
+import json, hydra_plugins.arch_zoo_optuna as plugin
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+print(json.dumps({"found": [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)],
+                  "file": plugin.__file__}))
+"""
+
+
+def test_the_wheel_ships_the_optuna_sweeper_where_hydra_finds_plugins(wheel_env):
+    """The sweeper's source lives in ``sweeps/hydra_plugins``; the wheel puts it in the top-level ``hydra_plugins``
+    namespace (beside other plugins' portions), and Hydra's scan finds it there, from outside the repository."""
+    names = zipfile.ZipFile(wheel_env["wheel"]).namelist()
+    assert "hydra_plugins/arch_zoo_optuna/__init__.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace: other distributions' plugins share it
+    assert not [n for n in names if n.startswith("sweeps/hydra_plugins/")]
+    python = wheel_env["python"]
+    out = subprocess.run(
+        [str(python), "-c", HYDRA_PLUGIN_PROBE], cwd=wheel_env["elsewhere"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "hydra_plugins.arch_zoo_optuna.OptunaSweeper" in seen["found"]
+    assert Path(seen["file"]) == wheel_env["site"] / "hydra_plugins" / "arch_zoo_optuna" / "__init__.py"
+
+
 def lock_pins() -> dict[str, str]:
     pins = {}
     for line in LOCK.read_text().splitlines():

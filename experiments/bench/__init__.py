@@ -3,7 +3,7 @@
 ``decode`` and ``train`` measure, ``report`` turns the rows into a Markdown table, Figure-6-style PNGs and an MLflow
 run, and ``cli`` is the ``zoo-bench`` command. Models are built from the registry with random weights: cost does
 not depend on the values. The helpers both benchmarks share (device, dtype, a model from a mixer name plus
-overrides, out-of-memory handling) live here.
+overrides composed into zoo-train's config tree, out-of-memory handling) live here.
 """
 
 from __future__ import annotations
@@ -16,30 +16,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from hydra.errors import HydraException
 
 from arch_zoo.errors import ConfigError
-from arch_zoo.layers import FFNConfig
 from arch_zoo.model import LanguageModel, ModelConfig
-from arch_zoo.registry import get_mixer, make_config
+from arch_zoo.registry import get_mixer
+from experiments import compose
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass
 class ModelSpec:
-    """One benchmarked model: a registered mixer plus overrides of its config fields and of the FFN.
+    """One benchmarked model: a registered mixer, changes to its config and its FFN's, and any other override of
+    the model's part of zoo-train's config tree; built by composing that tree (:func:`model_config`).
 
     ``name`` labels the model in tables and overrides; ``mixer_name`` is the registered mixer (the same unless the
-    model was listed as ``label=mixer``, which lets variants of one mixer run side by side).
+    model was listed as ``label=mixer``, which lets variants of one mixer run side by side). ``mixer`` and ``ffn``
+    are the shorthand ``--set LABEL.FIELD=VALUE`` / ``--set LABEL.ffn.FIELD=VALUE``; ``overrides`` take Hydra's
+    grammar as written (``--set LABEL:model.norm=rmsnorm``).
     """
 
     name: str
     mixer: dict[str, Any] = field(default_factory=dict)
     ffn: dict[str, Any] = field(default_factory=dict)
     mixer_name: str = ""
+    overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.mixer_name = self.mixer_name or self.name
+
+    def hydra_overrides(self, d_model: int, n_layers: int, vocab_size: int) -> list[str]:
+        """This model as overrides of zoo-train's config tree."""
+        shape = [f"model.d_model={d_model}", f"model.n_layers={n_layers}", f"model.vocab_size={vocab_size}"]
+        fields = [f"model.mixer.{k}={_text(v)}" for k, v in self.mixer.items()]
+        fields += [f"model.ffn.{k}={_text(v)}" for k, v in self.ffn.items()]
+        return [f"model/mixer={self.mixer_name}", *shape, *fields, *self.overrides]
 
 
 def _value(text: str) -> Any:
@@ -55,11 +67,19 @@ def _value(text: str) -> Any:
         return text
 
 
+def _text(value: Any) -> str:
+    """A shorthand value back in Hydra's grammar."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value) if isinstance(value, str) else repr(value)
+
+
 def parse_models(names: str, overrides: list[str] | None, mode: str | None = None) -> list[ModelSpec]:
     """``"retnet,transformer"`` and ``["retnet.head_dim=256", "transformer.ffn.mult=4"]`` -> specs.
 
     An entry ``label=mixer`` (``"retnet,retnet-f16=retnet"``) adds a model of a registered mixer under its own
-    label, which its overrides then name (``retnet-f16.state_dtype=float16``).
+    label, which its overrides then name (``retnet-f16.state_dtype=float16``). ``LABEL:OVERRIDE`` hands any Hydra
+    override of the model's tree to that model (``retnet:model.norm=rmsnorm``).
 
     ``mode`` (e.g. ``chunkwise``) is given to every mixer whose config has a ``mode`` field and accepts it, unless an
     override sets it: the benchmarks need the memory-bounded form of a long prompt, whatever a config defaults to.
@@ -76,10 +96,17 @@ def parse_models(names: str, overrides: list[str] | None, mode: str | None = Non
     if not specs:
         raise ConfigError("--models names no mixer")
     for item in overrides or []:
+        label, colon, hydra_override = item.partition(":")
+        if colon and label in specs and "=" not in label:
+            specs[label].overrides.append(hydra_override)
+            continue
         key, sep, text = item.partition("=")
         name, dot, path = key.partition(".")
         if not sep or not dot or name not in specs:
-            raise ConfigError(f"override {item!r}: write MODEL.FIELD=VALUE or MODEL.ffn.FIELD=VALUE, MODEL in --models")
+            raise ConfigError(
+                f"override {item!r}: write MODEL.FIELD=VALUE, MODEL.ffn.FIELD=VALUE or MODEL:HYDRA_OVERRIDE, "
+                "MODEL in --models"
+            )
         if path.startswith("ffn."):
             specs[name].ffn[path.removeprefix("ffn.")] = _value(text)
         else:
@@ -92,15 +119,23 @@ def parse_models(names: str, overrides: list[str] | None, mode: str | None = Non
 
 
 def model_config(spec: ModelSpec, d_model: int, n_layers: int, vocab_size: int) -> ModelConfig:
-    mixer = make_config({"name": spec.mixer_name, **spec.mixer})
+    """The model's typed config, composed from zoo-train's tree with the spec's overrides (a field its schema lacks
+    fails here, naming the model)."""
+    overrides = spec.hydra_overrides(d_model, n_layers, vocab_size)
+    try:
+        config = compose.model_config(compose.compose_train(overrides), vocab_size)
+    except HydraException as error:
+        raise ConfigError(
+            f"model {spec.name!r}: {error} (a mixer or FFN with no field of that name, or a value of the wrong type; "
+            f"its overrides: {' '.join(overrides)})"
+        ) from None
     if "mode" in spec.mixer:
         try:
-            mixer.check(d_model)
+            config.mixer.check(d_model)
         except ConfigError:  # the mode came from --mode and this mixer has no such form: keep its default
             defaults = get_mixer(spec.mixer_name).config_class()
-            mixer = dataclasses.replace(mixer, mode=defaults.mode)
-    ffn = dataclasses.replace(FFNConfig(), **spec.ffn)
-    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, mixer=mixer, ffn=ffn)
+            config = dataclasses.replace(config, mixer=dataclasses.replace(config.mixer, mode=defaults.mode))
+    return config
 
 
 def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LanguageModel:
