@@ -31,16 +31,32 @@ def normalise_label(label: str) -> str:
 
 @dataclass(frozen=True)
 class PaperRow:
-    """One reported row: its label in the paper, what it changes, its numbers, and the names our runs may give it.
+    """One reported row: its label in the paper, what it changes, its numbers, the names our runs may give it, and
+    the recorded params that make a run this row.
 
-    An alias containing ``=`` is an override (``swish_gate=false``) matched against the last dotted part of an
-    override's key; one ending in ``=`` matches any value of that key (the paper's head dimension differs from ours).
+    ``params`` are what zoo-train logs (the resolved config, ``str`` of each value): a run whose params hold all of
+    them is this row, the row naming most of them winning (an ablation names the mixer and its switch, so it wins
+    over the full model). A label that is a list of overrides (runs without a ``variant`` tag) is matched against the
+    same params by the last dotted part of each key; an alias ending in ``=`` matches any value of that key (the
+    paper's head dimension is not ours, so any head-dimension override names that row).
     """
 
     label: str
     values: tuple[float, ...]
     change: str = ""
     aliases: tuple[str, ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
+
+    def matched_params(self, params: dict[str, str]) -> int:
+        """How many of this row's params the recorded ``params`` hold; 0 when one differs (or the row has none)."""
+        if not self.params or any(str(params.get(key, "")).lower() != value.lower() for key, value in self.params):
+            return 0
+        return len(self.params)
+
+    def override_names(self) -> set[str]:
+        """This row's switches written as overrides (``swish_gate=false``), normalised, plus any ``key=`` alias."""
+        switches = {f"{key.split('.')[-1]}={value}" for key, value in self.params if not key.endswith(".name")}
+        return {normalise_label(a) for a in (*switches, *self.aliases) if "=" in a}
 
     def match_strength(self, label: str) -> int:
         """How specifically ``label`` names this row: 3 by name, 2 by an override, 1 by the mixer alone, 0 not.
@@ -55,7 +71,7 @@ class PaperRow:
             key, sep, value = token.partition("=")
             if sep:
                 overrides.append(normalise_label(key.split(".")[-1].split("/")[-1] + "=" + value))
-        for alias in (normalise_label(a) for a in self.aliases if "=" in a):
+        for alias in self.override_names():
             if any(o == alias or (alias.endswith("=") and o.startswith(alias)) for o in overrides):
                 return 2
         if any(o.startswith("mixer=") and o.removeprefix("mixer=") in names for o in overrides):
@@ -87,6 +103,20 @@ class PaperTable:
         best = max(strengths)
         return self.rows[strengths.index(best)] if best else None
 
+    def match_params(self, params: dict[str, str]) -> PaperRow | None:
+        """The paper's row that a run's recorded params make it, or None (no row, or two rows equally)."""
+        counts = [row.matched_params(params) for row in self.rows]
+        best = max(counts)
+        return self.rows[counts.index(best)] if best and counts.count(best) == 1 else None
+
+    def match_run(self, label: str, params: dict[str, str]) -> PaperRow | None:
+        """A group of runs' row: by what the runs recorded when that says more than the mixer alone (an ablation's
+        switch), else by its label (a sweep's ``variant`` tag; the overrides of loose runs), else by the mixer."""
+        by_params = self.match_params(params)
+        if by_params is not None and len(by_params.params) > 1:
+            return by_params
+        return self.match(label) or by_params
+
     def value(self, row: str, column: str) -> float:
         return self.row(row).values[self.columns.index(column)]
 
@@ -111,11 +141,22 @@ class PaperTable:
         return None
 
 
+def mixer(name: str) -> tuple[tuple[str, str], ...]:
+    """The recorded params of a row that is a whole architecture: its mixer's registry name."""
+    return (("model.mixer.name", name),)
+
+
+def retnet_switch(field: str, value: str) -> tuple[tuple[str, str], ...]:
+    """The recorded params of an ablation row: RetNet with one of its config fields at ``value``."""
+    return (*mixer("retnet"), (f"model.mixer.{field}", value))
+
+
 RETNET = PaperRow(
     "RetNet",
     (26.05, 45.27, 21.33, 16.52, 22.48),
     "the full model",
     aliases=("Full RetNet", "full", "baseline", "retnet"),
+    params=(("model.mixer.name", "retnet"),),
 )
 
 TABLE5 = PaperTable(
@@ -124,14 +165,15 @@ TABLE5 = PaperTable(
     reference="RetNet",
     rows=(
         RETNET,
-        PaperRow("RWKV", (30.92, 51.41, 28.17, 19.80, 25.78), "TimeMix replaces attention", ("rwkv",)),
-        PaperRow("H3", (29.97, 49.17, 24.29, 19.19, 25.11), "head dimension 8", ("h3",)),
-        PaperRow("Hyena", (32.08, 52.75, 28.18, 20.55, 26.51), "", ("hyena",)),
+        PaperRow("RWKV", (30.92, 51.41, 28.17, 19.80, 25.78), "TimeMix replaces attention", ("rwkv",), mixer("rwkv")),
+        PaperRow("H3", (29.97, 49.17, 24.29, 19.19, 25.11), "head dimension 8", ("h3",), mixer("h3")),
+        PaperRow("Hyena", (32.08, 52.75, 28.18, 20.55, 26.51), "", ("hyena",), mixer("hyena")),
         PaperRow(
             "Linear Transformer",
             (40.24, 63.86, 28.45, 25.33, 32.02),
             "",
             ("linear attention", "linear_attention"),
+            mixer("linear_attention"),
         ),
     ),
 )
@@ -146,31 +188,36 @@ TABLE6 = PaperTable(
             "−swish gate",
             (27.84, 49.44, 22.52, 17.45, 23.72),
             "gate removed, same parameter allocation as Transformers",
-            ("no swish gate", "no_swish_gate", "swish_gate=false"),
+            ("no swish gate", "no_swish_gate"),
+            retnet_switch("swish_gate", "False"),
         ),
         PaperRow(
             "−GroupNorm",
             (27.54, 46.95, 22.61, 17.59, 23.73),
             "per-head normalisation removed",
-            ("no group norm", "no_group_norm", "group_norm=false"),
+            ("no group norm", "no_group_norm"),
+            retnet_switch("group_norm", "False"),
         ),
         PaperRow(
             "−γ decay",
             (27.86, 47.85, 21.99, 17.49, 23.70),
             "γ = 1",
-            ("no decay", "no_decay", "decay=false"),
+            ("no decay", "no_decay"),
+            retnet_switch("decay", "False"),
         ),
         PaperRow(
             "−multi-scale decay",
             (27.02, 47.18, 22.08, 17.17, 23.38),
             "γ = 127/128 in every head",
-            ("no multiscale decay", "no_multiscale_decay", "multiscale_decay=false"),
+            ("no multiscale decay", "no_multiscale_decay"),
+            retnet_switch("multiscale_decay", "False"),
         ),
         PaperRow(
             "reduce head dimension",
             (27.68, 47.72, 23.09, 17.46, 23.41),
             "head dimension 256 -> 64, d_model unchanged",
             ("head dim small", "head_dim_small", "head_dim="),
+            retnet_switch("head_dim_divisor", "4"),  # the paper's 256 -> 64
         ),
     ),
 )

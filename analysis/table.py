@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.paper import PaperTable, normalise_label
+from analysis.paper import PaperRow, PaperTable, normalise_label
 
 # Overrides that do not make a different variant: the seed is what a row averages over; the rest change where and
 # how a run is logged, not what it computes.
@@ -264,6 +264,18 @@ def status_text(outcomes: pd.Series) -> str:
     return ", ".join(f"{counts.get(o, 0)} {o}" for o in order if o == "ok" or counts.get(o, 0))
 
 
+def paper_row(paper: PaperTable | None, label: str, group: pd.DataFrame) -> PaperRow | None:
+    """The paper's row of a variant, from what its runs recorded (the params they share) and its label."""
+    if paper is None:
+        return None
+    shared = {}
+    for column in (c for c in group.columns if c.startswith("params.")):
+        values = group[column]
+        if values.notna().all() and values.astype(str).nunique() == 1:
+            shared[column.removeprefix("params.")] = str(values.iloc[0])
+    return paper.match_run(label, shared)
+
+
 def build_table(
     trials: pd.DataFrame,
     metrics: list[str] | None = None,
@@ -289,7 +301,7 @@ def build_table(
     first_seen = runs.groupby("variant", sort=False)["start_time"].min()
     labels = list(first_seen.sort_values(kind="stable").index)
     reference = choose_reference(labels, reference, paper)
-    paper_rows = {label: paper.match(label) if paper else None for label in labels}
+    paper_rows = {label: paper_row(paper, label, runs[runs["variant"] == label]) for label in labels}
     paper_rank = {label: [r.label for r in paper.rows].index(row.label) for label, row in paper_rows.items() if row}
     labels.sort(key=lambda label: (label != reference, paper_rank.get(label, len(paper_rank) + 1)))
 

@@ -314,3 +314,25 @@ def test_the_paper_table_comes_from_the_runs_tag_that_the_sweep_yaml_declares(st
     assert declared == {"retnet_ablation": "table6", "table5": "table5"}
     assert guess_paper(trials(load_runs("retnet_ablation", store))) is TABLE6
     assert guess_paper(trials(load_runs("loose", store))) is None
+
+
+def test_paper_rows_come_from_the_params_runs_recorded(tmp_path):
+    """A run is a paper row by what it recorded (the resolved config zoo-train logs as params), whatever its label:
+    here the labels are opaque names, and the swish-gate switch and the head-dimension divisor are only in params."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("relabelled", artifact_location=str(tmp_path / "artifacts"))
+    recorded = {
+        "run A": {"model.mixer.swish_gate": "True", "model.mixer.head_dim_divisor": "1"},
+        "run B": {"model.mixer.swish_gate": "False", "model.mixer.head_dim_divisor": "1"},
+        "run C": {"model.mixer.swish_gate": "True", "model.mixer.head_dim_divisor": "4"},
+    }
+    for variant, params in recorded.items():
+        run_id = fake_run(client, experiment, "+sweep=x", 0, 20.0, {"variant": variant})
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    table = build_table(trials(load_runs("relabelled", uri)), paper=TABLE6)
+    rows = table.rows.set_index("variant")
+    assert rows["paper_row"].to_dict() == {"run A": "RetNet", "run B": "−swish gate", "run C": "reduce head dimension"}
+    assert TABLE6.match_params({"model.mixer.name": "retnet", "model.mixer.decay": "False"}).label == "−γ decay"
+    assert TABLE5.match_params({"model.mixer.name": "hyena"}).label == "Hyena"
+    assert TABLE5.match_params({"model.mixer.name": "transformer"}) is None
