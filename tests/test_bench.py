@@ -296,3 +296,15 @@ def test_an_error_without_a_message_still_makes_a_status_line():
 
     assert error_line(AssertionError()) == "AssertionError"
     assert error_line(ValueError("bad\nmore")) == "ValueError: bad"
+
+
+def test_a_labelled_model_is_composed_from_the_training_config_tree():
+    """Each labelled model is zoo-train's tree composed with its own override list: the shorthand and any Hydra
+    override of the model (``LABEL:OVERRIDE``) reach the same typed config training would build."""
+    specs = parse_models("r=retnet,t=transformer", ["r.head_dim=16", "r:model.norm=rmsnorm", "t:model.mixer.n_heads=8"])
+    retnet, attention = (model_config(s, 64, 2, 97) for s in specs)
+    assert specs[0].hydra_overrides(64, 2, 97)[:2] == ["model/mixer=retnet", "model.d_model=64"]
+    assert retnet.norm == "rmsnorm" and retnet.mixer.head_dim == 16 and retnet.vocab_size == 97
+    assert attention.mixer.n_heads == 8 and attention.mixer.name == "transformer" and attention.norm == "layernorm"
+    with pytest.raises(ConfigError, match="model 't'"):
+        model_config(parse_models("t=transformer", ["t:model.mixer.n_heads=many"])[0], 64, 2, 97)

@@ -323,3 +323,42 @@ def test_under_fsdp_the_final_metrics_are_the_last_validations():
     trainer = SimpleNamespace(strategy=FSDPStrategy(), callback_metrics=metrics, global_step=6)
     task = SimpleNamespace(eval_splits=["val", "ood_pydoc"])
     assert final_validation(trainer, task, data=None) == {"val/loss": 2.5, "ood/pydoc/bpb": 1.25}
+
+
+def built_run(tmp: Path, cache: Path, monkeypatch, *overrides: str):
+    """``build_run`` in this process, as another entry point would call it: a run built and not fitted."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from experiments.train import build_run
+
+    monkeypatch.setenv("ARCH_ZOO_CACHE", str(cache))
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        cfg = compose("train", [*TINY, "logger=none", *overrides], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return build_run(cfg)
+
+
+def test_build_run_makes_a_run_without_fitting_it_with_the_configured_callbacks(tmp_path, data_cache, monkeypatch):
+    """The default callbacks group gives today's callbacks (the progress bar left out where the trainer has none, the
+    learning-rate monitor where there is no logger); a callback is removed or added by override."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from experiments.callbacks import Throughput
+    from experiments.interrupts import CheckpointOnSignal
+
+    run = built_run(tmp_path, data_cache, monkeypatch)
+    kinds = {type(c) for c in run.trainer.callbacks}
+    assert {Throughput, ModelCheckpoint, CheckpointOnSignal} <= kinds
+    assert not {"RichProgressBar", "LearningRateMonitor"} & {k.__name__ for k in kinds}
+    assert run.trainer.global_step == 0 and run.logger is None and run.task.model.config.mixer.name == "retnet"
+    assert not (tmp_path / "checkpoints").exists()  # built, not trained
+
+    run = built_run(tmp_path, data_cache, monkeypatch, "trainer.enable_progress_bar=true", "~callbacks.throughput")
+    names = {type(c).__name__ for c in run.trainer.callbacks}
+    assert "RichProgressBar" in names and "Throughput" not in names

@@ -4,9 +4,12 @@
         --set transformer.ffn.mult=4 --lengths 1024,2048,4096,8192,16384 --batches 1,8,32,64 --reference transformer
     zoo-bench train --models retnet,transformer --lengths 2048,8192 --tokens-per-step 16384
 
-``--set MODEL.FIELD=VALUE`` overrides a field of that model's mixer config, ``--set MODEL.ffn.FIELD=VALUE`` one of
-its FFN (the paper compares RetNet with FFN width 2d against a Transformer with 4d, at equal size). Outputs go to
-``--out`` (Markdown, CSV, JSON, PNG) and to an MLflow run in the experiment ``bench``; the table is printed last.
+Each model is built by composing zoo-train's config tree with its own override list (``model/mixer=NAME`` and the
+shape flags first). ``--set MODEL.FIELD=VALUE`` overrides a field of that model's mixer config, ``--set
+MODEL.ffn.FIELD=VALUE`` one of its FFN (the paper compares RetNet with FFN width 2d against a Transformer with 4d, at
+equal size), and ``--set MODEL:OVERRIDE`` hands it any Hydra override of the tree (``--set retnet:model.norm=rmsnorm``).
+Outputs go to ``--out`` (Markdown, CSV, JSON, PNG) and to an MLflow run in the experiment ``bench``; the table is
+printed last.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="retnet,transformer",
         help="registered mixer names, comma-separated; LABEL=MIXER adds a variant (its overrides: --set LABEL.FIELD=V)",
     )
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="MODEL.FIELD=VALUE")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="MODEL.FIELD=VALUE|MODEL:HYDRA_OVERRIDE"
+    )
     common.add_argument("--mode", default="chunkwise", help="form of a whole sequence, for mixers with a mode field")
     common.add_argument("--d-model", type=int, default=2048)
     common.add_argument("--layers", type=int, default=24)
