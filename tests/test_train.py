@@ -362,3 +362,13 @@ def test_build_run_makes_a_run_without_fitting_it_with_the_configured_callbacks(
     run = built_run(tmp_path, data_cache, monkeypatch, "trainer.enable_progress_bar=true", "~callbacks.throughput")
     names = {type(c).__name__ for c in run.trainer.callbacks}
     assert "RichProgressBar" in names and "Throughput" not in names
+
+
+def test_a_sweep_logs_the_paper_table_it_reproduces(tmp_path, data_cache):
+    """The sweep's YAML declares ``paper_table``; every trial records it as a tag, which zoo-table reads."""
+    proc = run_train(tmp_path, data_cache, "+sweep=retnet_ablation", "+ablation=no_swish_gate", "model=tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("retnet_ablation").experiment_id])
+    assert run.data.tags["paper_table"] == "table6" and run.data.tags["sweep"] == "retnet_ablation"
+    assert run.data.params["model.mixer.swish_gate"] == "False"  # what analysis matches the paper's row by
