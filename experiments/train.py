@@ -63,7 +63,7 @@ register_configs()
 
 class Settings(NamedTuple):
     """The typed parts of a composed config, each turned into its dataclass once (``OmegaConf.to_object``) and
-    checked once; what is built is built from these, not from the tree again."""
+    checked before anything heavy is built; the run is built from these, not from the tree again."""
 
     model: ModelConfig
     data: Any  # the data module's own config dataclass (DataConfig, MQARConfig, ...)
