@@ -138,7 +138,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     on_signal = interrupts.CheckpointOnSignal(output_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [
-        Throughput(window=cfg.trainer.log_every_n_steps),
+        Throughput(window=cfg.trainer.log_every_n_steps, peak_tflops=cfg.get("peak_tflops")),
         ModelCheckpoint(
             dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
         ),

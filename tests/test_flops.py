@@ -73,3 +73,19 @@ def test_a_mixer_that_declares_nothing_leaves_the_model_undeclared():
     model = LanguageModel(ModelConfig(vocab_size=32, d_model=D, n_layers=2, mixer="retnet"))
     model.blocks[1].mixer.flops_per_token = lambda seq_len: None
     assert model.flops_per_token(16) is None
+
+
+def test_peak_lookup_by_device_name_and_precision(monkeypatch):
+    from experiments import hardware
+
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert hardware.peak_tflops(cuda, hardware.matmul_precision("bf16-mixed")) == 989.4
+    assert hardware.peak_tflops(cuda, hardware.matmul_precision("16-mixed")) == 989.4
+    assert hardware.peak_tflops(cuda, hardware.matmul_precision("64-true")) is None
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert hardware.peak_tflops(cuda, "bf16") == 756.0
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert hardware.peak_tflops(cuda, "bf16") is None  # unknown: no MFU unless peak_tflops is given
+    assert hardware.peak_tflops(torch.device("cpu"), "fp32") is None
+    assert hardware.matmul_precision(torch.bfloat16) == "bf16" and hardware.matmul_precision(torch.float64) is None
