@@ -211,6 +211,18 @@ def step(
     return o, scale * (q.to(key_sum.dtype) * key_sum).sum(-1)
 
 
+# Chunked cores are counted at the kernels' sub-chunk (retention_triton.CHUNK), whatever chunk the PyTorch form is
+# configured with: a longer chunk does more score work for fewer sequential steps, work the function does not need,
+# just as attention is counted the same whichever kernel runs it.
+MODEL_CHUNK = 64
+
+
+def model_flops(form: str, length: int, key_dim: int, value_dim: int, chunk_size: int) -> int:
+    """One head's FLOPs over a ``length``-token sequence as runs count them: :func:`flops` of the form, chunks at
+    most :data:`MODEL_CHUNK` long (equal to what the PyTorch form computes whenever ``chunk_size <= MODEL_CHUNK``)."""
+    return flops(form, length, key_dim, value_dim, min(chunk_size, MODEL_CHUNK))
+
+
 def flops(
     form: str,
     length: int,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from arch_zoo import LanguageModel, ModelConfig, build_mixer
-from arch_zoo.flops import measured_flops_per_token
+from arch_zoo.flops import count_flops, measured_flops_per_token
 from arch_zoo.layers import FFNConfig
 
 D = 64
@@ -89,3 +89,26 @@ def test_peak_lookup_by_device_name_and_precision(monkeypatch):
     assert hardware.peak_tflops(cuda, "bf16") is None  # unknown: no MFU unless peak_tflops is given
     assert hardware.peak_tflops(torch.device("cpu"), "fp32") is None
     assert hardware.matmul_precision(torch.bfloat16) == "bf16" and hardware.matmul_precision(torch.float64) is None
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+@pytest.mark.parametrize("length, chunk", [(8, 8), (21, 8), (200, 64), (130, 512)])
+def test_each_core_form_counts_what_it_computes(form, length, chunk):
+    """``core.flops`` per form and chunk, whatever chunk: the count a run declares (``model_flops``) is it at chunks
+    of at most 64, the kernels' chunk."""
+    from arch_zoo.kernels import core
+
+    q, k = torch.randn(2, 3, length, 8, dtype=torch.float64), torch.randn(2, 3, length, 8, dtype=torch.float64)
+    v = torch.randn(2, 3, length, 5, dtype=torch.float64)
+    log_decay = torch.full((3,), -0.1, dtype=torch.float64)
+    kwargs = {"chunk_size": chunk} if form == "chunkwise" else {}
+    counted = count_flops(lambda: core.FORMS[form](q, k, v, log_decay, output_final_state=False, **kwargs))
+    assert counted == 2 * 3 * core.flops(form, length, 8, 5, chunk)
+    assert core.model_flops(form, length, 8, 5, chunk) == core.flops(form, length, 8, 5, min(chunk, 64))
+
+
+def test_the_counted_chunk_is_the_kernels():
+    from arch_zoo.kernels import core
+
+    triton_kernels = pytest.importorskip("arch_zoo.kernels.retention_triton")
+    assert core.MODEL_CHUNK == triton_kernels.CHUNK

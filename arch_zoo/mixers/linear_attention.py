@@ -171,9 +171,10 @@ class LinearAttention(TokenMixer):
         return "parallel" if mode == "parallel" and not continued else "chunkwise"
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The four projections plus the core in the configured form (the normaliser is one more value column)."""
+        """The four projections plus the core in the configured form (chunks counted at most ``core.MODEL_CHUNK`` long,
+        the kernels' chunk; the normaliser is one more value column)."""
         c = self.config
-        heads = core.flops(
+        heads = core.model_flops(
             self.form(seq_len, False), seq_len, self.head_dim, self.head_dim + int(c.normalize), c.chunk_size
         )
         return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.out_proj) + self.n_heads * heads / seq_len

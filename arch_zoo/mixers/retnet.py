@@ -517,14 +517,15 @@ class RetNet(TokenMixer):
         return H * dk * dv + (H * dk if c.score_norm else 0) + (H if c.selective_decay and c.decay_norm else 0) + 1
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The projections (and a selective decay's), plus the core in the configured form: the score normaliser is
-        one more value column, a selective decay's row sums one more core call of width one."""
+        """The projections (and a selective decay's), plus the core in the configured form (chunks counted at most
+        ``core.MODEL_CHUNK`` long, the kernels' chunk): the score normaliser is one more value column, a selective
+        decay's row sums one more core call of width one."""
         c, H = self.config, self.n_heads
         projections = linear_flops(self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj, self.decay_proj)
         form = self.form(seq_len, continued=False)
-        heads = core.flops(form, seq_len, self.key_dim, self.value_dim + int(c.score_norm), c.chunk_size)
+        heads = core.model_flops(form, seq_len, self.key_dim, self.value_dim + int(c.score_norm), c.chunk_size)
         if c.selective_decay and c.decay_norm:
-            heads += core.flops(form, seq_len, 1, 1, c.chunk_size)
+            heads += core.model_flops(form, seq_len, 1, 1, c.chunk_size)
         return projections + H * heads / seq_len
 
 
