@@ -82,7 +82,8 @@ def run_group(jobs: int, overrides: list[str], folder: Path, timeout: float) -> 
 def table(rows: list[dict]) -> str:
     base = rows[0]
     lines = [
-        "| concurrent runs | finished | training tokens/s (sum) | vs 1 | per run | wall-clock tokens/s | vs 1 | wall (s) |",
+        "| concurrent runs | finished | training tokens/s (sum) | vs 1 | per run | wall-clock tokens/s | vs 1 "
+        "| wall (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
