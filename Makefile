@@ -27,7 +27,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
 	$(INSTALL) -e .
 	touch $@
 
+# torchscale is set aside for the check and put back after it (a re-run after a change to pyproject.toml finds it
+# installed, and pip check would fail on the dependencies it was installed without)
 $(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) uninstall -y torchscale
 	$(INSTALL) -e ".[test]"
 	$(PIP) check
 	$(INSTALL) --no-deps torchscale

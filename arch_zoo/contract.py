@@ -9,6 +9,9 @@ A mixer maps ``x: [batch, time, d_model]`` to ``y`` of the same shape, causally:
   ``None``.
 * ``state_size(seq_len) -> int``: how many numbers one sequence's decoding state holds after ``seq_len`` tokens
   (constant for recurrent mixers, growing for attention's KV cache). It is logged with every run.
+* ``flops_per_token(seq_len) -> float | None``: forward FLOPs per token of a fresh ``seq_len``-token sequence in the
+  training form, analytic, under :mod:`arch_zoo.flops`'s convention; runs turn it into achieved TFLOP/s and MFU. The
+  contract tests check the declaration against torch's FLOP counter.
 
 Parameters that need their own optimiser settings (SSM and filter parameters in H3/Hyena, decays) carry them as
 an attribute ``param._optim`` (see :func:`set_optim`); the training loop turns these into parameter groups.
@@ -107,6 +110,13 @@ class TokenMixer(nn.Module):
 
     def state_size(self, seq_len: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Forward FLOPs per token over a fresh sequence of ``seq_len`` tokens, in the form a training call runs
+        (the convention of :mod:`arch_zoo.flops`: matrix products and convolutions, 2 per multiply-add). ``None``,
+        the default, means undeclared: the mixer trains, but its runs report no FLOPs or MFU, and the contract tests
+        ask for the declaration."""
+        return None
 
     @property
     def max_length(self) -> int | None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.errors import ConfigError
+from arch_zoo.flops import linear_flops
 from arch_zoo.kernels.core import at_least_float32  # noqa: F401 - shared by the mixers; defined beside the core
 
 
@@ -108,6 +109,9 @@ class MLP(nn.Module):
         if self.gate is not None:
             h = h * self.gate(x)
         return self.fc2(self.dropout(h)), None
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return linear_flops(self.fc1, self.gate, self.fc2)
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from arch_zoo.contract import MixerConfig, counts_towards_size
 from arch_zoo.errors import ConfigError
+from arch_zoo.flops import linear_flops
 from arch_zoo.layers import FFNConfig, build_ffn, make_norm
 from arch_zoo.registry import make_config, mixer_class
 
@@ -281,6 +282,21 @@ class LanguageModel(nn.Module):
         """The longest sequence every mixer is defined on (None: any length)."""
         limits = [block.mixer.max_length for block in self.blocks if block.mixer.max_length is not None]
         return min(limits) if limits else None
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Forward FLOPs per token over ``seq_len``-token sequences (:mod:`arch_zoo.flops`): every block's mixer and
+        FFN, and the head (the embedding is a lookup). ``None`` when some mixer or FFN does not declare its own."""
+        total = float(linear_flops(self.head))
+        for block in self.blocks:
+            for part in (block.mixer, block.ffn):
+                if part is None:
+                    continue
+                declared = getattr(part, "flops_per_token", None)
+                flops = declared(seq_len) if declared is not None else None
+                if flops is None:
+                    return None
+                total += flops
+        return total
 
     def state_size(self, seq_len: int) -> int:
         """Numbers in one sequence's decoding state after ``seq_len`` tokens, summed over layers (mixers and any FFN

@@ -11,6 +11,8 @@ import time
 import lightning as L
 import torch
 
+from experiments.hardware import matmul_precision, peak_tflops
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated GPU memory on CUDA; the process's peak resident set size on the CPU."""
@@ -21,49 +23,92 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Throughput(L.Callback):
-    """Tokens per second over each logging window (excluding validation), and overall at the end of training; all
-    devices together (``perf/tokens_per_sec``) and per device (``..._per_device``)."""
+    """Training speed over each logging window (validation excluded) and over the whole fit: tokens per second for all
+    devices together (``perf/tokens_per_sec``) and per device, and, where the model declares its FLOPs
+    (:meth:`LanguageModel.flops_per_token`), achieved model TFLOP/s per device (a step is three forwards) and MFU, its
+    fraction of the device's peak (``peak_tflops``, else :mod:`experiments.hardware`'s table; none on the CPU).
 
-    def __init__(self, window: int = 10) -> None:
+    The clock is read at window boundaries only: a GPU is synchronised once per window, not once per step, so the
+    measurement does not stall the queue of work it measures."""
+
+    def __init__(self, window: int = 10, peak_tflops: float | None = None) -> None:
         self.window = window
+        self.peak_tflops = peak_tflops
+        self._flops: dict[int, float | None] = {}  # forward FLOPs per token, by sequence length
         self._tokens = 0
+        self._train_flops = 0.0
         self._seconds = 0.0
         self._total_tokens = 0
+        self._total_flops = 0.0
         self._total_seconds = 0.0
-        self._start = 0.0
+        self._start: float | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _now(self, pl_module) -> float:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        elapsed = time.perf_counter() - self._start
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.peak_tflops is None:
+            self.peak_tflops = peak_tflops(pl_module.device, matmul_precision(trainer.precision))
+
+    def _flops_per_token(self, pl_module, length: int) -> float | None:
+        if length not in self._flops:
+            self._flops[length] = pl_module.model.flops_per_token(length)
+        return self._flops[length]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._flops and trainer.logger is not None and trainer.is_global_zero:
+            # the run's declared cost, once: forward FLOPs per token at its training length, and the peak it is held to
+            flops = self._flops_per_token(pl_module, batch[0].shape[-1])
+            trainer.logger.log_hyperparams({"model.flops_per_token": flops, "perf.peak_tflops": self.peak_tflops})
+        if self._start is None:
+            self._start = self._now(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._close_window(pl_module)
+
+    def _close_window(self, pl_module) -> None:
+        if self._start is not None:
+            elapsed = self._now(pl_module) - self._start
+            self._seconds += elapsed
+            self._total_seconds += elapsed
+            self._start = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tokens = batch[0].numel() * trainer.world_size
+        flops = self._flops_per_token(pl_module, batch[0].shape[-1])
         self._tokens += tokens
-        self._seconds += elapsed
         self._total_tokens += tokens
-        self._total_seconds += elapsed
-        if trainer.global_step % self.window == 0 and self._seconds > 0:
-            rate = self._tokens / self._seconds
-            pl_module.log("perf/tokens_per_sec", rate, on_step=True, on_epoch=False)
-            # against one device's perf/tokens_per_sec at the same per-device batch: the scaling efficiency
-            pl_module.log("perf/tokens_per_sec_per_device", rate / trainer.world_size, on_step=True, on_epoch=False)
-            pl_module.log("perf/peak_mem_mb", peak_memory_mb(pl_module.device), on_step=True, on_epoch=False)
-            self._tokens, self._seconds = 0, 0.0
+        if flops is not None:
+            self._train_flops += 3 * flops * tokens
+            self._total_flops += 3 * flops * tokens
+        if trainer.global_step % self.window == 0:
+            self._close_window(pl_module)
+            if self._seconds > 0:
+                for key, value in self._rates(self._tokens, self._train_flops, self._seconds, trainer).items():
+                    pl_module.log(key, value, on_step=True, on_epoch=False)
+                pl_module.log("perf/peak_mem_mb", peak_memory_mb(pl_module.device), on_step=True, on_epoch=False)
+            self._tokens, self._train_flops, self._seconds = 0, 0.0, 0.0
+
+    def _rates(self, tokens: int, flops: float, seconds: float, trainer, prefix: str = "perf/") -> dict[str, float]:
+        rate = tokens / seconds
+        # per device: against one device's perf/tokens_per_sec at the same per-device batch, the scaling efficiency
+        rates = {f"{prefix}tokens_per_sec": rate, f"{prefix}tokens_per_sec_per_device": rate / trainer.world_size}
+        if flops > 0:
+            tflops = flops / seconds / trainer.world_size / 1e12
+            rates[f"{prefix}tflops"] = tflops
+            if self.peak_tflops:
+                rates[f"{prefix}mfu"] = tflops / self.peak_tflops
+        return rates
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._close_window(pl_module)
         if self._total_seconds > 0 and trainer.logger is not None:
-            rate = self._total_tokens / self._total_seconds
-            trainer.logger.log_metrics(
-                {
-                    "perf/train_tokens_per_sec": rate,
-                    "perf/train_tokens_per_sec_per_device": rate / trainer.world_size,
-                    "perf/train_tokens": float(self._total_tokens),
-                    "perf/peak_mem_mb": peak_memory_mb(pl_module.device),
-                },
-                step=trainer.global_step,
-            )
+            metrics = self._rates(self._total_tokens, self._total_flops, self._total_seconds, trainer, "perf/train_")
+            metrics["perf/train_tokens"] = float(self._total_tokens)
+            metrics["perf/peak_mem_mb"] = peak_memory_mb(pl_module.device)
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     @property
     def tokens_per_sec(self) -> float:

@@ -8,17 +8,22 @@ Each row times one method at one shape (bf16, ``--tokens`` tokens per batch, 8 h
 The floor of a row is ``max(flops / matmul rate, bytes / copy bandwidth)`` with both ceilings measured on the
 same GPU at the start, the flops those of the chunkwise algorithm (64-token chunks) and the bytes each input read
 once and each output written once; "floor %" is floor / time. The table is printed, written as Markdown and CSV
-under ``--out``, and logged to MLflow (params, one metric per row, the table as an artifact).
+under ``--out`` (rewritten as each row finishes, so a run cut short keeps what it measured), and logged to MLflow
+(params, one metric per row, the table as an artifact). ``--cell-timeout`` bounds each cell (first call, compile and
+autotuning included): fla's first backward compiles for minutes, and a method that runs out of time is skipped at
+the larger shapes after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import platform
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,6 +99,49 @@ def _inputs(B: int, T: int, H: int, K: int, V: int, n: int, grad: bool) -> list[
             x.requires_grad_(grad)
         sets.append((q, k, v, do))
     return sets
+
+
+class CellTimeout(Exception):
+    """A cell ran past ``--cell-timeout``."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`CellTimeout` in this (main) thread once ``seconds`` have passed. A compile or autotuning sweep
+    is Python between its kernel builds, so it is interrupted at the next build; a running kernel finishes first."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CellTimeout(f"ran past the {seconds:g} s cell limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class RowFiles:
+    """The table so far as Markdown and CSV under ``out``, rewritten after every row."""
+
+    def __init__(self, out: Path, header: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.md, self.csv, self.header = out / "retention_benchmark.md", out / "retention_benchmark.csv", header
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.md.write_text(self.header + markdown_table(self.rows) + "\n")
+        with self.csv.open("w", newline="") as f:
+            fields = [k for k in asdict(row) if k != "extra"]
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: v for k, v in asdict(r).items() if k != "extra"})
 
 
 def _time(fn: Callable[[tuple], object], sets: list[tuple]) -> float:
@@ -187,19 +235,31 @@ def bench_retention(
     log,
     only: list[str] | None = None,
     variants: list[str] = (),
+    sink: Callable[[Row], None] | None = None,
+    cell_timeout: float | None = None,
 ) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
+    timed_out: dict[tuple[str, str], str] = {}  # (method, bench) -> the shape it ran out of time at
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if sink is not None:
+            sink(row)
+
     peak_tflops, peak_gbs = ceilings
     for B, T, H, K, V in shapes:
         for name, fn in retention_methods(H, T, K, variants).items():
             if only and not any(o in name for o in only):
                 continue
             if name == "torch reference" and B * T * H * max(K, V) > 2**27:
-                rows.append(Row("fwd", name, T, B, H, K, V, None, note="skipped: too slow at this size"))
-                rows.append(Row("fwd+bwd", name, T, B, H, K, V, None, note="skipped: too slow at this size"))
+                add(Row("fwd", name, T, B, H, K, V, None, note="skipped: too slow at this size"))
+                add(Row("fwd+bwd", name, T, B, H, K, V, None, note="skipped: too slow at this size"))
                 continue
             for backward in (False, True):
                 bench = "fwd+bwd" if backward else "fwd"
+                if (name, bench) in timed_out:
+                    add(Row(bench, name, T, B, H, K, V, None, note=f"skipped: timed out at {timed_out[name, bench]}"))
+                    continue
                 try:
                     sets = _inputs(B, T, H, K, V, 2, backward)
                     if backward:
@@ -213,12 +273,15 @@ def bench_retention(
                             with torch.no_grad():
                                 fn(s[0], s[1], s[2])
 
-                    run(sets[0])  # compile / autotune outside the timing
-                    torch.cuda.synchronize()
-                    ms = _time(run, sets)
+                    with time_limit(cell_timeout):
+                        run(sets[0])  # compile / autotune outside the timing
+                        torch.cuda.synchronize()
+                        ms = _time(run, sets)
                 except Exception as err:  # a method that cannot run a shape is a row with a note, not a crash
                     msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
-                    rows.append(Row(bench, name, T, B, H, K, V, None, note=msg))
+                    if isinstance(err, CellTimeout):
+                        timed_out[name, bench] = f"T={T} K={K} V={V}"
+                    add(Row(bench, name, T, B, H, K, V, None, note=msg))
                     log(f"  {bench:8s} {name:24s} T={T:6d} K={K} V={V}: failed ({msg})")
                     torch.cuda.empty_cache()
                     continue
@@ -242,7 +305,7 @@ def bench_retention(
                     floor_pct=100 * floor / ms,
                     note="attention flops" if attn else ("gamma fixed by H" if "fla" in name else ""),
                 )
-                rows.append(row)
+                add(row)
                 log(f"  {bench:8s} {name:24s} T={T:6d} K={K} V={V}: {ms:8.3f} ms  floor {row.floor_pct:5.1f}%")
                 torch.cuda.empty_cache()
     return rows
@@ -370,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         help="extra rows of ours with these tile choices, e.g. stages=2,shared_scores=0 (see retention_triton)",
     )
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell, compile included (0: no limit)")
     p.add_argument("--quick", action="store_true", help="T=2048 at K=V=128 and the paper's 256x512 only")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--experiment", default="kernels-benchmark")
@@ -400,24 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings()
     log(f"measured ceilings: {ceilings[0]:.0f} TFLOP/s bf16 matmul, {ceilings[1]:.0f} GB/s copy")
     shapes = [(max(1, args.tokens // T), T, args.heads, K, V) for K, V in dims for T in lengths]
-    rows = bench_retention(shapes, ceilings, log, args.methods, args.tiles)
-    if not args.no_decode:
-        rows += bench_decode([(args.decode_batch, args.heads, K, V) for K, V in dims], ceilings[1], log)
-    table = markdown_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     header = (
         f"Measured on {device}: {ceilings[0]:.0f} TFLOP/s bf16 matmul, {ceilings[1]:.0f} GB/s copy; "
         f"torch {torch.__version__}, triton {_version('triton')}, fla {_version('fla-core')}; "
         f"{args.tokens} tokens per batch, {args.heads} heads, bf16.\n\n"
     )
-    (args.out / "retention_benchmark.md").write_text(header + table + "\n")
-    csv_path = args.out / "retention_benchmark.csv"
-    with csv_path.open("w", newline="") as f:
-        fields = [k for k in asdict(rows[0]) if k != "extra"]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: v for k, v in asdict(r).items() if k != "extra"})
+    files = RowFiles(args.out, header)
+    rows = bench_retention(shapes, ceilings, log, args.methods, args.tiles, files.add, args.cell_timeout or None)
+    if not args.no_decode:
+        for row in bench_decode([(args.decode_batch, args.heads, K, V) for K, V in dims], ceilings[1], log):
+            rows.append(row)
+            files.add(row)
+    table = markdown_table(rows)
+    csv_path = files.csv
     print(header + table)
     if not args.no_mlflow:
         params = {

@@ -209,3 +209,43 @@ def step(
         return o
     key_sum.mul_(gamma[..., 0].to(key_sum.dtype)).add_(k.to(key_sum.dtype))
     return o, scale * (q.to(key_sum.dtype) * key_sum).sum(-1)
+
+
+# Chunked cores are counted at the kernels' sub-chunk (retention_triton.CHUNK), whatever chunk the PyTorch form is
+# configured with: a longer chunk does more score work for fewer sequential steps, work the function does not need,
+# just as attention is counted the same whichever kernel runs it.
+MODEL_CHUNK = 64
+
+
+def model_flops(form: str, length: int, key_dim: int, value_dim: int, chunk_size: int) -> int:
+    """One head's FLOPs over a ``length``-token sequence as runs count them: :func:`flops` of the form, chunks at
+    most :data:`MODEL_CHUNK` long (equal to what the PyTorch form computes whenever ``chunk_size <= MODEL_CHUNK``)."""
+    return flops(form, length, key_dim, value_dim, min(chunk_size, MODEL_CHUNK))
+
+
+def flops(
+    form: str,
+    length: int,
+    key_dim: int,
+    value_dim: int,
+    chunk_size: int = 64,
+    initial_state: bool = False,
+    final_state: bool = False,
+) -> int:
+    """Matrix-product FLOPs of one head over one sequence of ``length`` tokens in ``form``, as the functions above
+    compute it (see ``arch_zoo.flops`` for the convention): the score and output products of each block, the state
+    reads and writes. The recurrent form's state write is an outer product (element-wise): only its reads count."""
+    K, V = key_dim, value_dim
+    if form == "recurrent":
+        return 2 * length * K * V
+    if form == "parallel":
+        return 2 * length * length * (K + V) + 2 * length * K * V * (int(initial_state) + int(final_state))
+    if form != "chunkwise":
+        raise ValueError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+    C = max(1, min(chunk_size, length))
+    full_chunks, tail = divmod(length, C)
+    # each full chunk: scores and outputs, its write into the state, and its read of the state before it
+    total = full_chunks * (2 * C * C * (K + V) + 4 * C * K * V)
+    if tail:  # one parallel block from the carried state, always returning its final state
+        total += flops("parallel", tail, K, V, initial_state=bool(full_chunks) or initial_state, final_state=True)
+    return total

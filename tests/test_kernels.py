@@ -535,6 +535,44 @@ def test_benchmark_table_and_mlflow(tmp_path, monkeypatch):
     assert run.data.params["device"] == "test"
 
 
+def test_benchmark_writes_each_cell_and_skips_a_method_past_its_time_limit(tmp_path, monkeypatch):
+    """A method stuck compiling (fla's first backward took minutes) costs one cell's limit, not the whole run: it is
+    skipped at the shapes after, the others are measured, and the files hold every row as soon as it exists."""
+    import time
+
+    from arch_zoo.kernels import benchmark
+
+    def slow(q, k, v):
+        time.sleep(30)
+
+    def fast(q, k, v):
+        return (q * k * v).sum()
+
+    seen = []
+    files = benchmark.RowFiles(tmp_path, "header\n\n")
+
+    def sink(row):
+        files.add(row)
+        seen.append((row.method, row.bench, (tmp_path / "retention_benchmark.csv").read_text().count("\n") - 1))
+
+    x = torch.ones(2, requires_grad=True)
+    monkeypatch.setattr(benchmark, "retention_methods", lambda *a: {"stuck": slow, "ours": fast})
+    monkeypatch.setattr(benchmark, "_inputs", lambda *a: [(x, x, x, torch.ones(()))] * 2)
+    monkeypatch.setattr(benchmark, "_time", lambda fn, sets: 1.0)
+    monkeypatch.setattr(benchmark.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(benchmark.torch.cuda, "empty_cache", lambda: None)
+    start = time.perf_counter()
+    shapes = [(1, 64, 1, 16, 16), (1, 128, 1, 16, 16)]
+    rows = benchmark.bench_retention(shapes, (100.0, 1000.0), lambda m: None, sink=sink, cell_timeout=0.3)
+    assert time.perf_counter() - start < 5  # two 0.3 s limits, not 30 s sleeps
+    notes = {(r.method, r.bench, r.T): r.note for r in rows}
+    assert "CellTimeout" in notes["stuck", "fwd", 64] and "CellTimeout" in notes["stuck", "fwd+bwd", 64]
+    assert notes["stuck", "fwd", 128] == "skipped: timed out at T=64 K=16 V=16"
+    assert all(r.ms == 1.0 for r in rows if r.method == "ours")
+    assert [n for *_, n in seen] == list(range(1, len(rows) + 1))  # the CSV grew by one row per cell
+    assert "skipped: timed out" in (tmp_path / "retention_benchmark.md").read_text()
+
+
 def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
     pytest.importorskip("triton")
     from arch_zoo.kernels.benchmark import main, parse_tiles

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from arch_zoo import LanguageModel, ModelConfig, available_mixers, build_mixer
+from arch_zoo.flops import measured_flops_per_token
 from tests.conftest import mixer_params
 
 D_MODEL = 64
@@ -124,3 +125,17 @@ def test_one_step_lowers_loss(name):
     with torch.no_grad():
         after = model.loss(inputs, targets)
     assert after < before
+
+
+@pytest.mark.parametrize("length", [16, 45])
+@pytest.mark.parametrize("name", mixer_params())
+def test_declared_flops_match_the_counter(name, length):
+    """Each mixer declares its forward FLOPs per token (what runs turn into MFU); torch's counter must agree,
+    at a length that is whole chunks and at one that leaves a partial chunk."""
+    mixer = make_mixer(name)
+    declared = mixer.flops_per_token(length)
+    assert declared is not None, f"{name}: declare flops_per_token(seq_len) (see arch_zoo.flops)"
+    measured = measured_flops_per_token(
+        lambda x: mixer(x, return_state=False), [randn(name, 1, length, D_MODEL), randn(name, 2, length, D_MODEL)]
+    )
+    assert declared == pytest.approx(measured, rel=1e-12), f"{name}: declared {declared}, counted {measured}"

@@ -60,7 +60,7 @@ def artifacts(client, run_id: str, path: str = "") -> list[str]:
 
 @pytest.mark.slow
 def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
-    proc = run_train(tmp_path, data_cache, "data.eval_lengths=[128]")
+    proc = run_train(tmp_path, data_cache, "data.eval_lengths=[128]", "peak_tflops=0.002")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unigram baseline" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     client, run = only_run(tmp_path)
@@ -80,10 +80,17 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
         "val/bpb",
         "ood/pydoc/bpb",
         "perf/tokens_per_sec",
+        "perf/tflops",
+        "perf/mfu",
         "perf/peak_mem_mb",
         "baseline/unigram_bpb.val",
     ):
         assert key in run.data.metrics, key
+    # model FLOPs: a training step is three forwards of the declared per-token count, MFU that against the given peak
+    metrics, flops = run.data.metrics, float(params["model.flops_per_token"])
+    assert flops > 0 and params["perf.peak_tflops"] == "0.002"
+    assert metrics["perf/train_tflops"] * 1e12 == pytest.approx(3 * flops * metrics["perf/train_tokens_per_sec"])
+    assert metrics["perf/train_mfu"] == pytest.approx(metrics["perf/train_tflops"] / 0.002)
     files = artifacts(client, run.info.run_id)
     assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/config_resolved.yaml"} <= set(files)
     assert any(f.endswith(".ckpt") for f in files)

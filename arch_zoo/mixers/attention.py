@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
+from arch_zoo.flops import linear_flops
 from arch_zoo.layers import cached_rotary_cos_sin, rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
 
@@ -135,3 +136,8 @@ class Attention(TokenMixer):
 
     def state_size(self, seq_len: int) -> int:
         return 2 * seq_len * self.d_model  # keys and values of every past token
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The projections, plus ``Q K^T`` and ``A V`` over all ``seq_len^2`` scores (the causal half is not
+        subtracted, as the usual MFU accounting and torch's counter do)."""
+        return linear_flops(self.qkv, self.out) + 4 * seq_len * self.d_model

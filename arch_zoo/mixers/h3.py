@@ -54,6 +54,7 @@ from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
 from arch_zoo.convolutions import causal_conv_tail, fft_causal_conv, keep_last
+from arch_zoo.flops import linear_flops
 from arch_zoo.registry import register_mixer
 
 
@@ -222,3 +223,9 @@ class H3(TokenMixer):
     def state_size(self, seq_len: int) -> int:
         N = self.config.d_state
         return self.d_model * (N - 1) + self.n_heads * self.head_dim**2 * N
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The input and output projections. The shift and diagonal SSMs run as FFT convolutions, the per-head
+        ``k v^T`` and its read by ``q`` are element-wise, and the SSM kernel is shared by the batch (see
+        :mod:`arch_zoo.flops`)."""
+        return linear_flops(self.in_proj, self.out_proj)

@@ -57,6 +57,7 @@ from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, exclude_from_size, set_optim
 from arch_zoo.convolutions import ShortCausalConv, causal_conv_tail, fft_causal_conv
+from arch_zoo.flops import linear_flops
 from arch_zoo.registry import register_mixer
 
 
@@ -213,3 +214,9 @@ class Hyena(TokenMixer):
     def state_size(self, seq_len: int) -> int:
         c = self.config
         return (c.order + 1) * self.d_model * (c.short_filter_order - 1) + (c.order - 1) * self.d_model * seq_len
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The projections and the short depthwise convolution. The long convolutions are FFTs and their implicit
+        filters are computed once per call for the whole batch (see :mod:`arch_zoo.flops`)."""
+        short = 2 * self.short_conv.out_channels * self.config.short_filter_order
+        return linear_flops(self.in_proj, self.out_proj) + short

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
-from arch_zoo.kernels import dispatch
+from arch_zoo.flops import linear_flops
+from arch_zoo.kernels import core, dispatch
 from arch_zoo.kernels.core import FORMS, at_least_float32
 from arch_zoo.registry import register_mixer
 
@@ -141,19 +142,13 @@ class LinearAttention(TokenMixer):
         elif state is not None:
             s0 = state["S"]
 
-        if c.mode == "recurrent" or (state is not None and T == 1):
-            form = "recurrent"
-        elif c.mode == "parallel" and state is None:
-            form = "parallel"
-        else:  # memory bounded by the chunk, also when continuing a long prompt
-            form = "chunkwise"
         o, s = dispatch.decayed_linear_attention(
             q,
             k,
             v,
             None,
             backend=c.kernel,
-            form=form,
+            form=self.form(T, continued=state is not None),
             initial_state=s0,
             output_final_state=return_state,
             chunk_size=c.chunk_size,
@@ -166,6 +161,23 @@ class LinearAttention(TokenMixer):
         if c.normalize:
             return y, {"S": s[..., :d], "z": s[..., d]}
         return y, {"S": s, "z": None}
+
+    def form(self, n_tokens: int, continued: bool) -> str:
+        """The form of a call: a continued single token steps recurrently; a continued prompt runs chunkwise (memory
+        bounded by the chunk) unless ``mode`` is recurrent; a fresh sequence runs in ``mode``."""
+        mode = self.config.mode
+        if mode == "recurrent" or (continued and n_tokens == 1):
+            return "recurrent"
+        return "parallel" if mode == "parallel" and not continued else "chunkwise"
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The four projections plus the core in the configured form (chunks counted at most ``core.MODEL_CHUNK`` long,
+        the kernels' chunk; the normaliser is one more value column)."""
+        c = self.config
+        heads = core.model_flops(
+            self.form(seq_len, False), seq_len, self.head_dim, self.head_dim + int(c.normalize), c.chunk_size
+        )
+        return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.out_proj) + self.n_heads * heads / seq_len
 
     def state_size(self, seq_len: int) -> int:
         H, d = self.n_heads, self.head_dim

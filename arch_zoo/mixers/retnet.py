@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
-from arch_zoo.kernels import dispatch
+from arch_zoo.flops import linear_flops
+from arch_zoo.kernels import core, dispatch
 from arch_zoo.kernels.core import FORMS, at_least_float32
 from arch_zoo.layers import cached_rotary_cos_sin, rotate_pairs
 from arch_zoo.registry import register_mixer
@@ -514,6 +515,18 @@ class RetNet(TokenMixer):
         H, dk, dv = self.n_heads, self.key_dim, self.value_dim
         c = self.config
         return H * dk * dv + (H * dk if c.score_norm else 0) + (H if c.selective_decay and c.decay_norm else 0) + 1
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The projections (and a selective decay's), plus the core in the configured form (chunks counted at most
+        ``core.MODEL_CHUNK`` long, the kernels' chunk): the score normaliser is one more value column, a selective
+        decay's row sums one more core call of width one."""
+        c, H = self.config, self.n_heads
+        projections = linear_flops(self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj, self.decay_proj)
+        form = self.form(seq_len, continued=False)
+        heads = core.model_flops(form, seq_len, self.key_dim, self.value_dim + int(c.score_norm), c.chunk_size)
+        if c.selective_decay and c.decay_norm:
+            heads += core.model_flops(form, seq_len, 1, 1, c.chunk_size)
+        return projections + H * heads / seq_len
 
 
 def _continued(state: Any) -> bool:

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
+from arch_zoo.flops import linear_flops
 from arch_zoo.layers import FFNConfig, at_least_float32, register_ffn
 from arch_zoo.registry import register_mixer
 
@@ -362,6 +363,17 @@ class RWKV(TokenMixer):
     def state_size(self, seq_len: int) -> int:
         return 4 * self.d_model  # last x for the token shift; WKV's numerator, denominator and max exponent
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """The four projections, plus (chunkwise) the chunk-local sums: one ``[L, L]`` decay matrix times numerator
+        and denominator inputs per channel, over the sequence padded to whole chunks. The recurrent form and the
+        rest of WKV are element-wise."""
+        projections = linear_flops(self.key, self.value, self.receptance, self.output)
+        if self.config.mode == "recurrent":
+            return projections
+        L = max(1, min(self.config.chunk_size, seq_len))
+        padded = -(-seq_len // L) * L
+        return projections + 4 * L * self.d_model * padded / seq_len
+
 
 class RWKVChannelMix(nn.Module):
     """RWKV's channel mixing: a squared-ReLU FFN on token-shifted inputs, gated by a sigmoid receptance."""
@@ -398,6 +410,9 @@ class RWKVChannelMix(nn.Module):
 
     def state_size(self, seq_len: int) -> int:
         return self.d_model  # the last token's x
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return linear_flops(self.key, self.receptance, self.value)
 
 
 @register_ffn("rwkv_channel")

@@ -49,6 +49,8 @@ COLUMNS = {
         ("batch", "batch", "{}"),
         ("step_ms", "step (ms)", "{:.1f}"),
         ("tokens_per_s", "throughput (tokens/s)", "{:,.0f}"),
+        ("tflops", "model TFLOP/s", "{:.1f}"),
+        ("mfu", "MFU (%)", "{:.1%}"),
         ("peak_mib", "peak memory (MiB)", "{:,.0f}"),
         ("loss", "loss", "{:.3f}"),
         ("first_step_s", "first step (s)", "{:.1f}"),
@@ -56,10 +58,10 @@ COLUMNS = {
         ("status", "status", "{}"),
     ],
 }
-OPTIONAL = {"busy_pct"}  # columns shown only when some row has a value (--profile on a GPU)
+OPTIONAL = {"busy_pct", "mfu"}  # shown only when some row has a value (--profile on a GPU; a GPU of known peak)
 METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
-    "train": ("step_ms", "tokens_per_s", "peak_mib", "loss", "first_step_s", "busy_pct"),
+    "train": ("step_ms", "tokens_per_s", "tflops", "mfu", "peak_mib", "loss", "first_step_s", "busy_pct"),
 }
 
 

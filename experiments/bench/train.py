@@ -29,6 +29,7 @@ from experiments.bench import (
     synchronize,
 )
 from experiments.bench.profiling import profile_step
+from experiments.hardware import matmul_precision, peak_tflops
 
 
 @dataclass
@@ -42,6 +43,8 @@ class TrainRow:
     peak_mib: float | None = None
     loss: float | None = None  # the last step's, to show the step really trained (finite, near log(vocab))
     n_params: int = 0
+    tflops: float | None = None  # model FLOPs (three forwards per step, arch_zoo.flops) per second
+    mfu: float | None = None  # tflops as a fraction of the device's peak at the run's precision (experiments.hardware)
     busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
     first_step_s: float | None = None  # the first step's wall time: with --compile, mostly the compile (cold start)
 
@@ -119,6 +122,11 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     row.tokens_per_s = row.batch * row.length / (row.step_ms / 1e3)
     row.peak_mib = peak_mib(device)
     row.loss = float(loss)
+    flops = model.flops_per_token(row.length)
+    if flops is not None:
+        row.tflops = 3 * flops * row.tokens_per_s / 1e12
+        peak = peak_tflops(device, matmul_precision(settings.amp or torch.float32))
+        row.mfu = row.tflops / peak if peak else None
     if settings.profile_dir is not None:
         path = settings.profile_dir / f"profile_{row.model}_T{row.length}.txt"
         row.busy_pct = profile_step(step, device, path, "one training step", row.step_ms)
@@ -152,7 +160,9 @@ def run_train(
             if row.status == "ok":
                 log(
                     f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.step_ms:9.1f} ms/step  "
-                    f"{row.tokens_per_s:10.0f} tok/s  loss {row.loss:.3f}"
+                    f"{row.tokens_per_s:10.0f} tok/s  {row.tflops or 0:6.1f} TFLOP/s"
+                    + (f" (MFU {row.mfu:.1%})" if row.mfu is not None else "")
+                    + f"  loss {row.loss:.3f}"
                 )
             else:
                 log(f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.status}")

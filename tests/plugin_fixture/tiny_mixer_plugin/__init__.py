@@ -35,3 +35,6 @@ class EMAMixer(TokenMixer):
 
     def state_size(self, seq_len: int) -> int:
         return self.d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return 2 * 2 * self.d_model * self.d_model  # two d x d projections; the average is element-wise

@@ -1,0 +1,45 @@
+"""Peak dense matrix throughput per device, the denominator of model-FLOPs utilisation (MFU).
+
+Vendor datasheet figures, dense (without 2:4 sparsity), per device, by the precision the matrix products run in. A
+device that is not in the table, or a figure that differs on yours (a power-capped card, another clock), is given
+with ``peak_tflops=...`` on the command line.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (substring of torch.cuda.get_device_name, more specific first) -> TFLOP/s by matmul precision
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 (HBM3)
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+]
+
+
+def matmul_precision(precision: str | int | torch.dtype | None) -> str | None:
+    """The precision matrix products take under Lightning's ``trainer.precision`` or an autocast dtype (None:
+    float64, which the table does not hold)."""
+    dtypes = {torch.bfloat16: "bf16", torch.float16: "16", torch.float32: "32", torch.float64: "64"}
+    text = dtypes.get(precision, str(precision)) if isinstance(precision, torch.dtype) else str(precision)
+    if text.startswith("bf16"):
+        return "bf16"
+    if text.startswith("16"):
+        return "fp16"
+    if text.startswith("64"):
+        return None
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def peak_tflops(device: torch.device, precision: str | None) -> float | None:
+    """The table's peak for this device and precision, or None (a CPU, an unknown GPU, float64)."""
+    if device.type != "cuda" or precision is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks.get(precision)
+    return None

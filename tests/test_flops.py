@@ -1,0 +1,114 @@
+"""Declared FLOPs (what runs turn into TFLOP/s and MFU) against torch's FLOP counter, for every form and option that
+changes the arithmetic, and for whole models; the contract suite checks each mixer's default small config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arch_zoo import LanguageModel, ModelConfig, build_mixer
+from arch_zoo.flops import count_flops, measured_flops_per_token
+from arch_zoo.layers import FFNConfig
+
+D = 64
+
+
+def _measured_mixer(mixer, length: int) -> float:
+    one, two = torch.randn(1, length, D, dtype=torch.float64), torch.randn(2, length, D, dtype=torch.float64)
+    return measured_flops_per_token(lambda x: mixer(x, return_state=False), [one, two])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "retnet", "head_dim": 16, "mode": "parallel"},
+        {"name": "retnet", "head_dim": 16, "mode": "chunkwise", "chunk_size": 8},
+        {"name": "retnet", "head_dim": 16, "mode": "recurrent"},
+        {"name": "retnet", "head_dim": 16, "mode": "chunkwise", "chunk_size": 8, "score_norm": False},
+        {"name": "retnet", "head_dim": 16, "swish_gate": False, "gate_realloc": "none"},
+        {"name": "retnet", "head_dim": 16, "mode": "chunkwise", "chunk_size": 8, "selective_decay": True},
+        {"name": "linear_attention", "n_heads": 4, "mode": "parallel"},
+        {"name": "linear_attention", "n_heads": 4, "mode": "recurrent"},
+        {"name": "linear_attention", "n_heads": 4, "chunk_size": 8, "normalize": False, "feature_map": "relu"},
+        {"name": "rwkv", "mode": "recurrent"},
+        {"name": "rwkv", "chunk_size": 7},
+        {"name": "transformer", "n_heads": 2},
+        {"name": "h3", "head_dim": 8},
+        {"name": "hyena", "order": 3, "l_max": 64},
+    ],
+    ids=lambda spec: "-".join(f"{v}" for v in spec.values()),
+)
+@pytest.mark.parametrize("length", [8, 21])
+def test_every_form_declares_what_it_computes(spec, length):
+    torch.manual_seed(0)
+    mixer = build_mixer(spec, D).double()
+    assert mixer.flops_per_token(length) == pytest.approx(_measured_mixer(mixer, length), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "mixer, ffn",
+    [("retnet", "gelu"), ("transformer", "swiglu"), ("rwkv", "rwkv_channel"), ("hyena", "relu2")],
+)
+def test_model_flops_are_its_blocks_and_head(mixer, ffn):
+    """The model's declaration (the run's MFU numerator) adds every mixer, FFN and the head; a hybrid too."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=96,
+        d_model=D,
+        n_layers=2,
+        mixer=mixer,
+        ffn=FFNConfig(kind=ffn),
+        hybrid_mixer="linear_attention",
+        hybrid_layers=[1],
+    )
+    model = LanguageModel(config).double()
+    length = 24
+    tokens = torch.randint(0, 96, (2, length))
+    measured = measured_flops_per_token(lambda t: model(t), [tokens[:1], tokens])
+    assert model.flops_per_token(length) == pytest.approx(measured, rel=1e-12)
+
+
+def test_a_mixer_that_declares_nothing_leaves_the_model_undeclared():
+    """Runs report no MFU rather than a number that leaves a mixer's work out."""
+    model = LanguageModel(ModelConfig(vocab_size=32, d_model=D, n_layers=2, mixer="retnet"))
+    model.blocks[1].mixer.flops_per_token = lambda seq_len: None
+    assert model.flops_per_token(16) is None
+
+
+def test_peak_lookup_by_device_name_and_precision(monkeypatch):
+    from experiments import hardware
+
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert hardware.peak_tflops(cuda, hardware.matmul_precision("bf16-mixed")) == 989.4
+    assert hardware.peak_tflops(cuda, hardware.matmul_precision("16-mixed")) == 989.4
+    assert hardware.peak_tflops(cuda, hardware.matmul_precision("64-true")) is None
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert hardware.peak_tflops(cuda, "bf16") == 756.0
+    monkeypatch.setattr(hardware.torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert hardware.peak_tflops(cuda, "bf16") is None  # unknown: no MFU unless peak_tflops is given
+    assert hardware.peak_tflops(torch.device("cpu"), "fp32") is None
+    assert hardware.matmul_precision(torch.bfloat16) == "bf16" and hardware.matmul_precision(torch.float64) is None
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+@pytest.mark.parametrize("length, chunk", [(8, 8), (21, 8), (200, 64), (130, 512)])
+def test_each_core_form_counts_what_it_computes(form, length, chunk):
+    """``core.flops`` per form and chunk, whatever chunk: the count a run declares (``model_flops``) is it at chunks
+    of at most 64, the kernels' chunk."""
+    from arch_zoo.kernels import core
+
+    q, k = torch.randn(2, 3, length, 8, dtype=torch.float64), torch.randn(2, 3, length, 8, dtype=torch.float64)
+    v = torch.randn(2, 3, length, 5, dtype=torch.float64)
+    log_decay = torch.full((3,), -0.1, dtype=torch.float64)
+    kwargs = {"chunk_size": chunk} if form == "chunkwise" else {}
+    counted = count_flops(lambda: core.FORMS[form](q, k, v, log_decay, output_final_state=False, **kwargs))
+    assert counted == 2 * 3 * core.flops(form, length, 8, 5, chunk)
+    assert core.model_flops(form, length, 8, 5, chunk) == core.flops(form, length, 8, 5, min(chunk, 64))
+
+
+def test_the_counted_chunk_is_the_kernels():
+    from arch_zoo.kernels import core
+
+    triton_kernels = pytest.importorskip("arch_zoo.kernels.retention_triton")
+    assert core.MODEL_CHUNK == triton_kernels.CHUNK
