@@ -68,3 +68,14 @@ def test_missing_data_file_fails_the_check():
     cfg = compose_with(["data=files", "data.corpus.files=[/nonexistent/*.txt]"])
     with pytest.raises(ConfigError, match="no file matches"):
         check(cfg)
+
+
+def test_a_plugin_mixer_joins_a_sweep_as_an_arch_of_its_own():
+    """``+arch=NAME`` works for any registered mixer: one without a paper YAML (the test plugin's) runs at its own
+    defaults and is labelled by its own name, so it becomes a row of ``+sweep=table5``."""
+    assert "tiny_ema" in available_mixers()
+    cfg = compose_with(["+sweep=table5", "+arch=tiny_ema"])
+    assert cfg.model.mixer.name == "tiny_ema" and cfg.variant == "tiny_ema"
+    assert cfg.model.budget_per_layer == 12  # the sweep's equal-size rule still applies
+    retnet = compose_with(["+sweep=table5", "+arch=retnet"])
+    assert retnet.variant == "RetNet"  # a paper YAML wins over the generic entry
