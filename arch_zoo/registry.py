@@ -76,6 +76,21 @@ def _load_builtins() -> None:
         importlib.import_module("arch_zoo.mixers")
 
 
+def mixer_origin(name: str) -> dict[str, str]:
+    """Where a registered mixer comes from: for an entry point, its ``distribution``, ``version`` and
+    ``entry_point``; for a built-in, ``{"distribution": "built-in"}``. Runs record it, so a table row says which
+    release of a plugin made it."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            dist = ep.dist
+            return {
+                "distribution": dist.metadata["Name"] if dist is not None else "unknown",
+                "version": dist.version if dist is not None else "unknown",
+                "entry_point": ep.value,
+            }
+    return {"distribution": "built-in"}
+
+
 def load_plugins(force: bool = False) -> None:
     """Import every entry point of the group ``arch_zoo.mixers`` (once, unless ``force``)."""
     global _plugins_loaded, _loading_source

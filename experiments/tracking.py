@@ -4,7 +4,9 @@ artifacts, the git commit, and a readable run name."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
+import platform
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo.errors import ConfigError
+from arch_zoo.registry import mixer_origin
 from experiments.checkpoints import previous_of, usable_checkpoint
 from experiments.store import mask_secrets, open_experiment
 
@@ -265,6 +268,30 @@ def log_hydra_artifacts(logger: MLFlowLogger, output_dir: Path, cfg: DictConfig)
                 copy = Path(masked) / path.name
                 copy.write_text(mask_secrets(path.read_text()))
                 client.log_artifact(run_id, str(copy), "hydra")
+
+
+def mixer_origins(cfg: DictConfig) -> dict[str, str]:
+    """Where the run's mixers come from (``model.mixer.origin.distribution`` / ``.version`` / ``.entry_point``; the
+    same under ``model.hybrid_mixer``): a table row then says which release of a plugin produced it."""
+    params = {}
+    for key in ("mixer", "hybrid_mixer"):
+        spec = cfg.model.get(key)
+        name = spec if isinstance(spec, str) else (spec or {}).get("name")
+        if name:
+            params.update({f"model.{key}.origin.{k}": v for k, v in mixer_origin(name).items()})
+    return params
+
+
+def log_environment(logger: MLFlowLogger, output_dir: Path) -> None:
+    """The installed packages (``name==version``, sorted) and the interpreter, as ``environment/packages.txt``: what
+    a run needs to be made again, beside the git commit."""
+    packages = sorted(
+        {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions() if d.metadata["Name"]},
+        key=str.lower,
+    )
+    path = output_dir / "packages.txt"
+    path.write_text(f"# python {platform.python_version()} on {platform.platform()}\n" + "\n".join(packages) + "\n")
+    logger.experiment.log_artifact(logger.run_id, str(path), "environment")
 
 
 def record_failed_trial(cfg: DictConfig, overrides: list[str], reason: str) -> None:

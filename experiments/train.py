@@ -41,11 +41,13 @@ from experiments.tracking import (
     find_finished_run,
     find_unfinished_run,
     git_info,
+    log_environment,
     log_hydra_artifacts,
     make_logger,
     mark_failed,
     mark_interrupted,
     mark_sweep_interrupted,
+    mixer_origins,
     record_failed_trial,
     run_key,
     run_name,
@@ -207,11 +209,13 @@ def fit(run: Run) -> dict[str, float]:
         **{f"model.n_params_{kind}": n for kind, n in model.size().items()},
         **data.summary(),
         **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
+        **mixer_origins(cfg),
     }
     if logger is not None and run.resumed is None:
         logger.log_hyperparams({**config_params(cfg), **summary})
         logger.log_metrics({f"baseline/{k}": v for k, v in baselines.items()}, step=0)
         log_hydra_artifacts(logger, run.output_dir, cfg)
+        log_environment(logger, run.output_dir)
     log.info(
         "model: %s, %.2fM parameters; data: %s",
         task.model.config.mixer.name,

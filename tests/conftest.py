@@ -32,13 +32,6 @@ def data_cache(tmp_path_factory) -> Path:
 def mixer_params() -> list:
     """Every registered mixer as a pytest param (once: not again under an alias); those that cannot build on this
     machine are skipped with why."""
-    from arch_zoo import available_mixers
+    from arch_zoo.testing import mixer_params as params
 
-    params = []
-    for name, spec in available_mixers().items():
-        if spec.alias_of is not None:
-            continue
-        reason = spec.mixer_class.unavailable()
-        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return params()

@@ -124,6 +124,13 @@ def test_plugin_mixer_trains_by_name_from_an_override(tmp_path, data_cache):
     assert run.data.params["model.mixer.name"] == "tiny_ema"
     assert run.data.params["model.mixer.decay"] == "0.5"
     assert "train/loss" in run.data.metrics
+    # which release of the plugin made the run, and the whole environment beside it
+    assert run.data.params["model.mixer.origin.distribution"] == "tiny-mixer-plugin"
+    assert run.data.params["model.mixer.origin.version"] == "0.1"
+    assert run.data.params["model.mixer.origin.entry_point"] == "tiny_mixer_plugin:EMAMixer"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    packages = Path(client.download_artifacts(run.info.run_id, "environment/packages.txt", str(tmp_path))).read_text()
+    assert "tiny-mixer-plugin==0.1" in packages and f"torch=={torch.__version__}" in packages
 
 
 def test_config_error_is_one_line_naming_the_fix(tmp_path, data_cache):
