@@ -48,3 +48,16 @@ def test_plugin_is_discovered_through_its_entry_point():
     assert spec.source.startswith("plugin")
     mixer = build_mixer("tiny_ema", d_model=16)
     assert type(mixer).__module__ == "tiny_mixer_plugin"
+
+
+def test_zoo_mixers_lists_what_builds_here_first(capsys, monkeypatch):
+    """The mixers a user can train on this machine come before those it cannot build (CUDA-only ones on a CPU)."""
+    from arch_zoo import available_mixers
+    from experiments.cli import list_mixers
+
+    monkeypatch.setenv("COLUMNS", "200")
+    list_mixers()
+    rows = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("│ ")]
+    names = [n for n in rows if n in available_mixers()]
+    unavailable = [available_mixers()[n].mixer_class.unavailable() is not None for n in names]
+    assert unavailable == sorted(unavailable) and "retnet" in names
