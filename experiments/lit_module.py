@@ -111,19 +111,28 @@ class LanguageModelTask(L.LightningModule):
         self.count[dataloader_idx].update(scored.sum().float())
 
     def on_validation_epoch_end(self) -> None:
+        values: dict[str, torch.Tensor] = {}
         for i, split in enumerate(self.eval_splits):
             count = self.count[i].compute()
             if count == 0:  # sanity check or a split that was not evaluated
                 continue
             loss = self.nats[i].compute() / count
             prefix = metric_prefix(split)
-            self.log(f"{prefix}/loss", loss, add_dataloader_idx=False, prog_bar=split == "val")
-            self.log(f"{prefix}/ppl", torch.exp(loss), add_dataloader_idx=False)
-            self.log(f"{prefix}/acc", self.correct[i].compute() / count, add_dataloader_idx=False)
+            values[f"{prefix}/loss"] = loss
+            values[f"{prefix}/ppl"] = torch.exp(loss)
+            values[f"{prefix}/acc"] = self.correct[i].compute() / count
             if self.bytes_per_token.get(split):
-                self.log(f"{prefix}/bpb", loss / math.log(2) / self.bytes_per_token[split], add_dataloader_idx=False)
+                values[f"{prefix}/bpb"] = loss / math.log(2) / self.bytes_per_token[split]
             for metric in (self.nats[i], self.correct[i], self.count[i]):
                 metric.reset()
+        # for callbacks (checkpoints, a sweeper's pruning) through Lightning; to the logger at the optimiser step the
+        # weights have taken, which Lightning would record one lower inside the fit than after it
+        for key, value in values.items():
+            self.log(key, value, add_dataloader_idx=False, prog_bar=key == "val/loss", logger=False)
+        if self.logger is not None and values and not self.trainer.sanity_checking:
+            self.logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step  # the final validation reuses a pass at the last step
 
     def configure_optimizers(self):
         o = self.optim

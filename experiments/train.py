@@ -265,7 +265,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.LightningDataModule) -> dict[str, float]:
-    """The final weights' validation metrics.
+    """The final weights' validation metrics: those of the fit's last validation when it ran at the last step (no
+    second pass over the validation data, no repeated point at the end of every curve), else one more validation.
 
     Under FSDP a second loop after ``fit`` re-wraps the already sharded model and its forward fails on flattened
     weights (Lightning issue #19015), so the fit's last validation stands in: it is the final weights' when
@@ -273,12 +274,13 @@ def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.Lightn
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        metrics: dict[str, float] = {}
-        for result in trainer.validate(task, datamodule=data, verbose=False):
-            metrics.update({k: float(v) for k, v in result.items()})
-        return metrics
     prefixes = tuple(f"{metric_prefix(split)}/" for split in task.eval_splits)
+    if getattr(task, "validated_at_step", None) == trainer.global_step:
+        # the fit validated these very weights at its last step: a second pass would give the same numbers
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        trainer.validate(task, datamodule=data, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
     log.warning(
         "FSDP: the reported metrics are those of the last validation during training (at step %d); set "
         "trainer.val_check_interval to a divisor of trainer.max_steps to make it the final weights'",

@@ -386,3 +386,17 @@ def test_a_sweep_logs_the_paper_table_it_reproduces(tmp_path, data_cache):
     (run,) = client.search_runs([client.get_experiment_by_name("retnet_ablation").experiment_id])
     assert run.data.tags["paper_table"] == "table6" and run.data.tags["sweep"] == "retnet_ablation"
     assert run.data.params["model.mixer.swish_gate"] == "False"  # what analysis matches the paper's row by
+
+
+def test_a_validation_at_the_last_step_is_not_repeated(tmp_path, data_cache):
+    """The final weights' metrics come from the fit's own last validation when it ran at the last step: one point
+    at the end of each curve, not a second pass over the validation data; otherwise one more validation runs."""
+    for interval, expected in ((4, [4]), (3, [3, 4])):
+        folder = tmp_path / str(interval)
+        folder.mkdir()
+        proc = run_train(folder, data_cache, "trainer.max_steps=4", f"trainer.val_check_interval={interval}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client, run = only_run(folder)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        assert steps == expected  # at the optimiser step the weights have taken, as a sweeper reports it
+        assert "val/bpb" in run.data.metrics and "bits/byte" in proc.stdout
