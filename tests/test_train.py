@@ -87,6 +87,10 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
     files = artifacts(client, run.info.run_id)
     assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/config_resolved.yaml"} <= set(files)
     assert any(f.endswith(".ckpt") for f in files)
+    from experiments.lit_module import LanguageModelTask
+
+    task = LanguageModelTask.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert task.model.config.mixer.name == "retnet" and task.eval_splits[0] == "val"
 
 
 @pytest.mark.slow
