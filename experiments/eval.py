@@ -36,6 +36,8 @@ from experiments.decoding_check import decoding_agreement
 from experiments.store import open_experiment
 from experiments.trained_run import build_data_module, data_config, find_config, load_model, resolve_checkpoint
 
+NOT_SCORES = {"sample_len"}  # lm-eval's bookkeeping beside a task's scores (standard errors are skipped too)
+
 
 @dataclass
 class DecodingCheckConfig:
@@ -175,7 +177,9 @@ def downstream(model: torch.nn.Module, tokenizer: Any, cfg: DownstreamConfig) ->
     for task, values in result["results"].items():
         for key, value in values.items():
             name = key.split(",")[0]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith("_stderr"):
+            if name.endswith("_stderr"):
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in NOT_SCORES:
                 metrics[f"downstream/{task}/{name}"] = float(value)
     return metrics, {k: result[k] for k in ("results", "configs", "versions", "n-shot") if k in result}
 

@@ -148,3 +148,24 @@ def test_a_run_id_finds_its_checkpoint_and_bad_settings_are_refused(trained):
         run(EvalConfig(checkpoint=str(checkpoint), decoding=DecodingCheckConfig(length=8, prompt=8), log=False))
     with pytest.raises(ConfigError, match="every length must be >= 2"):
         run(EvalConfig(checkpoint=str(checkpoint), lengths=[1], log=False))
+
+
+def test_the_downstream_sweep_makes_one_evaluation_per_shot_count_and_zoo_table_lays_them_out(trained, tmp_path):
+    checkpoint, uri, parent = trained
+    sweep = [sys.executable, "-m", "experiments.eval", "-m", "+sweep=downstream", f"checkpoint={checkpoint}"]
+    offline = ["downstream.tasks=[zoo_mc]", "downstream.limit=4", f"tracking_uri={uri}", "device=cpu"]
+    done = subprocess.run([*sweep, *offline], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("downstream").experiment_id])
+    assert sorted(r.data.params["downstream.num_fewshot"] for r in runs) == ["0", "4"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent and "val/ppl" not in r.data.metrics for r in runs)
+    table = subprocess.run(
+        [str(Path(sys.executable).with_name("zoo-table")), "--experiment", "downstream", "--tracking-uri", uri],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "| model | shots | zoo_mc |" in table.stdout and "| retnet tiny [" in table.stdout
