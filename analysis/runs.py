@@ -126,7 +126,10 @@ def trials(frame: pd.DataFrame) -> pd.DataFrame:
     evaluation of a trained run is not a run of the table."""
     if frame.empty:
         return frame
-    return frame[~frame["is_parent"] & ~frame["is_summary"] & ~frame["is_eval"]].reset_index(drop=True)
+    kept = frame[~frame["is_parent"] & ~frame["is_summary"] & ~frame["is_eval"]].reset_index(drop=True)
+    # a metric only the left-out runs logged (an evaluation at another length) is no column of the trials
+    unlogged = [c for c in kept.columns if c.startswith("metrics.") and kept[c].isna().all()]
+    return kept.drop(columns=unlogged)
 
 
 def identity(frame: pd.DataFrame) -> pd.Series:

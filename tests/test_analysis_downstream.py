@@ -35,7 +35,8 @@ def store(tmp_path) -> str:
         client.log_metric(run_id, "val/ppl", 10.0)
         client.set_terminated(run_id, status="FINISHED")
         parents[name] = run_id
-    eval_run(client, trained, parents["retnet small"], 0, {}, "retnet small")  # a perplexity-only evaluation
+    evaluation = eval_run(client, trained, parents["retnet small"], 0, {}, "retnet small")  # perplexity only
+    client.log_metric(evaluation, "val_len1024/ppl", 11.0)
     paper = {"hellaswag": 0.30, "boolq": 0.55, "copa": 0.60, "piqa": 0.62, "wsc273": 0.52, "winogrande": 0.50}
     eval_run(client, downstream, parents["retnet small"], 0, {**paper, "zoo_mc": 0.25}, "retnet small")
     eval_run(client, downstream, parents["retnet small"], 4, {"hellaswag": 0.40}, "retnet small")
@@ -48,6 +49,7 @@ def test_an_evaluation_is_not_a_trial_and_leaves_its_run_one(store):
     frame = load_runs("table5", store)
     kept = trials(frame)
     assert sorted(kept["run_name"]) == ["retnet small", "transformer small"]
+    assert "metrics.val_len1024/ppl" in frame and "metrics.val_len1024/ppl" not in kept  # no empty column
 
 
 def test_table3_orders_the_papers_tasks_and_averages_them(store):
