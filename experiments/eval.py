@@ -83,10 +83,16 @@ register_configs()  # data=NAME selects a data config of the training tree, type
 
 def eval_data(run_cfg: DictConfig, cfg: EvalConfig) -> Any:
     """The data module to score on: the run's (or ``cfg.data``) with ``cfg.lengths`` as its evaluation lengths."""
+    config = trained = data_config(run_cfg)
     if cfg.data is not None:
         config = cfg.data if dataclasses.is_dataclass(cfg.data) else data_config(OmegaConf.create({"data": cfg.data}))
-    else:
-        config = data_config(run_cfg)
+        tokenizer = getattr(trained, "tokenizer", None)
+        # bytes read any text; a BPE is the one trained on the run's corpus, so another corpus would get another one
+        other_corpus = tokenizer != "bytes" and getattr(config, "corpus", None) != trained.corpus
+        if getattr(config, "tokenizer", None) != tokenizer or other_corpus:
+            raise ConfigError(
+                f"data= must tokenise as the run did (tokenizer={tokenizer}); with a BPE run, only its own corpus"
+            )
     if cfg.lengths:
         if not hasattr(config, "eval_lengths"):
             raise ConfigError(f"{type(config).__name__} has no window lengths to choose; leave lengths= empty")

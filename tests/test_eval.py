@@ -148,6 +148,9 @@ def test_a_run_id_finds_its_checkpoint_and_bad_settings_are_refused(trained):
         run(EvalConfig(checkpoint=str(checkpoint), decoding=DecodingCheckConfig(length=8, prompt=8), log=False))
     with pytest.raises(ConfigError, match="every length must be >= 2"):
         run(EvalConfig(checkpoint=str(checkpoint), lengths=[1], log=False))
+    with pytest.raises(ConfigError, match="must tokenise as the run did"):
+        bpe = {"_target_": "experiments.data.datamodule.TextDataModule", "tokenizer": "bpe"}
+        run(EvalConfig(checkpoint=str(checkpoint), data=bpe, log=False))
 
 
 def test_the_downstream_sweep_makes_one_evaluation_per_shot_count_and_zoo_table_lays_them_out(trained, tmp_path):
