@@ -65,7 +65,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | No
             settings["lr"] = min(settings.get("lr", lr), cap)
         settings.update(custom)
         grouped.setdefault(tuple(sorted(settings.items())), []).append(param)
-    return [{"params": params, **dict(key)} for key, params in grouped.items()]
+    groups = [{"params": params, **dict(key)} for key, params in grouped.items()]
+    for group in groups:
+        group["name"] = group_name(group, weight_decay, lr)
+    return groups
+
+
+def group_name(group: dict, weight_decay: float, lr: float | None) -> str:
+    """What sets a group apart, as the learning-rate monitor's metric name (``lr-AdamW/no_decay-lr_x2``, not
+    ``pg3``): decayed or not, and its own peak rate (as a multiple of the run's) or weight decay where it has one."""
+    decay = group["weight_decay"]
+    name = "no_decay" if decay == 0 else "decay" if decay == weight_decay else f"decay_{decay:g}"
+    if "lr" in group:
+        name += f"-lr_x{group['lr'] / lr:.3g}" if lr else f"-lr_{group['lr']:g}"
+    return name
 
 
 def typed_model_config(values: ModelConfig | dict[str, Any]) -> ModelConfig:

@@ -68,6 +68,9 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
     params = run.data.params
     assert params["model.mixer.name"] == "retnet"
     assert params["trainer.max_steps"] == "4" and params["seed"] == "0"
+    assert params["model.vocab_size"] == "257"  # bytes and end of document, not the config's null
+    assert params["trainer.enable_progress_bar"] == "false" and params["model.tie_embeddings"] == "false"
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay"} <= set(run.data.metrics)  # groups by name, not pg1/pg2
     assert len(params["data.content_hash"]) == 64
     assert int(params["model.n_params"]) > 0
     assert int(params["model.state_size.T512"]) == int(params["model.state_size.T8192"])  # O(1) decoding state
