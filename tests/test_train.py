@@ -238,8 +238,8 @@ def test_ablation_sweep_runs_from_one_override(tmp_path, data_cache):
         "reduce head dimension",
     }
     assert all(r.info.status == "FINISHED" for r in trials.values())
-    assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "False"
-    assert trials["- γ decay"].data.params["model.mixer.decay"] == "False"
+    assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "false"
+    assert trials["- γ decay"].data.params["model.mixer.decay"] == "false"
     assert trials["reduce head dimension"].data.params["model.mixer.head_dim_divisor"] == "4"  # relative, not a literal
 
 
