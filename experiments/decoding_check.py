@@ -3,13 +3,17 @@
 The training form runs a whole sequence at once (parallel or chunkwise); generation runs a prompt, then one token per
 call from the states ``LanguageModel.allocate_states`` gives (a recurrent state, a KV cache, a convolution history).
 Both must compute the same logits; a mixer whose recurrent step drifts from its parallel form generates text the
-validation loss never saw. ``zoo-eval`` logs this comparison for every run; ``experiments.state_precision`` uses the
-same two forms to price RetNet's reduced-precision states.
+validation loss never saw. ``zoo-eval`` logs this comparison for every run, and, with ``decoding.state_dtypes``,
+what keeping the state in a reduced precision costs, for every mixer with a ``state_dtype`` setting (RetNet's);
+``experiments.state_precision`` prints the same comparison as a table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -73,3 +77,41 @@ def decoding_agreement(model: LanguageModel, inputs: torch.Tensor, targets: torc
     check_prompt(prompt, inputs.shape[1])
     reference = reference_logits(model, inputs)[:, prompt:]
     return compare(decode_logits(model, inputs, prompt), reference, targets[:, prompt:])
+
+
+def state_dtype_mixers(model: LanguageModel) -> list[torch.nn.Module]:
+    """The mixers whose config has a ``state_dtype`` setting (the precision their decoding state is kept in)."""
+    return [b.mixer for b in model.blocks if any(f.name == "state_dtype" for f in dataclasses.fields(b.mixer.config))]
+
+
+@contextmanager
+def state_dtype(model: LanguageModel, name: str) -> Iterator[None]:
+    """Every mixer with a ``state_dtype`` setting keeps its state in ``name`` inside the block (the mixer's own
+    config check judges the name); their configs are restored on exit."""
+    mixers = state_dtype_mixers(model)
+    if not mixers:
+        names = sorted({type(b.mixer).__name__ for b in model.blocks})
+        raise ConfigError(f"no mixer of this model ({', '.join(names)}) has a state_dtype setting to vary")
+    saved = [m.config for m in mixers]
+    try:
+        for mixer in mixers:
+            config = dataclasses.replace(mixer.config, state_dtype=name)
+            config.check(model.config.d_model)
+            mixer.config = config
+        yield
+    finally:
+        for mixer, config in zip(mixers, saved):
+            mixer.config = config
+
+
+def reduced_state_costs(
+    model: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor, prompt: int, dtypes: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per state dtype, the stepped decoding with the state kept in it against the whole-sequence forward."""
+    check_prompt(prompt, inputs.shape[1])
+    reference = reference_logits(model, inputs)[:, prompt:]
+    costs = {}
+    for name in dtypes:
+        with state_dtype(model, name):
+            costs[name] = compare(decode_logits(model, inputs, prompt), reference, targets[:, prompt:])
+    return costs

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from arch_zoo.contract import ConfigError
 from experiments.bench import resolve_device
 from experiments.config_store import register_configs
-from experiments.decoding_check import decoding_agreement
+from experiments.decoding_check import decoding_agreement, reduced_state_costs
 from experiments.store import open_experiment
 from experiments.trained_run import build_data_module, data_config, find_config, load_model, resolve_checkpoint
 
@@ -45,6 +45,9 @@ class DecodingCheckConfig:
     sequences: int = 4  # validation windows, decoded as one batch
     length: int | None = None  # tokens per window (null: the run's block size)
     prompt: int = 16  # tokens run as one call before one-token steps
+    # also decode with the state kept in these dtypes (mixers with a state_dtype setting, e.g. RetNet): the cost of a
+    # reduced-precision state, as decode/state_<dtype>/*
+    state_dtypes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -155,7 +158,10 @@ def decoding(model: torch.nn.Module, data: Any, cfg: DecodingCheckConfig, device
         raise ConfigError(f"decoding.length={length} exceeds the validation windows ({inputs.shape[1]} tokens)")
     inputs, targets = inputs[:, :length].to(device), targets[:, :length].to(device)
     result = decoding_agreement(model, inputs, targets, cfg.prompt)
-    return {f"decode/{k}": float(v) for k, v in result.items()}
+    metrics = {f"decode/{k}": float(v) for k, v in result.items()}
+    for dtype, row in reduced_state_costs(model, inputs, targets, cfg.prompt, list(cfg.state_dtypes)).items():
+        metrics.update({f"decode/state_{dtype}/{k}": float(v) for k, v in row.items()})
+    return metrics
 
 
 def downstream(model: torch.nn.Module, tokenizer: Any, cfg: DownstreamConfig) -> tuple[dict[str, float], dict]:
@@ -260,6 +266,7 @@ def log_child(
         "downstream.limit": cfg.downstream.limit,
         "decoding.prompt": cfg.decoding.prompt,
         "decoding.sequences": cfg.decoding.sequences,
+        "decoding.state_dtypes": ",".join(cfg.decoding.state_dtypes),
         "step": step,
         "seconds": round(seconds, 2),
     }

@@ -111,18 +111,13 @@ def retnet_mixers(model: torch.nn.Module) -> list[RetNet]:
 
 @contextmanager
 def state_dtype(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Every RetNet mixer keeps its state in ``name`` inside the block; their configs are restored on exit."""
+    """Every RetNet mixer keeps its state in ``name`` inside the block (``decoding_check.state_dtype``, after the
+    checks that name this command's options); their configs are restored on exit."""
     if name not in STATE_DTYPES:
         raise ConfigError(f"state dtype {name!r} is not one of {', '.join(STATE_DTYPES)}")
-    mixers = retnet_mixers(model)
-    saved = [m.config for m in mixers]
-    try:
-        for mixer in mixers:
-            mixer.config = dataclasses.replace(mixer.config, state_dtype=name)
+    retnet_mixers(model)
+    with decoding_check.state_dtype(model, name):
         yield
-    finally:
-        for mixer, config in zip(mixers, saved):
-            mixer.config = config
 
 
 def compare(name: str, logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from lm_eval.tasks import TaskManager
 from arch_zoo import LanguageModel, ModelConfig
 from arch_zoo.contract import ConfigError
 from experiments.data.tokenizer import ByteTokenizer
-from experiments.decoding_check import decoding_agreement
+from experiments.decoding_check import decoding_agreement, reduced_state_costs
 from experiments.downstream.lm import ArchZooLM
 from experiments.downstream.tasks import TASKS_DIR
 from experiments.eval import DecodingCheckConfig, EvalConfig, run
@@ -119,6 +119,7 @@ def test_the_command_writes_a_child_run_with_perplexity_decoding_and_the_local_t
     checkpoint, uri, parent = trained
     command = [sys.executable, "-m", "experiments.eval", f"checkpoint={checkpoint.parent.parent}", "device=cpu"]
     options = [f"tracking_uri={uri}", "lengths=[32,64]", "downstream.tasks=[zoo_mc]", "decoding.sequences=2"]
+    options.append("decoding.state_dtypes=[bfloat16]")
     done = subprocess.run([*command, *options], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "downstream/zoo_mc/acc" in done.stdout and f"under run {parent}" in done.stderr
@@ -131,6 +132,7 @@ def test_the_command_writes_a_child_run_with_perplexity_decoding_and_the_local_t
         assert metrics[f"{split}/ppl"] == pytest.approx(2.718281828 ** metrics[f"{split}/loss"], rel=1e-5)
         assert metrics[f"{split}/bpb"] > 0
     assert metrics["decode/greedy_agreement"] == 100.0 and metrics["decode/max_logit_diff"] < 1e-4
+    assert metrics["decode/state_bfloat16/max_logit_diff"] > 100 * metrics["decode/max_logit_diff"]
     assert 0 <= metrics["downstream/zoo_mc/acc"] <= 1
     assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"downstream.json"}
     typo = subprocess.run([*command, "lenghts=[32]"], capture_output=True, text=True, timeout=300)
@@ -172,3 +174,15 @@ def test_the_downstream_sweep_makes_one_evaluation_per_shot_count_and_zoo_table_
     )
     assert table.returncode == 0, table.stderr[-2000:]
     assert "| model | shots | zoo_mc |" in table.stdout and "| retnet tiny [" in table.stdout
+
+
+def test_reduced_precision_states_cost_what_state_precision_measures_and_need_a_mixer_that_has_them():
+    model = tiny(RETNET)
+    tokens = torch.randint(257, (2, 41), generator=torch.Generator().manual_seed(0))
+    costs = reduced_state_costs(model, tokens[:, :-1], tokens[:, 1:], 8, ["auto", "float16", "bfloat16"])
+    assert costs["auto"]["max_logit_diff"] < costs["float16"]["max_logit_diff"] < costs["bfloat16"]["max_logit_diff"]
+    assert {block.mixer.config.state_dtype for block in model.blocks} == {"auto"}  # restored
+    with pytest.raises(ConfigError, match="is not one of"):
+        reduced_state_costs(model, tokens[:, :-1], tokens[:, 1:], 8, ["float8"])
+    with pytest.raises(ConfigError, match="no mixer of this model .* has a state_dtype setting"):
+        reduced_state_costs(tiny(MIXERS["transformer"]), tokens[:, :-1], tokens[:, 1:], 8, ["float16"])
