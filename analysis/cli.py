@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots
+from analysis import downstream, plots
 from analysis.paper import TABLES, PaperTable, get_table
 from analysis.runs import (
     client_for,
@@ -119,6 +119,8 @@ def log_summary(table: ResultTable, files: list[Path], tracking_uri: str | None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.experiment == downstream.EXPERIMENT:  # zoo-eval's records: the paper's Table 3 layout
+        return downstream.main(args)
     try:
         frame, duplicates = deduplicate(trials(load_runs(args.experiment, args.tracking_uri)))
         if not duplicates.empty:

@@ -104,8 +104,11 @@ def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
     """Runs -> DataFrame, oldest first, with ``is_parent`` (a sweep's parent run) and ``is_summary`` marked."""
     frame = pd.DataFrame([run_record(r) for r in runs])
     if frame.empty:
-        return pd.DataFrame(columns=["run_id", "status", "outcome", "parent_run_id", "is_parent", "is_summary"])
-    children_of = set(frame["parent_run_id"].dropna())
+        columns = ["run_id", "status", "outcome", "parent_run_id", "is_parent", "is_summary", "is_eval"]
+        return pd.DataFrame(columns=columns)
+    # an evaluation (zoo-eval, tag eval=true) is a child of the run it measured, which stays a trial
+    frame["is_eval"] = frame.get("tags.eval", pd.Series(index=frame.index, dtype=object)).eq("true")
+    children_of = set(frame.loc[~frame["is_eval"], "parent_run_id"].dropna())
     sweep_parent = frame.get("tags.sweep_parent", pd.Series(index=frame.index, dtype=object)).eq("true")
     frame["is_parent"] = frame["run_id"].isin(children_of) | sweep_parent
     frame["is_summary"] = frame.get("tags.summary", pd.Series(index=frame.index, dtype=object)).eq("true")
@@ -119,10 +122,14 @@ def load_runs(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
 
 
 def trials(frame: pd.DataFrame) -> pd.DataFrame:
-    """The runs that trained something: a sweep's parent run and our own summary runs are bookkeeping."""
+    """The runs that trained something: a sweep's parent run and our own summary runs are bookkeeping, and an
+    evaluation of a trained run is not a run of the table."""
     if frame.empty:
         return frame
-    return frame[~frame["is_parent"] & ~frame["is_summary"]].reset_index(drop=True)
+    kept = frame[~frame["is_parent"] & ~frame["is_summary"] & ~frame["is_eval"]].reset_index(drop=True)
+    # a metric only the left-out runs logged (an evaluation at another length) is no column of the trials
+    unlogged = [c for c in kept.columns if c.startswith("metrics.") and kept[c].isna().all()]
+    return kept.drop(columns=unlogged)
 
 
 def identity(frame: pd.DataFrame) -> pd.Series:

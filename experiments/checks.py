@@ -32,7 +32,8 @@ def known_settings() -> frozenset[str]:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """A key added with ``+key=value`` that no part of the program reads (a typo, a stale option) is refused."""
+    """A key added with ``+key=value`` that no part of the program reads (a typo, a stale option) is refused, and so
+    is an accelerator the machine lacks."""
     for key in cfg.keys():
         if key in known_settings():
             continue
@@ -41,6 +42,30 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"unknown setting {key!r}: nothing reads it; {hint}settings are {', '.join(sorted(known_settings()))} "
             "(+name=... adds only config groups such as +sweep=NAME)"
+        )
+    if "trainer" in cfg:
+        check_accelerator(cfg.trainer)  # the hardware a setting asks for, before the Trainer is built
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """``trainer=gpu`` / ``trainer=ddp`` on a machine without enough CUDA GPUs: one line, not Lightning's traceback
+    from inside the Trainer's constructor."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = trainer.get("devices", "auto")
+    wanted = devices if isinstance(devices, int) and devices > 0 else 1
+    if available == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu, trainer=ddp) needs a CUDA GPU and this machine has none; "
+            "train on the CPU with trainer=default"
+        )
+    if wanted > available:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {available} CUDA GPU(s); set trainer.devices={available}"
         )
 
 

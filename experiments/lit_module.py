@@ -3,14 +3,16 @@ linear warmup and cosine decay; per-parameter optimiser settings declared by the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from arch_zoo import LanguageModel, ModelConfig
+from arch_zoo import FFNConfig, LanguageModel, ModelConfig, make_config
 
 IGNORE = -100  # target value of positions that are not scored
 
@@ -63,19 +65,60 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | No
             settings["lr"] = min(settings.get("lr", lr), cap)
         settings.update(custom)
         grouped.setdefault(tuple(sorted(settings.items())), []).append(param)
-    return [{"params": params, **dict(key)} for key, params in grouped.items()]
+    groups = [{"params": params, **dict(key)} for key, params in grouped.items()]
+    for group in groups:
+        group["name"] = group_name(group, weight_decay, lr)
+    return groups
+
+
+def group_name(group: dict, weight_decay: float, lr: float | None) -> str:
+    """What sets a group apart, as the learning-rate monitor's metric name (``lr-AdamW/no_decay-lr_x2``, not
+    ``pg3``): decayed or not, and its own peak rate (as a multiple of the run's) or weight decay where it has one."""
+    decay = group["weight_decay"]
+    name = "no_decay" if decay == 0 else "decay" if decay == weight_decay else f"decay_{decay:g}"
+    if "lr" in group:
+        name += f"-lr_x{group['lr'] / lr:.3g}" if lr else f"-lr_{group['lr']:g}"
+    return name
+
+
+def typed_model_config(values: ModelConfig | dict[str, Any]) -> ModelConfig:
+    """A ``ModelConfig`` from itself or from its plain-dict form (how a checkpoint keeps it: a checkpoint holds no
+    classes, so it loads with ``weights_only``)."""
+    if isinstance(values, ModelConfig):
+        return values
+    values = dict(values)
+    values["ffn"] = (
+        FFNConfig(**values["ffn"]) if isinstance(values.get("ffn"), dict) else values.get("ffn", FFNConfig())
+    )
+    for key in ("mixer", "hybrid_mixer"):
+        if values.get(key) is not None:
+            values[key] = make_config(values[key])
+    return ModelConfig(**values)
 
 
 class LanguageModelTask(L.LightningModule):
+    """The training task. Its constructor arguments are saved in the checkpoint as plain values, so
+    ``LanguageModelTask.load_from_checkpoint(path)`` rebuilds it with the trained weights."""
+
     def __init__(
         self,
-        model_config: ModelConfig,
-        optim: OptimConfig,
+        model_config: ModelConfig | dict[str, Any],
+        optim: OptimConfig | dict[str, Any],
         total_steps: int,
         eval_splits: list[str],
         bytes_per_token: dict[str, float | None],
     ) -> None:
         super().__init__()
+        model_config = typed_model_config(model_config)
+        optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
+        plain = {
+            "model_config": dataclasses.asdict(model_config),
+            "optim": dataclasses.asdict(optim),
+            "total_steps": total_steps,
+            "eval_splits": list(eval_splits),
+            "bytes_per_token": dict(bytes_per_token),
+        }
+        self.save_hyperparameters(plain, logger=False)  # the run logs its whole config as params already
         self.model = LanguageModel(model_config)
         self.optim = optim
         self.total_steps = total_steps
@@ -87,6 +130,13 @@ class LanguageModelTask(L.LightningModule):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)[0]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A compiled run saved its weights under ``model._orig_mod.``; an uncompiled model reads them too."""
+        if isinstance(self.model, LanguageModel):
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("model._orig_mod.")]:
+                state["model." + key.removeprefix("model._orig_mod.")] = state.pop(key)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch

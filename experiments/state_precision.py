@@ -30,14 +30,15 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import LanguageModel
 from arch_zoo.contract import ConfigError
 from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
+from experiments import decoding_check
 from experiments.bench import device_label, resolve_device
 from experiments.bench.report import markdown, record_run
+from experiments.decoding_check import decode_logits, nll, reference_logits
 from experiments.trained_run import build_data_module, data_config, find_config, load_model
 
 EXPERIMENT = "state_precision"
@@ -110,62 +111,18 @@ def retnet_mixers(model: torch.nn.Module) -> list[RetNet]:
 
 @contextmanager
 def state_dtype(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Every RetNet mixer keeps its state in ``name`` inside the block; their configs are restored on exit."""
+    """Every RetNet mixer keeps its state in ``name`` inside the block (``decoding_check.state_dtype``, after the
+    checks that name this command's options); their configs are restored on exit."""
     if name not in STATE_DTYPES:
         raise ConfigError(f"state dtype {name!r} is not one of {', '.join(STATE_DTYPES)}")
-    mixers = retnet_mixers(model)
-    saved = [m.config for m in mixers]
-    try:
-        for mixer in mixers:
-            mixer.config = dataclasses.replace(mixer.config, state_dtype=name)
+    retnet_mixers(model)
+    with decoding_check.state_dtype(model, name):
         yield
-    finally:
-        for mixer, config in zip(mixers, saved):
-            mixer.config = config
-
-
-@torch.no_grad()
-def reference_logits(model: LanguageModel, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits of one whole-sequence forward per sequence (the training form; one at a time bounds the memory of a
-    parallel form at long lengths)."""
-    return torch.cat([model(row[None])[0].float() for row in inputs])
-
-
-@torch.no_grad()
-def decode_logits(model: LanguageModel, inputs: torch.Tensor, prompt: int) -> torch.Tensor:
-    """Logits of positions ``prompt..T-1``: the prompt in one call from the states the model allocates (in-place
-    decoding, as ``generate`` does), then one token per call, each the true token at that position."""
-    _, states = model(inputs[:, :prompt], model.allocate_states(*inputs.shape), return_states=True)
-    out = []
-    for t in range(prompt, inputs.shape[1]):
-        logits, states = model(inputs[:, t : t + 1], states, return_states=True)
-        out.append(logits[:, -1].float())
-    return torch.stack(out, dim=1)
-
-
-def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean negative log-likelihood in nats (float64 accumulation: deltas of 1e-7 must survive the mean)."""
-    per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-    return float(per_token.double().mean())
 
 
 def compare(name: str, logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
     """One row: ``logits`` against ``reference`` on the same positions (``[B, n, vocab]`` both)."""
-    value, ref_value = nll(logits, targets), nll(reference, targets)
-    diff = (logits.double() - reference.double()).nan_to_num(nan=math.inf)
-    return {
-        "state_dtype": name,
-        "positions": targets.numel(),
-        "nll": value,
-        "bits": value / math.log(2),
-        "reference_nll": ref_value,
-        "delta_nll": value - ref_value,
-        "rel_delta_nll": (value - ref_value) / ref_value,
-        "max_logit_diff": float(diff.abs().max()),
-        "rel_logit_error": float(diff.norm() / reference.double().norm()),
-        "greedy_agreement": 100.0 * float((logits.argmax(-1) == reference.argmax(-1)).double().mean()),
-        "nonfinite_logits": int((~torch.isfinite(logits)).sum()),
-    }
+    return {"state_dtype": name, **decoding_check.compare(logits, reference, targets)}
 
 
 def reference_row(reference: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:

@@ -36,10 +36,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def param_text(value: Any) -> str:
+    """A param's text as the config spells it: booleans ``true``/``false`` (YAML's and the override grammar's), so
+    an MLflow filter ``params.x = 'false'`` finds them; Python's ``False`` would match nothing a user types."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def config_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as MLflow params, credentials in store URLs masked."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {k: mask_secrets(str(v))[:MAX_PARAM_LENGTH] for k, v in flatten(resolved).items()}
+    return {k: mask_secrets(param_text(v))[:MAX_PARAM_LENGTH] for k, v in flatten(resolved).items()}
 
 
 def git_info() -> dict[str, str]:

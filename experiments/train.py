@@ -32,6 +32,7 @@ from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.compose import model_config
 from experiments.config_store import register_configs
 from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
+from experiments.preflight import refuse_unknown_mixers
 from experiments.store import mask_secrets
 from experiments.tracking import (
     Resumable,
@@ -204,6 +205,7 @@ def fit(run: Run) -> dict[str, float]:
     baselines = data.baselines()
     summary = {
         "model.n_params": n_params,
+        "model.vocab_size": model_cfg.vocab_size,  # the config's null is filled from the tokeniser
         "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
         # equal size, as every mixer is matched: counted (the budget) vs not counted (embeddings, positional tables)
         **{f"model.n_params_{kind}": n for kind, n in model.size().items()},
@@ -332,6 +334,7 @@ def run(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``zoo-train``: Hydra's entry point, with SIGTERM/SIGINT turned into a recorded stop and exit code 143/130."""
     interrupts.install()
+    refuse_unknown_mixers(sys.argv[1:], "zoo-train")  # before Hydra composes: its report lacks "did you mean"
     try:
         run()
     except interrupts.Interrupted as stop:

@@ -68,6 +68,9 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
     params = run.data.params
     assert params["model.mixer.name"] == "retnet"
     assert params["trainer.max_steps"] == "4" and params["seed"] == "0"
+    assert params["model.vocab_size"] == "257"  # bytes and end of document, not the config's null
+    assert params["trainer.enable_progress_bar"] == "false" and params["model.tie_embeddings"] == "false"
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay"} <= set(run.data.metrics)  # groups by name, not pg1/pg2
     assert len(params["data.content_hash"]) == 64
     assert int(params["model.n_params"]) > 0
     assert int(params["model.state_size.T512"]) == int(params["model.state_size.T8192"])  # O(1) decoding state
@@ -94,6 +97,10 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
     files = artifacts(client, run.info.run_id)
     assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/config_resolved.yaml"} <= set(files)
     assert any(f.endswith(".ckpt") for f in files)
+    from experiments.lit_module import LanguageModelTask
+
+    task = LanguageModelTask.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert task.model.config.mixer.name == "retnet" and task.eval_splits[0] == "val"
 
 
 @pytest.mark.slow
@@ -245,8 +252,8 @@ def test_ablation_sweep_runs_from_one_override(tmp_path, data_cache):
         "reduce head dimension",
     }
     assert all(r.info.status == "FINISHED" for r in trials.values())
-    assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "False"
-    assert trials["- γ decay"].data.params["model.mixer.decay"] == "False"
+    assert trials["- swish gate"].data.params["model.mixer.swish_gate"] == "false"
+    assert trials["- γ decay"].data.params["model.mixer.decay"] == "false"
     assert trials["reduce head dimension"].data.params["model.mixer.head_dim_divisor"] == "4"  # relative, not a literal
 
 
