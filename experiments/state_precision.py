@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import LanguageModel
 from arch_zoo.contract import ConfigError
-from arch_zoo.mixers.retnet import STATE_DTYPES, RetNet
+from arch_zoo.mixers.retnet import STATE_DTYPES
 from experiments import decoding_check
 from experiments.bench import device_label, resolve_device
 from experiments.bench.report import markdown, record_run
@@ -97,9 +97,10 @@ def validation_sequences(data: Any, length: int, count: int) -> tuple[torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def retnet_mixers(model: torch.nn.Module) -> list[RetNet]:
-    """Every RetNet mixer of ``model``; an error naming the mixers it has when there is none."""
-    mixers = [m for m in model.modules() if isinstance(m, RetNet)]
+def retnet_mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every mixer of ``model`` with a ``state_dtype`` setting (RetNet's; chosen by the setting, not the class); an
+    error naming the mixers it has when there is none."""
+    mixers = decoding_check.state_dtype_mixers(model) if hasattr(model, "blocks") else []
     if not mixers:
         names = sorted({type(b.mixer).__name__ for b in getattr(model, "blocks", [])}) or ["none"]
         raise ConfigError(

@@ -205,7 +205,7 @@ def fit(run: Run) -> dict[str, float]:
     baselines = data.baselines()
     summary = {
         "model.n_params": n_params,
-        "model.vocab_size": model_cfg.vocab_size,  # the config's null is filled from the tokeniser
+        "model.vocab_size": model.config.vocab_size,  # the config's null is filled from the tokeniser
         "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
         # equal size, as every mixer is matched: counted (the budget) vs not counted (embeddings, positional tables)
         **{f"model.n_params_{kind}": n for kind, n in model.size().items()},

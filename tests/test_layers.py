@@ -72,11 +72,6 @@ def test_the_optuna_sweeper_is_found_by_hydras_plugin_discovery():
     assert "_target_: hydra_plugins.arch_zoo_optuna.OptunaSweeper" in target
 
 
-# state_precision.py selects RetNet's mixers to swap their state dtype; it is being folded into the evaluation entry
-# point, where it will select them by their config's state_dtype field instead of the class
-NAMES_A_MIXER_CLASS_PENDING = {"experiments/state_precision.py"}
-
-
 def test_no_module_outside_a_mixers_file_names_its_class():
     from arch_zoo import available_mixers
 
@@ -89,7 +84,7 @@ def test_no_module_outside_a_mixers_file_names_its_class():
         for package in PACKAGES:
             for path in sources(package):
                 relative = str(path.relative_to(ROOT))
-                if path.resolve() == own or relative in NAMES_A_MIXER_CLASS_PENDING:
+                if path.resolve() == own:
                     continue
                 code = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Name, ast.alias))]
                 names = {getattr(n, "id", None) or n.name.split(".")[-1] for n in code}
