@@ -53,7 +53,8 @@ class MlflowSweepParent(Callback):
         else:
             overrides = mask_secrets(" ".join(config.hydra.overrides.task))
             tags = {"sweep": sweep, "sweep_parent": "true", "overrides": overrides, "sweep_key": key}
-            self.run_id = client.create_run(experiment_id, run_name=f"{sweep} (sweep)", tags=tags).info.run_id
+            run_name = parent_name(config.get("sweep_name"), list(config.hydra.overrides.task))
+            self.run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(self.run_id)
@@ -69,4 +70,29 @@ class MlflowSweepParent(Callback):
         failed = sum(r.info.status != "FINISHED" for r in children)
         client.log_metric(self.run_id, "sweep/trials", len(children))
         client.log_metric(self.run_id, "sweep/failed_trials", failed)
+        sweeper = config.hydra.get("sweeper") or {}
+        monitor = str(sweeper.get("monitor") or "val/loss")
+        best = best_trial(children, monitor, maximize=sweeper.get("direction") == "maximize")
+        if best is not None:  # the parent row answers "which trial won": its name, run id and score
+            client.log_metric(self.run_id, f"sweep/best_{monitor}", best.data.metrics[monitor])
+            client.set_tag(self.run_id, "best_trial", best.info.run_name or best.info.run_id)
+            client.set_tag(self.run_id, "best_trial_run_id", best.info.run_id)
         client.set_terminated(self.run_id, status="FINISHED")
+
+
+def parent_name(sweep_name: str | None, overrides: list[str]) -> str:
+    """``NAME (sweep)`` for a named sweep; otherwise what it sweeps (the overrides with several values), so that plain
+    multiruns are not all called "sweep (sweep)"."""
+    if sweep_name:
+        return f"{sweep_name} (sweep)"
+    swept = [o for o in overrides if "," in o or "range(" in o or "choice(" in o]
+    return f"sweep {' '.join(swept)}"[:250] if swept else "sweep"
+
+
+def best_trial(children: list, monitor: str, maximize: bool = False):
+    """The finished trial with the best final ``monitor`` value, or None."""
+    scored = [r for r in children if r.info.status == "FINISHED" and monitor in r.data.metrics]
+    if not scored:
+        return None
+    key = lambda r: r.data.metrics[monitor]  # noqa: E731
+    return max(scored, key=key) if maximize else min(scored, key=key)

@@ -209,6 +209,7 @@ class OptunaSweeper(Sweeper):
                 direction=self.direction,
                 load_if_exists=True,
             )
+        study.set_metric_names([self.monitor])  # the dashboard's axis: "val/loss", not "Objective 0"
         study.sampler = self._sampler(already=len(study.get_trials(deepcopy=False)))
         retried = requeue_orphans(study)
         done = len(study.get_trials(deepcopy=False, states=FINISHED))

@@ -128,6 +128,11 @@ def test_search_completes_n_trials_as_child_runs_of_one_parent(sequential):
         assert int(run.data.params["optim.warmup_steps"]) == trial.params["optim.warmup_steps"]
         assert run.data.metrics["val/loss"] == pytest.approx(trial.value)
         assert run.info.run_name.startswith(f"trial {trial.number} lr=")
+    # the parent row says which trial won, and the dashboard names the objective
+    best = min(trials, key=lambda t: t.value)
+    assert parent.data.tags["best_trial_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["sweep/best_val/loss"] == pytest.approx(best.value)
+    assert study.metric_names == ["val/loss"]
     summary = (sequential / "sweep" / "optuna_study.yaml").read_text()
     assert f"number: {study.best_trial.number}" in summary
 

@@ -222,6 +222,18 @@ def test_failed_trials_are_marked_and_the_sweep_goes_on(tmp_path, data_cache):
     assert reasons == {"RuntimeError", "DivergedError", "ValueError"}  # a bad trial config is recorded too
     assert all(r.data.tags.get("diverged") == "true" for r in failed if "Diverged" in r.data.tags["failure_reason"])
     assert parents[0].data.metrics["sweep/failed_trials"] == 3
+    assert parents[0].info.run_name == "reliability (sweep)"
+    assert parents[0].data.tags["best_trial_run_id"] == next(
+        r.info.run_id for r in children if r.info.status == "FINISHED"
+    )
+
+
+def test_a_plain_multiruns_parent_is_named_by_what_it_sweeps():
+    from experiments.sweep_callback import parent_name
+
+    overrides = ["model/mixer=retnet,transformer", "seed=0", "optim.lr=range(1,3)"]
+    assert parent_name(None, overrides) == "sweep model/mixer=retnet,transformer optim.lr=range(1,3)"
+    assert parent_name("table5", overrides) == "table5 (sweep)"
 
 
 @pytest.mark.slow
