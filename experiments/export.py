@@ -37,8 +37,12 @@ PREDICT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p":
 def export_run(checkpoint: Path, out: Path) -> Path:
     """Write the run's model (float32) and tokeniser to ``out``."""
     model, tokenizer, _, step = load_text_model(checkpoint, torch.device("cpu"))
-    extra = {"tokenizer": tokenizer.identity, "step": step, "checkpoint": str(checkpoint)}
-    save_pretrained(model, out, extra)
+    return save_text_model(model, tokenizer, out, {"step": step, "checkpoint": str(checkpoint)})
+
+
+def save_text_model(model: torch.nn.Module, tokenizer: Tokenizer, out: Path, extra: dict[str, Any]) -> Path:
+    """Write ``model`` (its weights on the CPU) and ``tokenizer`` to ``out`` as :func:`load_pretrained` reads them."""
+    save_pretrained(model, out, {"tokenizer": tokenizer.identity, **extra})
     if isinstance(tokenizer, BPETokenizer):
         tokenizer._tok.save(str(out / TOKENIZER_FILE))
     return out

@@ -249,11 +249,28 @@ def fit(run: Run) -> dict[str, float]:
         if stop is not None:
             raise stop from err
         raise
+    if logger is not None and cfg.logger.get("log_model") and trainer.is_global_zero:
+        log_final_model(run, logger)
     if cfg.final_validate and logger is not None:
         logger.finalize("success")
     if trainer.is_global_zero:  # under DDP every rank runs this function; one summary is enough
         report(metrics, baselines, logger, run.output_dir)
     return metrics
+
+
+def log_final_model(run: Run, logger) -> None:
+    """The final weights as the run's MLflow Model ``model`` (see ``logger.log_model``). A failure here is reported and
+    tagged, not raised: the run trained, and its checkpoint is in its folder."""
+    from experiments.export import log_model, save_text_model
+
+    try:
+        out = save_text_model(
+            run.task.model, run.data.tokenizer, run.output_dir / "model", {"step": run.trainer.global_step}
+        )
+        log_model(logger.run_id, out, tracking_uri(run.cfg.logger.tracking_uri))
+    except Exception as err:  # noqa: BLE001 - anything: the training result must still be recorded
+        log.warning("could not log the trained model to MLflow: %s: %s", type(err).__name__, err)
+        logger.experiment.set_tag(logger.run_id, "model_logging_error", f"{type(err).__name__}: {err}"[:5000])
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

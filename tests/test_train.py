@@ -96,7 +96,12 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
     assert metrics["perf/train_mfu"] == pytest.approx(metrics["perf/train_tflops"] / 0.002)
     files = artifacts(client, run.info.run_id)
     assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/config_resolved.yaml"} <= set(files)
-    assert any(f.endswith(".ckpt") for f in files)
+    assert not any(f.endswith(".ckpt") for f in files)  # the store holds the weights once, not the checkpoint too
+    # the trained model as an MLflow Model: loaded by pyfunc, and predict generates from a prompt
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    generator = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    (text,) = generator.predict(["def main("], params={"max_new_tokens": 8})
+    assert isinstance(text, str) and len(text.encode()) >= 1
     from experiments.lit_module import LanguageModelTask
 
     task = LanguageModelTask.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
