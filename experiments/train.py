@@ -56,6 +56,7 @@ from experiments.tracking import (
     sweep_tags,
     tracking_uri,
 )
+from experiments.trained_run import init_weights_from
 
 log = logging.getLogger("arch_zoo")
 # Our training order resumes from the step count (experiments/data/sampling.py), not from a loader state_dict, so
@@ -150,6 +151,9 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
         eval_splits=eval_splits,
         bytes_per_token={s: data.bytes_per_token(s) for s in eval_splits},
     )
+    init_tags = {}
+    if cfg.get("init_from"):  # before compiling: the weights' names are the plain model's
+        init_tags = init_weights_from(task.model, str(cfg.init_from), tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile:
         task.model = compile_model(task.model, cfg.compile_scope)
     mixer_name = model_cfg.mixer.name
@@ -182,6 +186,7 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
             "command": " ".join(sys.argv),
             **git_info(),
             **sweep_tags(cfg),
+            **init_tags,
         }
         logger = make_logger(cfg, name, tags, run_id=resumed.run_id if resumed else None)
     if logger is not None and not cfg.resume:

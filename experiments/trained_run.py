@@ -68,17 +68,49 @@ def build_data_module(cfg: DictConfig, config: Any | None = None) -> Any:
     return data
 
 
-def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch.device) -> tuple[LanguageModel, int]:
-    """The trained ``LanguageModel`` (float32, eval mode) and the checkpoint's step. Weights only: the Lightning
-    task's keys are ``model.<name>`` (``model._orig_mod.<name>`` when it was compiled)."""
-    model = LanguageModel(model_config(cfg, vocab_size))  # vocab_size fills a null model.vocab_size, as in training
+def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The ``LanguageModel`` weights of a training checkpoint and its step (the task's ``model.`` prefix and a
+    compiled model's ``_orig_mod.`` removed)."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     weights = {}
     for key, value in saved["state_dict"].items():
         if key.startswith("model."):
             weights[key.removeprefix("model.").removeprefix("_orig_mod.")] = value
+    return weights, int(saved.get("global_step", -1))
+
+
+def init_weights_from(model: torch.nn.Module, source: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """Load the weights of ``source`` (a run id, a run directory or a checkpoint) into ``model`` (a warm start: the
+    optimiser and schedule start afresh); returns the tags that link the new run to it. A checkpoint of another
+    shape is refused with the parameters that differ."""
+    path = Path(source)
+    by_path = path.exists()
+    checkpoint = resolve_checkpoint(source if by_path else None, None if by_path else source, tracking_uri)
+    weights, step = checkpoint_weights(checkpoint)
+    own = model.state_dict()
+    differ = sorted(
+        k for k in own.keys() | weights.keys() if k not in own or k not in weights or own[k].shape != weights[k].shape
+    )
+    if differ:
+        shown = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
+        raise ConfigError(
+            f"init_from={source}: its model differs from this run's in {len(differ)} parameter(s) ({shown}); "
+            "warm-start from a run of the same model shape"
+        )
     model.load_state_dict(weights)
-    return model.to(device=device, dtype=torch.float32).eval(), int(saved.get("global_step", -1))
+    tags = {"init_from": str(checkpoint), "init_from_step": str(step)}
+    if not by_path:
+        tags["init_from_run_id"] = source
+    return tags
+
+
+def load_model(cfg: DictConfig, checkpoint: Path, vocab_size: int, device: torch.device) -> tuple[LanguageModel, int]:
+    """The trained ``LanguageModel`` (float32, eval mode) and the checkpoint's step. Weights only: the Lightning
+    task's keys are ``model.<name>`` (``model._orig_mod.<name>`` when it was compiled)."""
+    model = LanguageModel(model_config(cfg, vocab_size))  # vocab_size fills a null model.vocab_size, as in training
+    weights, step = checkpoint_weights(checkpoint)
+    model.load_state_dict(weights)
+    return model.to(device=device, dtype=torch.float32).eval(), step
 
 
 def resolve_checkpoint(checkpoint: str | None, run_id: str | None, tracking_uri: str | None = None) -> Path:

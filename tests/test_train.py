@@ -424,3 +424,25 @@ def test_a_validation_at_the_last_step_is_not_repeated(tmp_path, data_cache):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
         assert steps == expected  # at the optimiser step the weights have taken, as a sweeper reports it
         assert "val/bpb" in run.data.metrics and "bits/byte" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_run_warm_starts_from_another_run(tmp_path, data_cache):
+    """``init_from=<run id>``: the new run starts from that run's final weights (at a learning rate of 1e-30 it ends with
+    exactly them), is tagged with where it came from, and a model of another shape is refused naming what differs."""
+    first = run_train(tmp_path, data_cache, "seed=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    client, source = only_run(tmp_path)
+    folder = tmp_path / "second"
+    folder.mkdir()
+    args = [f"init_from={source.info.run_id}", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    second = run_train(folder, data_cache, *args, "optim.lr=1e-30", "seed=2", "logger.experiment_name=warm")
+    assert second.returncode == 0, second.stderr[-3000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("warm").experiment_id])
+    assert run.data.tags["init_from_run_id"] == source.info.run_id and run.data.tags["init_from_step"] == "4"
+    before = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    after = torch.load(folder / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    wider = run_train(folder, data_cache, *args, "model.d_model=32", "logger.experiment_name=wider")
+    assert wider.returncode == 2
+    assert "its model differs from this run's" in wider.stderr.strip().splitlines()[-1]
