@@ -17,7 +17,7 @@ PIP := $(BIN)/python -m pip -q
 # the editable install builds with the locked setuptools instead of fetching the newest into an isolated build
 INSTALL := $(PIP) install -c $(LOCK) --no-build-isolation
 
-.PHONY: setup setup-test train test lint lock clean
+.PHONY: setup setup-test train test lint lock clean clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,5 +64,11 @@ lock:
 	touch $(VENV)/.installed $(VENV)/.installed-test
 	$(MAKE) test
 
+# the environment only: the runs made here (folders, checkpoints, the MLflow store, Optuna studies) stay
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# every run made in this folder, together: their folders and checkpoints and the MLflow and Optuna stores that point
+# at them (clearing one without the other leaves MLflow runs whose files are gone)
+clean-runs:
+	rm -rf outputs multirun mlflow.db mlruns mlartifacts optuna.db

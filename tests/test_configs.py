@@ -81,3 +81,18 @@ def test_a_plugin_mixer_joins_a_sweep_as_an_arch_of_its_own():
     assert cfg.model.budget_per_layer == 12  # the sweep's equal-size rule still applies
     retnet = compose_with(["+sweep=table5", "+arch=retnet"])
     assert retnet.variant == "RetNet"  # a paper YAML wins over the generic entry
+
+
+def test_help_names_every_sweep_arch_and_ablation():
+    """``zoo-train --help`` lists the sweep-side groups, which Hydra's own listing leaves out: every file there."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    root = Path(__file__).resolve().parents[1] / "sweeps" / "configs"
+    for group in ("sweep", "arch", "ablation"):
+        line = next(x for x in out.splitlines() if x.startswith(f"+{group}:"))
+        for path in (root / group).glob("*.yaml"):
+            assert path.stem in line, f"+{group}={path.stem} is missing from zoo-train --help"
