@@ -1,4 +1,5 @@
-"""Callbacks that measure cost: training tokens per second and peak memory, logged as metrics."""
+"""Callbacks of a run: speed (tokens per second, model FLOPs, MFU) and peak memory as metrics, a progress bar in
+optimiser steps, and failures injected on purpose for the tests."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from experiments.hardware import matmul_precision, peak_tflops
 
@@ -113,6 +115,16 @@ class Throughput(L.Callback):
     @property
     def tokens_per_sec(self) -> float:
         return self._total_tokens / self._total_seconds if self._total_seconds else float("nan")
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich's progress bar, labelled by the run's length in optimiser steps: runs here are sized by
+    ``trainer.max_steps`` (``max_epochs`` is -1), where Lightning's label reads "Epoch 0/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:  # Lightning's hook for the label
+        steps = self.trainer.max_steps
+        label = f"train ({steps:,} steps)" if steps and steps > 0 else f"Epoch {current_epoch}"
+        return f"{label:{len(self.validation_description)}}"
 
 
 class InjectFailure(L.Callback):

@@ -446,3 +446,13 @@ def test_a_run_warm_starts_from_another_run(tmp_path, data_cache):
     wider = run_train(folder, data_cache, *args, "model.d_model=32", "logger.experiment_name=wider")
     assert wider.returncode == 2
     assert "its model differs from this run's" in wider.stderr.strip().splitlines()[-1]
+
+
+def test_the_progress_bar_counts_steps_not_a_negative_epoch():
+    from types import SimpleNamespace
+
+    from experiments.callbacks import StepProgressBar
+
+    bar = StepProgressBar()
+    bar._trainer = SimpleNamespace(max_steps=600, max_epochs=-1)  # a run sized by steps, as every run here is
+    assert bar._get_train_description(0).strip() == "train (600 steps)"
