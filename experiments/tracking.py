@@ -67,16 +67,38 @@ def git_info() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
-def run_name(mixer: str, overrides: list[str]) -> str:
-    """``retnet swish_gate=false seed=1``: the mixer, then this run's overrides with their group prefixes cut."""
+def run_name(mixer: str, overrides: list[str], swept: set[str] | None = None) -> str:
+    """``retnet swish_gate=false seed=1``: the mixer (a sweep's row label), then this run's overrides with their group
+    prefixes cut; in a sweep only those its trials differ in (``swept``), not the settings they all share."""
     shown = []
     for item in overrides:
         key, _, value = item.partition("=")
         key = key.lstrip("+~")
-        if key in ("model/mixer",) or key.startswith("hydra"):
+        if key in ("model/mixer",) or key.startswith("hydra") or (swept is not None and key not in swept):
             continue
         shown.append(f"{key.split('.')[-1].split('/')[-1]}={value}")
     return mask_secrets(" ".join([mixer, *shown]))[:250]
+
+
+SWEEP_SYNTAX = (",", "range(", "choice(", "interval(", "glob(")
+
+
+def swept_keys() -> set[str] | None:
+    """The keys a multirun varies (overrides with several values, and its sweeper's ``params``), read from the
+    ``multirun.yaml`` the sweeper writes into the sweep folder; None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if hydra_cfg.mode.name != "MULTIRUN" or not path.is_file():
+        return None
+    sweep = OmegaConf.load(path).hydra
+    keys = {str(k).lstrip("+~") for k in (sweep.sweeper.get("params") or {})}
+    for item in sweep.overrides.task:
+        key, _, value = str(item).partition("=")
+        if any(mark in value for mark in SWEEP_SYNTAX):
+            keys.add(key.lstrip("+~"))
+    return keys
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -309,5 +331,7 @@ def record_failed_trial(cfg: DictConfig, overrides: list[str], reason: str) -> N
         "failure_reason": mask_secrets(reason)[:5000],
         **sweep_tags(cfg),
     }
-    run = client.create_run(experiment_id, run_name=mask_secrets("failed: " + " ".join(overrides))[:200], tags=tags)
+    label = cfg.get("variant") or cfg.model.mixer.get("name") if cfg.get("model") else None
+    name = "failed: " + run_name(str(label or "run"), overrides, swept_keys())
+    run = client.create_run(experiment_id, run_name=name[:250], tags=tags)
     client.set_terminated(run.info.run_id, status="FAILED")

@@ -54,6 +54,7 @@ from experiments.tracking import (
     run_name,
     supersede_unfinished,
     sweep_tags,
+    swept_keys,
     tracking_uri,
 )
 from experiments.trained_run import init_weights_from
@@ -158,7 +159,7 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
         task.model = compile_model(task.model, cfg.compile_scope)
     mixer_name = model_cfg.mixer.name
     overrides = list(hydra_cfg.overrides.task)
-    name = cfg.name or run_name(mixer_name, overrides)
+    name = cfg.name or run_name(str(cfg.get("variant") or mixer_name), overrides, swept_keys())
     key = run_key(overrides)
     fresh_command = " ".join(["zoo-train", *map(shlex.quote, sys.argv[1:]), "resume=false"])
     resumed = find_unfinished_run(cfg, key, fresh_command) if cfg.logger.enabled and cfg.resume else None

@@ -228,6 +228,10 @@ def test_failed_trials_are_marked_and_the_sweep_goes_on(tmp_path, data_cache):
     assert all(r.data.tags.get("diverged") == "true" for r in failed if "Diverged" in r.data.tags["failure_reason"])
     assert parents[0].data.metrics["sweep/failed_trials"] == 3
     assert parents[0].info.run_name == "reliability (sweep)"
+    # a trial is named by what sets it apart in its sweep, not by the settings every trial shares
+    names = [r.info.run_name for r in children]
+    assert all(n.removeprefix("failed: ").startswith("transformer inject_failure=") for n in names), names
+    assert not any("max_steps" in r.info.run_name or "tracking_uri" in r.info.run_name for r in children)
     assert parents[0].data.tags["best_trial_run_id"] == next(
         r.info.run_id for r in children if r.info.status == "FINISHED"
     )
@@ -428,8 +432,9 @@ def test_a_validation_at_the_last_step_is_not_repeated(tmp_path, data_cache):
 
 @pytest.mark.slow
 def test_a_run_warm_starts_from_another_run(tmp_path, data_cache):
-    """``init_from=<run id>``: the new run starts from that run's final weights (at a learning rate of 1e-30 it ends with
-    exactly them), is tagged with where it came from, and a model of another shape is refused naming what differs."""
+    """``init_from=<run id>``: the new run starts from that run's final weights (at a learning rate of 1e-30 it ends
+    with exactly them), is tagged with where it came from, and a model of another shape is refused naming what
+    differs."""
     first = run_train(tmp_path, data_cache, "seed=1")
     assert first.returncode == 0, first.stderr[-3000:]
     client, source = only_run(tmp_path)
