@@ -308,3 +308,18 @@ def test_a_labelled_model_is_composed_from_the_training_config_tree():
     assert attention.mixer.n_heads == 8 and attention.mixer.name == "transformer" and attention.norm == "layernorm"
     with pytest.raises(ConfigError, match="model 't'"):
         model_config(parse_models("t=transformer", ["t:model.mixer.n_heads=many"])[0], 64, 2, 97)
+
+
+def test_defaults_are_sized_for_the_machine_and_shown_in_help(capsys):
+    """On a CPU the defaults finish in minutes (the GPU ones are 1.3B-class models to 16k tokens); --help says both."""
+    from experiments.bench.cli import parse_args
+
+    cpu = parse_args(["decode", "--device", "cpu"])
+    assert (cpu.d_model, cpu.layers, cpu.batches, cpu.lengths) == (256, 4, [1, 4], [256, 512, 1024])
+    gpu = parse_args(["train", "--device", "cuda"])
+    assert (gpu.d_model, gpu.layers, gpu.lengths, gpu.steps) == (2048, 24, [2048, 8192], 5)
+    assert parse_args(["train", "--device", "cpu", "--d-model", "64"]).d_model == 64  # a given value wins
+    with pytest.raises(SystemExit):
+        parse_args(["decode", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default on a GPU: 2048; on a CPU: 256" in text and "(default: 32000)" in text

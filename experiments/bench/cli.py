@@ -40,6 +40,40 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+# Defaults by machine: on a GPU the paper's scale (1.3B-class models to 16k tokens); on a CPU a size that finishes in
+# minutes. A command's own value (decode vs train) where they differ.
+SIZES: dict[str, dict[str, Any]] = {
+    "d_model": {"gpu": 2048, "cpu": 256},
+    "layers": {"gpu": 24, "cpu": 4},
+    "lengths": {
+        "gpu": {"decode": [1024, 2048, 4096, 8192, 16384], "train": [2048, 8192]},
+        "cpu": {"decode": [256, 512, 1024], "train": [256, 512]},
+    },
+    "batches": {"gpu": [1, 8, 32, 64], "cpu": [1, 4]},
+    "steps": {"gpu": {"decode": 32, "train": 5}, "cpu": {"decode": 8, "train": 3}},
+    "warmup": {"gpu": {"decode": 5, "train": 2}, "cpu": {"decode": 2, "train": 1}},
+}
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in ``--help``, except where there is none or the help already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _sized(field: str) -> str:
+    def text(value: Any) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {text(v)}" for k, v in value.items())
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return f"default on a GPU: {text(SIZES[field]['gpu'])}; on a CPU: {text(SIZES[field]['cpu'])}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -51,15 +85,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", dest="overrides", action="append", default=[], metavar="MODEL.FIELD=VALUE|MODEL:HYDRA_OVERRIDE"
     )
     common.add_argument("--mode", default="chunkwise", help="form of a whole sequence, for mixers with a mode field")
-    common.add_argument("--d-model", type=int, default=2048)
-    common.add_argument("--layers", type=int, default=24)
-    common.add_argument("--vocab", type=int, default=32000)
-    common.add_argument("--lengths", type=_ints, default=None, help="context lengths, comma-separated")
-    common.add_argument("--steps", type=int, default=None, help="timed steps (the median is reported)")
-    common.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
+    common.add_argument("--d-model", type=int, default=None, help=_sized("d_model"))
+    common.add_argument("--layers", type=int, default=None, help=_sized("layers"))
+    common.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    common.add_argument(
+        "--lengths", type=_ints, default=None, help="context lengths, comma-separated; " + _sized("lengths")
+    )
+    common.add_argument(
+        "--steps", type=int, default=None, help="timed steps (the median is reported); " + _sized("steps")
+    )
+    common.add_argument("--warmup", type=int, default=None, help="untimed steps before them; " + _sized("warmup"))
     common.add_argument("--device", default="auto", help="auto (cuda if there is one), cuda, cuda:1, cpu")
     common.add_argument("--reference", default=None, help="model the others are compared with, cell by cell")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     common.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/bench/<command>)")
     common.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
     common.add_argument("--experiment", default="bench", help="MLflow experiment")
@@ -72,15 +110,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(prog="zoo-bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    decode = commands.add_parser("decode", parents=[common], help="prefill, decode latency/throughput, memory")
-    decode.add_argument("--batches", type=_ints, default=[1, 8, 32, 64])
+    shown = {"formatter_class": _Defaults}
+    decode = commands.add_parser("decode", parents=[common], help="prefill, decode latency/throughput, memory", **shown)
+    decode.add_argument("--batches", type=_ints, default=None, help=_sized("batches"))
     decode.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "fp64"], default="auto")
     decode.add_argument("--prefill-chunk", type=int, default=0, help="prefill in pieces of this many tokens (0: whole)")
     decode.add_argument("--no-graphs", action="store_true", help="never capture the decode step in a CUDA graph")
     decode.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (the prefill stays eager)"
     )
-    train = commands.add_parser("train", parents=[common], help="training step tokens/s and peak memory")
+    train = commands.add_parser("train", parents=[common], help="training step tokens/s and peak memory", **shown)
     train.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // length (at least 1)")
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
     train.add_argument("--lr", type=float, default=1e-4)
@@ -92,12 +131,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --compile: one graph for the model and loss, or each block in place (a shorter compile)",
     )
     args = parser.parse_args(argv)
-    if args.lengths is None:
-        args.lengths = [1024, 2048, 4096, 8192, 16384] if args.command == "decode" else [2048, 8192]
-    if args.steps is None:
-        args.steps = 32 if args.command == "decode" else 5
-    if args.warmup is None:
-        args.warmup = 5 if args.command == "decode" else 2
+    machine = (
+        "gpu" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    for field, values in SIZES.items():
+        if getattr(args, field, 0) is None:
+            setattr(
+                args, field, values[machine][args.command] if isinstance(values[machine], dict) else values[machine]
+            )
     return args
 
 
