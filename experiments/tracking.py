@@ -90,7 +90,7 @@ def swept_keys() -> set[str] | None:
 
     hydra_cfg = HydraConfig.get()
     path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-    if hydra_cfg.mode.name != "MULTIRUN" or not path.is_file():
+    if hydra_cfg.mode is None or hydra_cfg.mode.name != "MULTIRUN" or not path.is_file():
         return None
     sweep = OmegaConf.load(path).hydra
     keys = {str(k).lstrip("+~") for k in (sweep.sweeper.get("params") or {})}
