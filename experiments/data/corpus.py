@@ -224,6 +224,8 @@ def _texts(split: Any, field_name: str, prefix: str) -> Iterator[Document]:
 def _hub_split(config: CorpusConfig) -> tuple[DocumentStream, DocumentStream]:
     full = _load_hub(config)
     field_name = config.text_field
+    if config.train_split not in full:
+        raise ConfigError(f"data: no split {config.train_split!r} in {list(full)}; set data.corpus.train_split")
     train = full[config.train_split]
     columns = train.column_names
     if columns is not None and field_name not in columns:

@@ -64,11 +64,14 @@ def problem(folder: Path) -> str | None:
         path = folder / record["file"]
         if not path.is_file():
             return f"{path.name} is missing"
-        if not 0 <= record["max_id"] < vocab:
-            return f"{path.name} holds token ids up to {record['max_id']} with a vocabulary of {vocab}"
+        try:
+            max_id, expected_size = record["max_id"], record["n_tokens"] * np.dtype(record["dtype"]).itemsize
+        except (KeyError, TypeError) as err:
+            return f"meta.json is unreadable ({name}: {err!r})"
+        if not 0 <= max_id < vocab:
+            return f"{path.name} holds token ids up to {max_id} with a vocabulary of {vocab}"
         if record.get("stamp") == stamp(path):
             continue
-        expected_size = record["n_tokens"] * np.dtype(record["dtype"]).itemsize
         if path.stat().st_size != expected_size or sha256_of(path) != record["sha256"]:
             return f"{path.name} does not match its checksum (truncated or changed)"
         record["stamp"], renewed = stamp(path), True
