@@ -22,7 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +135,7 @@ def extract(ref: str, into: Path) -> Path:
     tar = into / "code.tar"
     tar.write_bytes(archive.stdout)
     with tarfile.open(tar) as t:
-        t.extractall(into, filter="data")
+        t.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # our own commit
     return into
 
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(text: str, command: str) -> str:
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "# The corpus pipeline: memory, tokenising speed, cached start-up\n\n"
         f"Command: `{command}`  \nMachine: {machine()}  \nDate: {when}\n\n"
