@@ -279,7 +279,7 @@ def test_a_damaged_token_cache_is_detected_and_rebuilt_with_a_notice(tmp_path, d
     cache = tmp_path / "cache"
     shutil.copytree(data_cache, cache, ignore=shutil.ignore_patterns("*.lock"))
     clean = packed_module(cache)
-    train = Path(clean.meta["cache"]) / "train.npy"
+    train = Path(clean.meta["cache"]) / "train.bin"
     expected = np.array(clean.splits["train"].tokens)
     data = bytearray(train.read_bytes())
     if damage == "truncate":  # a disk filled up mid-write
@@ -291,7 +291,7 @@ def test_a_damaged_token_cache_is_detected_and_rebuilt_with_a_notice(tmp_path, d
     with caplog.at_level("WARNING", logger="arch_zoo"):
         rebuilt = packed_module(cache)
     notices = [r.getMessage() for r in caplog.records if "data cache" in r.getMessage()]
-    assert len(notices) == 1 and "train.npy does not match its checksum" in notices[0] and "rebuilding" in notices[0]
+    assert len(notices) == 1 and "train.bin does not match its checksum" in notices[0] and "rebuilding" in notices[0]
     assert np.array_equal(np.array(rebuilt.splits["train"].tokens), expected)
     assert int(np.array(rebuilt.splits["train"].tokens).max()) < rebuilt.vocab_size
 

@@ -1,23 +1,33 @@
-"""Text corpora as Hugging Face ``datasets``: the offline default, any hub dataset, or local text files.
+"""Text corpora as streams of documents: the offline default, any Hugging Face dataset, or local text files.
 
 The offline default needs no download: the source of the Python standard library that ships with the interpreter
 (about 30 MB of real text on every machine) is the in-domain corpus, split by a hash of each file's path, and the
 English prose of ``pydoc_data``'s topic pages is the out-of-domain set (an offline analogue of the paper's
 in-domain / out-of-domain columns).
+
+A corpus is read one document at a time (``document_streams``), so tokenising it needs memory for a buffer, not for
+the corpus. ``source_fingerprint`` names the text without reading it (file paths, sizes and modification times, or
+datasets' builder identity), which is what a cached corpus is found by.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import sysconfig
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 
 from arch_zoo.errors import ConfigError
+
+Document = tuple[str, str]  # (id, text)
+DocumentStream = Callable[[], Iterator[Document]]
 
 
 @dataclass
@@ -25,9 +35,14 @@ class CorpusConfig:
     """Where text comes from. ``source``: stdlib | hub | files."""
 
     source: str = "stdlib"
-    # hub: load_dataset(name, config_name); the validation split falls back to a slice of train when absent
+    # hub: load_dataset(name, config_name, data_files=..., revision=..., streaming=...); the validation split falls
+    # back to a share of train when absent
     name: str | None = None
     config_name: str | None = None
+    data_files: Any = None  # for packaged builders (name=text / json / parquet) over local or remote files
+    revision: str | None = None
+    # true reads the dataset as it is tokenised (datasets' IterableDataset): nothing is downloaded or converted first
+    streaming: bool = False
     train_split: str = "train"
     val_split: str | None = "validation"
     text_field: str = "text"
@@ -45,10 +60,33 @@ class CorpusConfig:
 
 @dataclass
 class Corpus:
+    """A corpus held in memory (small corpora, inspection and tests); training streams it instead."""
+
     train: datasets.Dataset
     val: datasets.Dataset
     ood: dict[str, datasets.Dataset]
     content_hash: str  # sha256 over every split's text, so two runs on different text never look alike
+
+
+class ContentHash:
+    """sha256 over every split's documents in order: each document's own sha256, then a split separator."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add_document_digests(self, digests: Iterable[bytes]) -> None:
+        for d in digests:
+            self._digest.update(d)
+
+    def end_split(self) -> None:
+        self._digest.update(b"|split|")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def document_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
 
 
 def _in_val(key: str, percent: float) -> bool:
@@ -56,33 +94,32 @@ def _in_val(key: str, percent: float) -> bool:
     return bucket < percent * 100
 
 
-def _split_within(docs: list[tuple[str, str]], percent: float) -> tuple[list, list]:
-    """The last ``percent`` of each document's lines as validation, the rest as training (for one or a few files)."""
-    train, val = [], []
-    for key, text in docs:
-        lines = text.splitlines(keepends=True)
-        cut = len(lines) - max(1, round(len(lines) * percent / 100)) if len(lines) > 1 else len(lines)
-        if lines[:cut]:
-            train.append((key, "".join(lines[:cut])))
-        if lines[cut:]:
-            val.append((f"{key}#val", "".join(lines[cut:])))
-    return train, val
+def _split_lines(text: str, percent: float) -> tuple[str, str]:
+    """The last ``percent`` of a document's lines as validation, the rest as training (for one or a few files)."""
+    lines = text.splitlines(keepends=True)
+    cut = len(lines) - max(1, round(len(lines) * percent / 100)) if len(lines) > 1 else len(lines)
+    return "".join(lines[:cut]), "".join(lines[cut:])
 
 
-def _stdlib_documents() -> list[tuple[str, str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "dist-packages" in path.parts:
-            continue
-        docs.append((path.relative_to(root).as_posix(), path.read_text(encoding="utf-8", errors="replace")))
-    return docs
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _pydoc_topics() -> list[tuple[str, str]]:
+def _stdlib_paths() -> list[Path]:
+    root = _stdlib_root()
+    return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+
+
+def _pydoc_topics_path() -> str:
+    import pydoc_data.topics
+
+    return pydoc_data.topics.__file__
+
+
+def _pydoc_topics() -> Iterator[Document]:
     from pydoc_data.topics import topics
 
-    return sorted(topics.items())
+    yield from sorted(topics.items())
 
 
 def _expand(patterns: list[str]) -> list[str]:
@@ -117,21 +154,92 @@ def _read_text(path: str, lossy: bool) -> str:
         ) from None
 
 
-def _file_documents(patterns: list[str], lossy: bool = False) -> list[tuple[str, str]]:
-    return [(p, _read_text(p, lossy)) for p in _expand(patterns)]
+def _files(paths: list[str], lossy: bool) -> DocumentStream:
+    return lambda: ((p, _read_text(p, lossy)) for p in paths)
 
 
-def _to_dataset(docs: list[tuple[str, str]]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"id": [d[0] for d in docs], "text": [d[1] for d in docs]})
+def _lines_share(paths: list[str], percent: float, lossy: bool, val: bool) -> DocumentStream:
+    def stream() -> Iterator[Document]:
+        for p in paths:
+            kept, held_out = _split_lines(_read_text(p, lossy), percent)
+            if val and held_out:
+                yield f"{p}#val", held_out
+            elif not val and kept:
+                yield p, kept
+
+    return stream
 
 
-def _hash(*splits: datasets.Dataset) -> str:
-    digest = hashlib.sha256()
-    for split in splits:
-        for text in split["text"]:
-            digest.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
-        digest.update(b"|split|")
-    return digest.hexdigest()
+def _ood_streams(config: CorpusConfig) -> dict[str, DocumentStream]:
+    streams: dict[str, DocumentStream] = {}
+    for name, paths in config.ood.items():
+        if list(paths) == ["pydoc_topics"]:
+            streams[f"ood_{name}"] = _pydoc_topics
+        else:
+            streams[f"ood_{name}"] = _files(_expand(list(paths)), config.lossy_decode)
+    return streams
+
+
+def _files_split(config: CorpusConfig) -> tuple[DocumentStream, DocumentStream]:
+    """Train and validation of ``source=files``, decided from the paths alone (no file is read)."""
+    paths = _expand(config.files)
+    if config.val_files:
+        return _files(paths, config.lossy_decode), _files(_expand(config.val_files), config.lossy_decode)
+    held_out = [p for p in paths if _in_val(p, config.val_percent)]
+    kept = [p for p in paths if not _in_val(p, config.val_percent)]
+    if held_out and kept:
+        return _files(kept, config.lossy_decode), _files(held_out, config.lossy_decode)
+    # too few files for a share of them: hold out the end of every file
+    return (
+        _lines_share(paths, config.val_percent, config.lossy_decode, val=False),
+        _lines_share(paths, config.val_percent, config.lossy_decode, val=True),
+    )
+
+
+def _load_hub(config: CorpusConfig) -> Any:
+    try:
+        return datasets.load_dataset(
+            config.name,
+            config.config_name,
+            data_files=config.data_files,
+            revision=config.revision,
+            streaming=config.streaming,
+        )
+    except Exception as err:
+        raise ConfigError(
+            f"data: could not load {config.name!r} ({config.config_name}) from the hub: {err}. "
+            "Check the name, or use the offline default data=stdlib"
+        ) from err
+
+
+def _texts(split: Any, field_name: str, prefix: str) -> Iterator[Document]:
+    """Documents of a datasets split, read in batches (a memory-mapped table or a stream, never all at once)."""
+    index = 0
+    for batch in split.iter(batch_size=1000):
+        for text in batch[field_name]:
+            yield f"{prefix}{index}", text
+            index += 1
+
+
+def _hub_split(config: CorpusConfig) -> tuple[DocumentStream, DocumentStream]:
+    full = _load_hub(config)
+    field_name = config.text_field
+    if config.train_split not in full:
+        raise ConfigError(f"data: no split {config.train_split!r} in {list(full)}; set data.corpus.train_split")
+    train = full[config.train_split]
+    columns = train.column_names
+    if columns is not None and field_name not in columns:
+        raise ConfigError(f"data: no column {field_name!r} in {columns}; set data.corpus.text_field")
+    if config.val_split and config.val_split in full:
+        val = full[config.val_split]
+        return (lambda: _texts(train, field_name, "train/"), lambda: _texts(val, field_name, "val/"))
+    if not config.streaming:  # the split earlier versions made, so results on such datasets stay comparable
+        parts = train.train_test_split(test_size=config.val_percent / 100, seed=0)
+        return (lambda: _texts(parts["train"], field_name, "train/"), lambda: _texts(parts["test"], field_name, "val/"))
+    # a stream cannot be shuffled into a split: hold out a hashed share of the documents by position
+    held = lambda: (d for d in _texts(train, field_name, "train/") if _in_val(d[0], config.val_percent))  # noqa: E731
+    kept = lambda: (d for d in _texts(train, field_name, "train/") if not _in_val(d[0], config.val_percent))  # noqa: E731
+    return kept, held
 
 
 def check_corpus(config: CorpusConfig) -> None:
@@ -149,49 +257,92 @@ def check_corpus(config: CorpusConfig) -> None:
             _expand(list(paths))
 
 
-def load_corpus(config: CorpusConfig) -> Corpus:
+def document_streams(config: CorpusConfig) -> dict[str, DocumentStream]:
+    """``train``, ``val`` and ``ood_<name>`` as re-startable streams of documents, in the order they are packed
+    (and hashed). Opening them reads nothing but directory listings; text is read as the streams are consumed."""
     check_corpus(config)
     if config.source == "stdlib":
-        docs = _stdlib_documents()
-        train = _to_dataset([d for d in docs if not _in_val(d[0], config.val_percent)])
-        val = _to_dataset([d for d in docs if _in_val(d[0], config.val_percent)])
+        root = _stdlib_root()
+        keyed = [(p.relative_to(root).as_posix(), p) for p in _stdlib_paths()]
+
+        def stdlib(val: bool) -> DocumentStream:
+            return lambda: (
+                (key, path.read_text(encoding="utf-8", errors="replace"))
+                for key, path in keyed
+                if _in_val(key, config.val_percent) == val
+            )
+
+        train, val = stdlib(False), stdlib(True)
     elif config.source == "files":
-        docs = _file_documents(config.files, config.lossy_decode)
-        if config.val_files:
-            train, val = _to_dataset(docs), _to_dataset(_file_documents(config.val_files, config.lossy_decode))
-        else:
-            held_out = [d for d in docs if _in_val(d[0], config.val_percent)]
-            kept = [d for d in docs if not _in_val(d[0], config.val_percent)]
-            if not held_out or not kept:  # too few files for a share of them: hold out the end of every file
-                kept, held_out = _split_within(docs, config.val_percent)
-            train, val = _to_dataset(kept), _to_dataset(held_out)
+        train, val = _files_split(config)
     else:
-        try:
-            full = datasets.load_dataset(config.name, config.config_name)
-        except Exception as err:
-            raise ConfigError(
-                f"data: could not load {config.name!r} ({config.config_name}) from the hub: {err}. "
-                "Check the name, or use the offline default data=stdlib"
-            ) from err
-        columns = {split: ds.column_names for split, ds in full.items()}
-        if config.text_field not in columns.get(config.train_split, []):
-            raise ConfigError(f"data: no column {config.text_field!r} in {columns}; set data.corpus.text_field")
-        train = full[config.train_split].select_columns([config.text_field]).rename_column(config.text_field, "text")
-        if config.val_split and config.val_split in full:
-            val = full[config.val_split].select_columns([config.text_field]).rename_column(config.text_field, "text")
-        else:
-            parts = train.train_test_split(test_size=config.val_percent / 100, seed=0)
-            train, val = parts["train"], parts["test"]
+        train, val = _hub_split(config)
     if config.max_train_docs is not None:
-        train = train.select(range(min(config.max_train_docs, len(train))))
-    if len(train) == 0 or len(val) == 0:
+        unlimited, limit = train, config.max_train_docs
+        train = lambda: itertools.islice(unlimited(), limit)  # noqa: E731
+    return {"train": train, "val": val} | _ood_streams(config)
+
+
+def _stat(path: str | Path) -> list:
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def source_fingerprint(config: CorpusConfig) -> dict[str, Any]:
+    """What the corpus's text is, without reading it: every setting, and every file's path, size and modification
+    time (local files, the standard library) or datasets' identity of the builder and its data files (the hub).
+    A changed file, a new file matching a glob or a new revision gives a new fingerprint."""
+    check_corpus(config)
+    files: list[str | Path] = []
+    if config.source == "stdlib":
+        files += _stdlib_paths()
+    elif config.source == "files":
+        files += _expand(config.files) + _expand(config.val_files)
+    for paths in config.ood.values():
+        files += [_pydoc_topics_path()] if list(paths) == ["pydoc_topics"] else _expand(list(paths))
+    found: dict[str, Any] = {"config": asdict(config), "files": [_stat(p) for p in files]}
+    if config.source == "hub":
+        found["builder"] = _hub_identity(config)
+    return found
+
+
+def _hub_identity(config: CorpusConfig) -> list[str]:
+    """datasets' own identity of a dataset: its builder's config id (which covers the data files, their revision and,
+    for local files, their modification times) and the hash of the builder's code."""
+    try:
+        builder = datasets.load_dataset_builder(
+            config.name, config.config_name, data_files=config.data_files, revision=config.revision
+        )
+    except Exception as err:
         raise ConfigError(
-            "data: the corpus gave an empty train or validation split; name validation text with "
-            "data.corpus.val_files=[...], or add text"
-        )
-    ood = {}
-    for name, paths in config.ood.items():
-        ood[name] = _to_dataset(
-            _pydoc_topics() if list(paths) == ["pydoc_topics"] else _file_documents(list(paths), config.lossy_decode)
-        )
-    return Corpus(train, val, ood, _hash(train, val, *ood.values()))
+            f"data: could not find {config.name!r} ({config.config_name}) on the hub: {err}. "
+            "Check the name, or use the offline default data=stdlib"
+        ) from err
+    return [builder.config_id, str(builder.hash)]
+
+
+def _to_dataset(docs: list[Document]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"id": [d[0] for d in docs], "text": [d[1] for d in docs]})
+
+
+def load_corpus(config: CorpusConfig) -> Corpus:
+    """The whole corpus in memory, with its content hash: for small corpora and inspection (training streams it)."""
+    streams = document_streams(config)
+    content = ContentHash()
+    splits: dict[str, datasets.Dataset] = {}
+    for name, stream in streams.items():
+        docs = list(stream())
+        content.add_document_digests(document_digest(text) for _, text in docs)
+        content.end_split()
+        splits[name] = _to_dataset(docs)
+    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        raise empty_split_error()
+    ood = {name.removeprefix("ood_"): ds for name, ds in splits.items() if name.startswith("ood_")}
+    return Corpus(splits["train"], splits["val"], ood, content.hexdigest())
+
+
+def empty_split_error() -> ConfigError:
+    return ConfigError(
+        "data: the corpus gave an empty train or validation split; name validation text with "
+        "data.corpus.val_files=[...], or add text"
+    )

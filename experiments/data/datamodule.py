@@ -1,9 +1,11 @@
-"""Tokenise once, pack into one token stream per split, cache to disk, and serve fixed-length blocks.
+"""Tokenise once, streamed, into one memory-mapped token file per split, and serve fixed-length blocks from it.
 
-The cache key is the corpus content hash plus the tokeniser's identity, so every run on the same text reuses the
-packed arrays and a changed corpus never hits a stale one. Each array carries a checksum and its vocabulary bound,
-and is built and checked under a lock (``experiments/data/verified_cache.py``), so parallel runs share the cache
-and a damaged one is rebuilt.
+The cache key is the corpus's fingerprint (file paths, sizes and modification times, or datasets' identity of a hub
+dataset, plus every corpus setting) and the tokeniser's identity, so a run on cached text reads a small index and
+nothing of the text, and a changed corpus never hits a stale cache. The content hash of the text is computed once,
+while tokenising, and kept in the index. Each file carries a checksum and its vocabulary bound, and is built and
+checked under a lock (``experiments/data/verified_cache.py``), so parallel runs share the cache and a damaged one is
+rebuilt.
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ from torch.utils.data import DataLoader, Dataset
 from arch_zoo.errors import ConfigError
 from experiments.data import verified_cache
 from experiments.data.base import CachedDataModule
-from experiments.data.corpus import CorpusConfig, check_corpus, load_corpus
+from experiments.data.corpus import (
+    ContentHash,
+    CorpusConfig,
+    check_corpus,
+    document_streams,
+    empty_split_error,
+    source_fingerprint,
+)
+from experiments.data.shards import open_tokens, write_split
 from experiments.data.tokenizer import Tokenizer, make_tokenizer
+
+CACHE_FORMAT = "token-files-v2"  # enters the cache key: a change of layout never reads an older cache
 
 
 @dataclass
@@ -40,6 +52,10 @@ class DataConfig:
     # block_size), logged as val_len<N>/loss|ppl|bpb|acc
     eval_lengths: list[int] = field(default_factory=list)
     num_workers: int = 0
+    # tokenising a new corpus: processes (more pays for a BPE over a large corpus; bytes are cheap), and the text
+    # each batch holds (peak memory is about 2 x num_proc batches, whatever the corpus's size)
+    tokenize_num_proc: int = 1
+    tokenize_buffer_mb: float = 8.0
     cache_dir: str = "~/.cache/arch_zoo"
 
     def check(self) -> None:
@@ -49,6 +65,8 @@ class DataConfig:
             raise ConfigError(f"data.eval_batch_size={self.eval_batch_size}: set it to 1 or more")
         if any(n < 2 for n in self.eval_lengths):
             raise ConfigError(f"data.eval_lengths={self.eval_lengths}: every length must be >= 2")
+        if self.tokenize_num_proc < 1 or self.tokenize_buffer_mb <= 0:
+            raise ConfigError("data.tokenize_num_proc must be >= 1 and data.tokenize_buffer_mb > 0")
         check_corpus(self.corpus)
 
 
@@ -92,55 +110,46 @@ class TextDataModule(CachedDataModule):
     def _load(self) -> None:
         if self.splits:
             return
-        corpus = load_corpus(self.config.corpus)
         cfg = self.config
+        fingerprint = json.dumps(source_fingerprint(cfg.corpus), sort_keys=True, default=str)
+        corpus_key = hashlib.sha256(f"{CACHE_FORMAT}|{fingerprint}".encode()).hexdigest()
         self.tokenizer = make_tokenizer(
-            cfg.tokenizer, corpus.train["text"], cfg.bpe_vocab_size, self.cache_dir, corpus.content_hash
+            cfg.tokenizer,
+            lambda: (text for _, text in document_streams(cfg.corpus)["train"]()),
+            cfg.bpe_vocab_size,
+            self.cache_dir,
+            corpus_key,
         )
-        key = hashlib.sha256(f"{corpus.content_hash}|{self.tokenizer.identity}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{corpus_key}|{self.tokenizer.identity}".encode()).hexdigest()[:20]
         folder = self.cache_dir / "packed" / key
-        meta_path = folder / "meta.json"
-        verified_cache.ensure(folder, lambda folder: self._pack(corpus, folder))
-        self.meta = json.loads(meta_path.read_text())
-        for name in self.meta["splits"]:
-            tokens = np.load(folder / f"{name}.npy", mmap_mode="r")
-            self.splits[name] = PackedSplit(tokens, self.meta["splits"][name]["n_bytes"])
+        verified_cache.ensure(folder, self._pack)
+        self.meta = json.loads((folder / verified_cache.META).read_text())
+        for name, record in self.meta["splits"].items():
+            self.splits[name] = PackedSplit(open_tokens(folder, record), record["n_bytes"])
         self.meta["cache"] = str(folder)
 
-    def _pack(self, corpus, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def _pack(self, folder: Path) -> None:
+        """Stream every split through the tokeniser into ``<split>.bin``; the index (``meta.json``) is written last."""
         tok = self.tokenizer
         assert tok is not None
-        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.int32
-        splits = {"train": corpus.train, "val": corpus.val} | {f"ood_{k}": v for k, v in corpus.ood.items()}
-        meta: dict = {
-            "content_hash": corpus.content_hash,
-            "tokenizer": tok.identity,
-            "vocab_size": tok.vocab_size,
-            "splits": {},
-        }
-        for name, ds in splits.items():
-            encoded = ds.map(
-                lambda batch: {
-                    "ids": tok.encode_batch(batch["text"]),
-                    "n_bytes": [len(t.encode()) for t in batch["text"]],
-                },
-                batched=True,
-                remove_columns=ds.column_names,
-                desc=f"tokenising {name}",
+        content = ContentHash()
+        meta: dict = {"tokenizer": tok.identity, "vocab_size": tok.vocab_size, "splits": {}}
+        for name, stream in document_streams(self.config.corpus).items():
+            record, counts = write_split(
+                folder / f"{name}.bin",
+                stream(),
+                tok,
+                content,
+                buffer_bytes=int(self.config.tokenize_buffer_mb * 2**20),
+                num_proc=self.config.tokenize_num_proc,
             )
-            pieces = []
-            for ids in encoded["ids"]:
-                pieces += [np.asarray(ids, dtype=dtype), np.asarray([tok.eos_id], dtype=dtype)]
-            tokens = np.concatenate(pieces)
-            meta["splits"][name] = {
-                **verified_cache.save_array(folder, name, tokens),
-                "n_bytes": int(sum(encoded["n_bytes"])),
-                "n_docs": len(ds),
-            }
-        tmp = folder / "meta.tmp.json"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(folder / "meta.json")
+            if name in ("train", "val") and record["n_docs"] == 0:
+                raise empty_split_error()
+            if name == "train":
+                meta["train_unigram_counts"] = counts.tolist()
+            meta["splits"][name] = record | {"stamp": verified_cache.stamp(folder / f"{name}.bin")}
+        meta["content_hash"] = content.hexdigest()
+        verified_cache.write_meta(folder, meta)
 
     @property
     def vocab_size(self) -> int:
@@ -178,7 +187,7 @@ class TextDataModule(CachedDataModule):
     def unigram_bits_per_byte(self, split: str = "val") -> float:
         """Cross-entropy of ``split`` under the training split's add-one-smoothed unigram distribution."""
         self._load()
-        counts = np.bincount(np.asarray(self.splits["train"].tokens), minlength=self.vocab_size) + 1.0
+        counts = np.asarray(self.meta["train_unigram_counts"], dtype=np.int64) + 1.0
         logp = np.log(counts / counts.sum())
         target = self.splits[split]
         limit = self.config.max_val_tokens if split == "val" else self.config.max_ood_tokens
