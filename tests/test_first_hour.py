@@ -57,3 +57,31 @@ def test_a_gpu_trainer_without_a_gpu_is_one_line(monkeypatch, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "trainer=default" in done.stderr
+
+
+def test_a_hub_dataset_offline_fails_at_once_from_the_cache(monkeypatch):
+    """``data=wikitext103`` on a machine without network: one reachability check, then the local cache only (no
+    retried requests: no connection is attempted), and one line saying what to do."""
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    from experiments.data import corpus
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # restored after the test
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(corpus, "hub_unreachable", lambda: "huggingface.co:443 is unreachable (test)")
+    attempts = []
+
+    def connect(self, address):
+        attempts.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    config = corpus.CorpusConfig(source="hub", name="arch-zoo-tests/no-such-dataset")
+    with pytest.raises(ConfigError) as error:
+        corpus._hub_identity(config)
+    assert attempts == []
+    message = str(error.value)
+    assert "hub is unreachable" in message and "not in the local datasets cache" in message and "data=stdlib" in message

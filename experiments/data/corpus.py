@@ -16,11 +16,13 @@ import glob
 import hashlib
 import itertools
 import os
+import socket
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import datasets
 
@@ -196,20 +198,58 @@ def _files_split(config: CorpusConfig) -> tuple[DocumentStream, DocumentStream]:
     )
 
 
-def _load_hub(config: CorpusConfig) -> Any:
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (one connection attempt), or None when it can be, or when
+    offline mode was asked for already (``HF_HUB_OFFLINE``: the cache is all that is read then)."""
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return None
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
-        return datasets.load_dataset(
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}:{port} is unreachable ({type(err).__name__}: {err})"
+    return None
+
+
+def _hub_call(config: CorpusConfig, call: Callable[[], Any], what: str) -> Any:
+    """``call`` (a datasets hub function), offline from the cache when the hub cannot be reached: without this, an
+    offline machine retries each request for about 25 s before it fails."""
+    import huggingface_hub.constants
+
+    unreachable = hub_unreachable()
+    if unreachable is not None:  # the cache only, as HF_HUB_OFFLINE=1 would have it
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return call()
+    except Exception as err:
+        if unreachable is not None:
+            raise ConfigError(
+                f"data: the Hugging Face hub is unreachable ({unreachable}) and {config.name!r} "
+                f"({config.config_name}) is not in the local datasets cache; run once with network access (it is "
+                "cached then), or use the offline default data=stdlib or local files with data=files"
+            ) from err
+        raise ConfigError(
+            f"data: could not {what} {config.name!r} ({config.config_name}) on the hub: {err}. "
+            "Check the name, or use the offline default data=stdlib"
+        ) from err
+
+
+def _load_hub(config: CorpusConfig) -> Any:
+    return _hub_call(
+        config,
+        lambda: datasets.load_dataset(
             config.name,
             config.config_name,
             data_files=config.data_files,
             revision=config.revision,
             streaming=config.streaming,
-        )
-    except Exception as err:
-        raise ConfigError(
-            f"data: could not load {config.name!r} ({config.config_name}) from the hub: {err}. "
-            "Check the name, or use the offline default data=stdlib"
-        ) from err
+        ),
+        "load",
+    )
 
 
 def _texts(split: Any, field_name: str, prefix: str) -> Iterator[Document]:
@@ -309,15 +349,13 @@ def source_fingerprint(config: CorpusConfig) -> dict[str, Any]:
 def _hub_identity(config: CorpusConfig) -> list[str]:
     """datasets' own identity of a dataset: its builder's config id (which covers the data files, their revision and,
     for local files, their modification times) and the hash of the builder's code."""
-    try:
-        builder = datasets.load_dataset_builder(
+    builder = _hub_call(
+        config,
+        lambda: datasets.load_dataset_builder(
             config.name, config.config_name, data_files=config.data_files, revision=config.revision
-        )
-    except Exception as err:
-        raise ConfigError(
-            f"data: could not find {config.name!r} ({config.config_name}) on the hub: {err}. "
-            "Check the name, or use the offline default data=stdlib"
-        ) from err
+        ),
+        "find",
+    )
     return [builder.config_id, str(builder.hash)]
 
 
