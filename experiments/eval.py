@@ -129,7 +129,7 @@ def perplexity(model: torch.nn.Module, data: Any, device: torch.device) -> dict[
     values are those a training run logs."""
     import lightning as L
 
-    from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
+    from experiments.lit_module import LanguageModelTask, OptimConfig
 
     splits = data.eval_split_names
     task = LanguageModelTask(model.config, OptimConfig(), 1, splits, {s: data.bytes_per_token(s) for s in splits})
@@ -143,8 +143,7 @@ def perplexity(model: torch.nn.Module, data: Any, device: torch.device) -> dict[
         enable_checkpointing=False,
     )
     trainer.validate(task, datamodule=data, verbose=False)
-    prefixes = tuple(f"{metric_prefix(split)}/" for split in task.eval_splits)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+    return task.validation_metrics()
 
 
 def decoding(model: torch.nn.Module, data: Any, cfg: DecodingCheckConfig, device: torch.device) -> dict[str, float]:

@@ -184,6 +184,12 @@ class LanguageModelTask(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.validated_at_step = self.global_step  # the final validation reuses a pass at the last step
 
+    def validation_metrics(self) -> dict[str, float]:
+        """The last validation's metrics (``val/*``, ``ood/*``, ``val_len*/*``) as numbers: they reach the trainer's
+        callback metrics, not the list ``Trainer.validate`` returns, since they are logged to the logger directly."""
+        prefixes = tuple(f"{metric_prefix(split)}/" for split in self.eval_splits)
+        return {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefixes)}
+
     def configure_optimizers(self):
         o = self.optim
         groups = parameter_groups(self.model, o.weight_decay, o.lr)

@@ -94,5 +94,5 @@ def best_trial(children: list, monitor: str, maximize: bool = False):
     scored = [r for r in children if r.info.status == "FINISHED" and monitor in r.data.metrics]
     if not scored:
         return None
-    key = lambda r: r.data.metrics[monitor]  # noqa: E731
-    return max(scored, key=key) if maximize else min(scored, key=key)
+    pick = max if maximize else min
+    return pick(scored, key=lambda r: r.data.metrics[monitor])

@@ -331,7 +331,7 @@ def record_failed_trial(cfg: DictConfig, overrides: list[str], reason: str) -> N
         "failure_reason": mask_secrets(reason)[:5000],
         **sweep_tags(cfg),
     }
-    label = cfg.get("variant") or cfg.model.mixer.get("name") if cfg.get("model") else None
-    name = "failed: " + run_name(str(label or "run"), overrides, swept_keys())
+    label = cfg.get("variant") or (cfg.model.mixer.get("name") if cfg.get("model") else None) or "run"
+    name = "failed: " + run_name(str(label), overrides, swept_keys())
     run = client.create_run(experiment_id, run_name=name[:250], tags=tags)
     client.set_terminated(run.info.run_id, status="FAILED")

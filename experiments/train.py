@@ -31,7 +31,7 @@ from experiments.checkpoints import AtomicCheckpointIO
 from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.compose import model_config
 from experiments.config_store import register_configs
-from experiments.lit_module import LanguageModelTask, OptimConfig, metric_prefix
+from experiments.lit_module import LanguageModelTask, OptimConfig
 from experiments.preflight import refuse_unknown_mixers
 from experiments.store import mask_secrets
 from experiments.tracking import (
@@ -299,19 +299,17 @@ def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.Lightn
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
-    prefixes = tuple(f"{metric_prefix(split)}/" for split in task.eval_splits)
     if getattr(task, "validated_at_step", None) == trainer.global_step:
-        # the fit validated these very weights at its last step: a second pass would give the same numbers
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
-    if not isinstance(trainer.strategy, FSDPStrategy):
+        pass  # the fit validated these very weights at its last step: a second pass would give the same numbers
+    elif not isinstance(trainer.strategy, FSDPStrategy):
         trainer.validate(task, datamodule=data, verbose=False)
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
-    log.warning(
-        "FSDP: the reported metrics are those of the last validation during training (at step %d); set "
-        "trainer.val_check_interval to a divisor of trainer.max_steps to make it the final weights'",
-        trainer.global_step,
-    )
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+    else:
+        log.warning(
+            "FSDP: the reported metrics are those of the last validation during training (at step %d); set "
+            "trainer.val_check_interval to a divisor of trainer.max_steps to make it the final weights'",
+            trainer.global_step,
+        )
+    return task.validation_metrics()
 
 
 def report(metrics: dict[str, float], baselines: dict[str, float], logger, output_dir: Path) -> None:
