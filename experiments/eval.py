@@ -129,7 +129,7 @@ def perplexity(model: torch.nn.Module, data: Any, device: torch.device) -> dict[
     values are those a training run logs."""
     import lightning as L
 
-    from experiments.lit_module import LanguageModelTask, OptimConfig
+    from experiments.lit_module import LanguageModelTask, OptimConfig, validation_metrics
 
     splits = data.eval_split_names
     task = LanguageModelTask(model.config, OptimConfig(), 1, splits, {s: data.bytes_per_token(s) for s in splits})
@@ -143,7 +143,7 @@ def perplexity(model: torch.nn.Module, data: Any, device: torch.device) -> dict[
         enable_checkpointing=False,
     )
     trainer.validate(task, datamodule=data, verbose=False)
-    return task.validation_metrics()
+    return validation_metrics(trainer, task.eval_splits)
 
 
 def decoding(model: torch.nn.Module, data: Any, cfg: DecodingCheckConfig, device: torch.device) -> dict[str, float]:

@@ -37,6 +37,13 @@ class OptimConfig:
     eps: float = 1e-8
 
 
+def validation_metrics(trainer: Any, eval_splits: list[str]) -> dict[str, float]:
+    """The last validation's metrics (``val/*``, ``ood/*``, ``val_len*/*``) as numbers: they reach the trainer's
+    callback metrics, not the list ``Trainer.validate`` returns, since they are logged to the logger directly."""
+    prefixes = tuple(f"{metric_prefix(split)}/" for split in eval_splits)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+
+
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
     if step < warmup:
@@ -183,12 +190,6 @@ class LanguageModelTask(L.LightningModule):
             self.logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
         if not self.trainer.sanity_checking:
             self.validated_at_step = self.global_step  # the final validation reuses a pass at the last step
-
-    def validation_metrics(self) -> dict[str, float]:
-        """The last validation's metrics (``val/*``, ``ood/*``, ``val_len*/*``) as numbers: they reach the trainer's
-        callback metrics, not the list ``Trainer.validate`` returns, since they are logged to the logger directly."""
-        prefixes = tuple(f"{metric_prefix(split)}/" for split in self.eval_splits)
-        return {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(prefixes)}
 
     def configure_optimizers(self):
         o = self.optim

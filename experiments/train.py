@@ -31,7 +31,7 @@ from experiments.checkpoints import AtomicCheckpointIO
 from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.compose import model_config
 from experiments.config_store import register_configs
-from experiments.lit_module import LanguageModelTask, OptimConfig
+from experiments.lit_module import LanguageModelTask, OptimConfig, validation_metrics
 from experiments.preflight import refuse_unknown_mixers
 from experiments.store import mask_secrets
 from experiments.tracking import (
@@ -309,7 +309,7 @@ def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.Lightn
             "trainer.val_check_interval to a divisor of trainer.max_steps to make it the final weights'",
             trainer.global_step,
         )
-    return task.validation_metrics()
+    return validation_metrics(trainer, task.eval_splits)
 
 
 def report(metrics: dict[str, float], baselines: dict[str, float], logger, output_dir: Path) -> None:
