@@ -48,6 +48,7 @@ class FLAMixer(TokenMixer):
     config_class = FLAConfig
     devices = ("cuda",)
     supports_float64 = False  # Triton kernels: float32 and half precision
+    flops_uncountable = "fla runs Triton kernels that torch's FLOP counter does not see; its runs report no MFU"
     fla_class: ClassVar[str] = ""
     head_arg: ClassVar[str] = "num_heads"  # constructor argument that takes the head count
     takes_mode: ClassVar[bool] = True
