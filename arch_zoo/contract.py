@@ -25,6 +25,9 @@ Nothing outside a mixer's own file branches on the mixer's name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +55,22 @@ class MixerConfig:
     def small(cls) -> MixerConfig:
         """A config that builds at ``d_model=64`` (contract tests, tiny CPU runs); the defaults unless overridden."""
         return cls()
+
+
+# the config instances that mixers being built now take as checked (see checked_configs)
+_CHECKED_CONFIGS: ContextVar[frozenset[int]] = ContextVar("arch_zoo_checked_mixer_configs", default=frozenset())
+
+
+@contextmanager
+def checked_configs(*configs: MixerConfig | None) -> Iterator[None]:
+    """Mixers constructed inside take these config instances as checked already and do not check them again: a
+    model checks each layer config once for all its layers (:meth:`arch_zoo.model.ModelConfig.check`), while a mixer
+    constructed on its own, outside this block, still checks its config."""
+    token = _CHECKED_CONFIGS.set(frozenset(id(c) for c in configs if c is not None))
+    try:
+        yield
+    finally:
+        _CHECKED_CONFIGS.reset(token)
 
 
 OPTIM_KEYS = ("lr", "lr_scale", "lr_max", "weight_decay")
@@ -95,7 +114,8 @@ class TokenMixer(nn.Module):
 
     def __init__(self, d_model: int, config: MixerConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        config.check(d_model)
+        if id(config) not in _CHECKED_CONFIGS.get():  # inside a model, its check has run once for every layer
+            config.check(d_model)
         self.d_model = d_model
         self.config = config
         self.layer_idx = layer_idx

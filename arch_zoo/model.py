@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arch_zoo.contract import MixerConfig, counts_towards_size
+from arch_zoo.contract import MixerConfig, checked_configs, counts_towards_size
 from arch_zoo.errors import ConfigError
 from arch_zoo.flops import linear_flops
 from arch_zoo.layers import FFNConfig, build_ffn, make_norm
@@ -170,13 +170,17 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """``layer_mixers``: what ``config.check()`` returned, when the caller checked the config already (zoo-train does,
+    before the data loads); the model then builds from them without checking again. Otherwise it checks ``config``."""
+
+    def __init__(self, config: ModelConfig, layer_mixers: tuple[MixerConfig, MixerConfig | None] | None = None) -> None:
         super().__init__()
-        mixer, hybrid_mixer = config.check()  # typed once; each layer's constructor checks its own config
+        mixer, hybrid_mixer = config.check() if layer_mixers is None else layer_mixers  # each checked once
         hybrid = config.hybrid_layer_set()
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         layer_configs = [hybrid_mixer if i in hybrid else mixer for i in range(config.n_layers)]
-        mixers = [mixer_class(c.name)(config.d_model, c, i) for i, c in enumerate(layer_configs)]
+        with checked_configs(mixer, hybrid_mixer):  # so no layer checks its config again
+            mixers = [mixer_class(c.name)(config.d_model, c, i) for i, c in enumerate(layer_configs)]
         ffn = dataclasses.replace(config.ffn, n_layers=config.n_layers)
         config = dataclasses.replace(config, mixer=mixer, hybrid_mixer=hybrid_mixer, ffn=ffn)
         config = dataclasses.replace(config, ffn=matched_ffn(config, mixers))

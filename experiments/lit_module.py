@@ -13,6 +13,7 @@ import torch
 from torchmetrics import SumMetric
 
 from arch_zoo import FFNConfig, LanguageModel, ModelConfig, make_config
+from arch_zoo.contract import MixerConfig
 
 IGNORE = -100  # target value of positions that are not scored
 
@@ -105,7 +106,9 @@ def typed_model_config(values: ModelConfig | dict[str, Any]) -> ModelConfig:
 
 class LanguageModelTask(L.LightningModule):
     """The training task. Its constructor arguments are saved in the checkpoint as plain values, so
-    ``LanguageModelTask.load_from_checkpoint(path)`` rebuilds it with the trained weights."""
+    ``LanguageModelTask.load_from_checkpoint(path)`` rebuilds it with the trained weights. ``layer_mixers``, what
+    ``model_config.check()`` returned when the caller checked it already (:class:`LanguageModel`), is not saved: a
+    task rebuilt from a checkpoint checks its config."""
 
     def __init__(
         self,
@@ -114,6 +117,7 @@ class LanguageModelTask(L.LightningModule):
         total_steps: int,
         eval_splits: list[str],
         bytes_per_token: dict[str, float | None],
+        layer_mixers: tuple[MixerConfig, MixerConfig | None] | None = None,
     ) -> None:
         super().__init__()
         model_config = typed_model_config(model_config)
@@ -126,7 +130,7 @@ class LanguageModelTask(L.LightningModule):
             "bytes_per_token": dict(bytes_per_token),
         }
         self.save_hyperparameters(plain, logger=False)  # the run logs its whole config as params already
-        self.model = LanguageModel(model_config)
+        self.model = LanguageModel(model_config, layer_mixers)
         self.optim = optim
         self.total_steps = total_steps
         self.eval_splits = eval_splits

@@ -24,11 +24,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,7 +37,15 @@ from arch_zoo.contract import ConfigError
 from arch_zoo.mixers.retnet import STATE_DTYPES
 from experiments import decoding_check
 from experiments.bench import device_label, resolve_device
-from experiments.bench.report import markdown, record_run
+from experiments.bench.report import (
+    finish,
+    format_cell,
+    log,
+    markdown,
+    record_measurement,
+    row_metrics,
+    write_table,
+)
 from experiments.decoding_check import decode_logits, nll, reference_logits
 from experiments.trained_run import build_data_module, data_config, find_config, load_model
 
@@ -156,48 +164,21 @@ def measure(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return fmt.format(value)
-
-
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table, headed by what was measured where (a number means nothing without its settings)."""
-    body = [[_cell(r.get(field), fmt) for field, _, fmt in COLUMNS] for r in rows]
+    body = [[format_cell(r.get(field), fmt) for field, _, fmt in COLUMNS] for r in rows]
     return f"**state precision** {meta['summary']}\n\n" + markdown([header for _, header, _ in COLUMNS], body)
 
 
 def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     """``state_precision.md`` and ``state_precision.csv`` under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
     text = to_markdown(rows, meta)
-    files = [out / "state_precision.md", out / "state_precision.csv"]
-    files[0].write_text(text)
-    pd.DataFrame(rows).to_csv(files[1], index=False)
-    return text, files
+    return text, write_table(out, "state_precision", text, rows)
 
 
-def log_run(
-    rows: list[dict[str, Any]],
-    meta: dict[str, Any],
-    files: list[Path],
-    table: str,
-    tracking_uri: str | None,
-    experiment: str = EXPERIMENT,
-) -> str:
-    """One FINISHED run: settings as params, a metric ``<dtype>/<quantity>`` per number, the files as artifacts and
-    the table as the run's description."""
-    now = int(time.time() * 1000)
-    metrics = [
-        mlflow.entities.Metric(f"{r['state_dtype']}/{name}", float(r[name]), now, 0)
-        for r in rows
-        for name in METRICS
-        if r.get(name) is not None
-    ]
-    tags = {"device": meta["device"], "mlflow.note.content": table}
-    run_name = f"state precision: {meta['params']['checkpoint']}"
-    return record_run(tracking_uri, experiment, run_name, tags, meta["params"], metrics, files)
+def run_metrics(rows: list[dict[str, Any]]) -> list[mlflow.entities.Metric]:
+    """A metric ``<dtype>/<quantity>`` per number of the table (``reference/nll`` is the training form's)."""
+    return row_metrics(rows, METRICS, lambda r: r["state_dtype"], lambda r: 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,10 +254,6 @@ def _meta(args: argparse.Namespace, model: LanguageModel, step: int, device: tor
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     start = time.perf_counter()
     try:
         device = resolve_device(args.device)
@@ -293,12 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = _meta(args, model, step, device, time.perf_counter() - start)
     table, files = write_outputs(rows, meta, args.out)
-    if not args.no_log:
-        run_id = log_run(rows, meta, files, table, args.tracking_uri, args.experiment)
-        log(f"logged to MLflow run {run_id} (experiment {args.experiment})")
-    log(f"wrote {', '.join(str(p) for p in files)}")
-    print(table, end="")
-    return 0
+    run_name = f"state precision: {args.checkpoint}"
+    metrics = run_metrics(rows)
+    record = partial(record_measurement, args.tracking_uri, args.experiment, run_name, table, meta, metrics, files)
+    return finish(table, files, None if args.no_log else record, args.experiment)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import ModelConfig
+from arch_zoo.contract import MixerConfig
 from arch_zoo.errors import ConfigError
 from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments import interrupts
@@ -68,17 +69,18 @@ register_configs()
 
 class Settings(NamedTuple):
     """The typed parts of a composed config, each turned into its dataclass once (``OmegaConf.to_object``) and
-    checked before anything heavy is built; the run is built from these, not from the tree again."""
+    checked once, before anything heavy is built; the run is built from these, not from the tree again."""
 
     model: ModelConfig
     data: Any  # the data module's own config dataclass (DataConfig, MQARConfig, ...)
     optim: OptimConfig
+    layer_mixers: tuple[MixerConfig, MixerConfig | None]  # what model.check() returned: the model builds from these
 
 
 def check(cfg: DictConfig) -> Settings:
     """Everything that can be wrong with a config, found before anything heavy is built."""
-    settings = Settings(model_config(cfg, vocab_size=1), OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.optim))
-    settings.model.check()  # vocab_size 1 stands in for the data's until the data is prepared
+    model = model_config(cfg, vocab_size=1)  # vocab_size 1 stands in for the data's until the data is prepared
+    settings = Settings(model, OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.optim), model.check())
     settings.data.check()
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
@@ -136,7 +138,7 @@ def configured_callbacks(cfg: DictConfig, logged: bool) -> list[L.Callback]:
 def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
     """Data, model, callbacks, logger and trainer of a run, built from its checked settings (and run tags logged),
     ready for :func:`fit`. An unfinished run with the same overrides is resumed into its MLflow run and folder."""
-    model_cfg, data_cfg, optim_cfg = settings or check(cfg)
+    model_cfg, data_cfg, optim_cfg, layer_mixers = settings or check(cfg)
     L.seed_everything(cfg.seed, workers=True)
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -151,6 +153,7 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
         total_steps=cfg.trainer.max_steps,
         eval_splits=eval_splits,
         bytes_per_token={s: data.bytes_per_token(s) for s in eval_splits},
+        layer_mixers=layer_mixers,  # checked above, before the data: not again
     )
     init_tags = {}
     if cfg.get("init_from"):  # before compiling: the weights' names are the plain model's

@@ -222,3 +222,31 @@ def test_a_compiled_model_compiles_once(mixer):
     for _ in range(3):
         model.loss(tokens[:, :-1], tokens[:, 1:]).backward()  # the training step's call: it must be compiled
     assert counters["stats"]["unique_graphs"] == 2  # the model's forward and the loss
+
+
+def counting_checks(monkeypatch, config_class) -> list[int]:
+    """Each call of ``config_class.check`` appends its width to the returned list (and still checks)."""
+    calls: list[int] = []
+    original = config_class.check
+
+    def check(self, d_model: int) -> None:
+        calls.append(d_model)
+        original(self, d_model)
+
+    monkeypatch.setattr(config_class, "check", check)
+    return calls
+
+
+def test_a_model_checks_its_mixer_config_once_and_a_mixer_built_alone_checks_its_own(monkeypatch):
+    """The model checks a layer's mixer config once for all its layers (and its hybrid layers' once); a mixer built
+    outside a model still checks its config, so a bad one fails there with the same message."""
+    retnet, attention = available_mixers()["retnet"], available_mixers()["attention"]
+    retnet_checks = counting_checks(monkeypatch, retnet.config_class)
+    attention_checks = counting_checks(monkeypatch, attention.config_class)
+    config = ModelConfig(vocab_size=97, d_model=64, n_layers=4, mixer=retnet.config_class.small())
+    LanguageModel(dataclasses.replace(config, hybrid_mixer=attention.config_class.small(), hybrid_layers=[1, 3]))
+    assert retnet_checks == [64] and attention_checks == [64]
+    retnet.mixer_class(64, retnet.config_class.small())
+    assert retnet_checks == [64, 64]
+    with pytest.raises(ConfigError, match="n_heads"):
+        attention.mixer_class(64, dataclasses.replace(attention.config_class.small(), n_heads=3))

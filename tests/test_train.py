@@ -406,6 +406,17 @@ def test_build_run_makes_a_run_without_fitting_it_with_the_configured_callbacks(
     assert not any(isinstance(c, Throughput) for c in run.trainer.callbacks)
 
 
+def test_build_run_checks_the_mixer_config_once(tmp_path, data_cache, monkeypatch):
+    """zoo-train checks the model's config before the data loads (a stand-in vocabulary), and the build takes the
+    checked layer configs from that check instead of checking again, in the model or in each layer."""
+    from arch_zoo.mixers.retnet import RetNetConfig
+    from tests.test_model import counting_checks
+
+    checks = counting_checks(monkeypatch, RetNetConfig)
+    run = built_run(tmp_path, data_cache, monkeypatch)
+    assert len(run.task.model.blocks) > 1 and checks == [run.task.model.config.d_model]
+
+
 def test_a_sweep_logs_the_paper_table_it_reproduces(tmp_path, data_cache):
     """The sweep's YAML declares ``paper_table``; every trial records it as a tag, which zoo-table reads."""
     proc = run_train(tmp_path, data_cache, "+sweep=retnet_ablation", "+ablation=no_swish_gate", "model=tiny")

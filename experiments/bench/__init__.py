@@ -2,8 +2,9 @@
 
 ``decode`` and ``train`` measure, ``report`` turns the rows into a Markdown table, Figure-6-style PNGs and an MLflow
 run, and ``cli`` is the ``zoo-bench`` command. Models are built from the registry with random weights: cost does
-not depend on the values. The helpers both benchmarks share (device, dtype, a model from a mixer name plus
-overrides composed into zoo-train's config tree, out-of-memory handling) live here.
+not depend on the values. What both benchmarks share lives here: device, dtype, a model from a mixer name plus
+overrides composed into zoo-train's config tree, the common settings and leading row columns, and one cell's run
+with its out-of-memory handling.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import ast
 import dataclasses
 import gc
 import platform
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,6 +146,52 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -
     with torch.device(device):
         model = LanguageModel(config)
     return model.to(dtype=dtype)
+
+
+@dataclass
+class BenchSettings:
+    """What both benchmarks take (``decode`` and ``train`` add their own fields, by keyword): the models' shape, the
+    context lengths, the timed and untimed steps, the seed of weights and inputs, and the optional extras."""
+
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    lengths: list[int]
+    steps: int
+    warmup: int
+    seed: int = 0
+    compile: bool = False  # torch.compile what is timed (each benchmark says what that is)
+    profile_dir: Path | None = None  # profile one more step per cell and write where its time went here
+
+
+@dataclass
+class CellRow:
+    """The leading columns of every benchmark row: which cell it is, and how it ended (``status``; numbers are None
+    where the cell did not get that far)."""
+
+    model: str
+    length: int
+    batch: int
+    status: str = "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spec_model(spec: ModelSpec, settings: BenchSettings, device: torch.device, dtype: torch.dtype) -> LanguageModel:
+    """The model ``spec`` names at the settings' shape, random weights on ``device``: each benchmark's model."""
+    return build_model(model_config(spec, settings.d_model, settings.n_layers, settings.vocab_size), device, dtype)
+
+
+def run_cell(row: CellRow, measure: Callable[[], None], device: torch.device) -> None:
+    """Measure one cell into ``row``; a failure becomes the row's status instead of losing the other cells (an OOM
+    keeps the status the measurement set: where it ran out), and the memory is freed for the next cell."""
+    try:
+        measure()
+    except Exception as error:  # one failed cell must not lose the others
+        if not is_oom(error):
+            row.status = f"error: {error_line(error)}"
+    free_memory(device)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from arch_zoo.errors import ConfigError
 from arch_zoo.model import COMPILE_SCOPES
 from experiments.bench import device_label, parse_models, resolve_device, resolve_dtype
 from experiments.bench.decode import DecodeSettings, run_decode
-from experiments.bench.report import log_run, write_outputs
+from experiments.bench.report import finish, log, log_run, write_outputs
 from experiments.bench.train import TrainSettings, run_train
 
 
@@ -152,6 +153,21 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def _shared_settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The fields of :class:`~experiments.bench.BenchSettings`, from the flags both commands take."""
+    return {
+        "d_model": args.d_model,
+        "n_layers": args.layers,
+        "vocab_size": args.vocab,
+        "lengths": args.lengths,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "compile": args.compile,
+        "profile_dir": out if args.profile else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -161,27 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo-bench: {error}", file=sys.stderr)
         return 2
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     shape = f"d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}"
     out = args.out or Path("outputs") / "bench" / args.command
-    profile_dir = out if args.profile else None
+    shared = _shared_settings(args, out)
     if args.command == "decode":
         dtype = resolve_dtype(args.dtype, device)
         settings = DecodeSettings(
-            args.d_model,
-            args.layers,
-            args.vocab,
-            args.lengths,
-            args.batches,
-            steps=args.steps,
-            warmup=args.warmup,
-            prefill_chunk=args.prefill_chunk,
-            graphs=not args.no_graphs,
-            seed=args.seed,
-            compile=args.compile,
-            profile_dir=profile_dir,
+            **shared, batches=args.batches, prefill_chunk=args.prefill_chunk, graphs=not args.no_graphs
         )
         rows = [r.as_dict() for r in run_decode(specs, settings, device, dtype, log)]
         summary = (
@@ -194,19 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.amp == "auto":
             amp = torch.bfloat16 if device.type == "cuda" else None
         settings = TrainSettings(
-            args.d_model,
-            args.layers,
-            args.vocab,
-            args.lengths,
-            tokens_per_step=args.tokens_per_step,
-            steps=args.steps,
-            warmup=args.warmup,
-            amp=amp,
-            lr=args.lr,
-            seed=args.seed,
-            compile=args.compile,
-            compile_scope=args.compile_scope,
-            profile_dir=profile_dir,
+            **shared, tokens_per_step=args.tokens_per_step, amp=amp, lr=args.lr, compile_scope=args.compile_scope
         )
         rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
         summary = (
@@ -219,12 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     table, files = write_outputs(args.command, rows, meta, out, args.reference)
     if args.profile:
         files += sorted(out.glob("profile_*.txt"))
-    if not args.no_log:
-        run_id = log_run(args.command, rows, meta, files, table, args.tracking_uri, args.experiment)
-        log(f"logged {len(files)} files to MLflow run {run_id} (experiment {args.experiment})")
-    log(f"wrote {', '.join(str(p) for p in files)}")
-    print(table, end="")
-    return 0
+    record = partial(log_run, args.command, rows, meta, files, table, args.tracking_uri, args.experiment)
+    return finish(table, files, None if args.no_log else record, args.experiment)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,13 +28,15 @@ import torch.utils._pytree as pytree
 
 from arch_zoo.model import LanguageModel
 from experiments.bench import (
+    BenchSettings,
+    CellRow,
     ModelSpec,
-    build_model,
     error_line,
     free_memory,
     is_oom,
-    model_config,
     peak_mib,
+    run_cell,
+    spec_model,
     synchronize,
 )
 from experiments.bench.profiling import profile_step
@@ -205,13 +207,9 @@ def time_steps(fn: Callable[[], None], n: int, device: torch.device) -> list[flo
 
 
 @dataclass
-class DecodeRow:
-    """One cell. Numbers are None where the cell did not get that far (``status`` says why)."""
+class DecodeRow(CellRow):
+    """One cell (model, prompt length, batch)."""
 
-    model: str
-    length: int
-    batch: int
-    status: str = "ok"
     prefill_ms: float | None = None
     latency_ms: float | None = None
     tokens_per_s: float | None = None
@@ -222,24 +220,14 @@ class DecodeRow:
     n_params: int = 0
     busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
+@dataclass(kw_only=True)
+class DecodeSettings(BenchSettings):
+    """``compile``: torch.compile the decode step, which fuses the mixers' small elementwise kernels."""
 
-@dataclass
-class DecodeSettings:
-    d_model: int
-    n_layers: int
-    vocab_size: int
-    lengths: list[int]
     batches: list[int]
-    steps: int = 32
-    warmup: int = 5
     prefill_chunk: int = 0
     graphs: bool = True
-    seed: int = 0
-    compile: bool = False  # torch.compile the step: fuses the mixers' small elementwise kernels
-    profile_dir: Path | None = None  # profile one more step per cell and write where its time went here
 
 
 def _cell(
@@ -302,8 +290,7 @@ def run_decode(
     """Every (model, length, batch) cell, models one after the other (only one set of weights on the device)."""
     rows = []
     for spec in specs:
-        config = model_config(spec, settings.d_model, settings.n_layers, settings.vocab_size)
-        model = build_model(config, device, dtype).eval()
+        model = spec_model(spec, settings, device, dtype).eval()
         n_params = model.num_parameters()
         runner = torch.compile(model) if settings.compile else None
         # a throwaway cell first: kernel selection, cuBLAS handles and the allocator's first growth
@@ -317,12 +304,7 @@ def run_decode(
         for L in settings.lengths:
             for B in settings.batches:
                 row = DecodeRow(spec.name, L, B, n_params=n_params)
-                try:
-                    _cell(model, row, settings, device, not checked, runner)
-                except Exception as error:  # one failed cell must not lose the others
-                    if not is_oom(error):
-                        row.status = f"error: {error_line(error)}"
-                free_memory(device)
+                run_cell(row, partial(_cell, model, row, settings, device, not checked, runner), device)
                 checked = checked or row.graph.startswith(CHECKED_NOTE)  # ", compiled" may follow
                 rows.append(row)
                 log(_progress(row))

@@ -4,14 +4,18 @@ Every table starts with the machine and the settings, because a cost number mean
 reference model, a second table gives each other model's cost relative to it cell by cell (the paper's "8.4x
 faster, 70% less memory" are such ratios). In MLflow each number is a metric ``MODEL/B<batch>/<name>`` (decode)
 or ``MODEL/<name>`` (train) whose *step is the context length*, so the UI draws it against length directly.
+
+The end of a measuring command (table files, metrics from rows, the MLflow run, what is printed where) is shared
+with ``experiments.state_precision``, the other producer that measures outside a training run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +69,8 @@ METRICS = {
 }
 
 
-def _cell(value: Any, fmt: str) -> str:
+def format_cell(value: Any, fmt: str) -> str:
+    """A Markdown table cell: a dash where a number is missing (None or NaN), and no ``|`` to split the row."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return fmt.format(value).replace("|", "/")
@@ -104,7 +109,7 @@ def ratio_table(kind: str, rows: list[dict[str, Any]], reference: str) -> str:
 
 def to_markdown(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], reference: str | None = None) -> str:
     columns = [c for c in COLUMNS[kind] if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
-    body = [[_cell(r[field], fmt) for field, _, fmt in columns] for r in rows]
+    body = [[format_cell(r[field], fmt) for field, _, fmt in columns] for r in rows]
     params = ", ".join(f"{name} {n / 1e6:,.1f}M" for name, n in meta.get("n_params", {}).items())
     text = f"**{kind}** on {meta['device']}; {meta['summary']}\n\n"
     if params:
@@ -225,11 +230,8 @@ def write_outputs(
     kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, reference: str | None = None
 ) -> tuple[str, list[Path]]:
     """``<kind>.md``, ``<kind>.csv``, ``<kind>.json`` (rows + settings) and the PNGs under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
     text = to_markdown(kind, rows, meta, reference)
-    files = [out / f"{kind}.md", out / f"{kind}.csv", out / f"{kind}.json"]
-    files[0].write_text(text)
-    pd.DataFrame(rows).to_csv(files[1], index=False)
+    files = [*write_table(out, kind, text, rows), out / f"{kind}.json"]
     files[2].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     files += plot_decode(rows, meta, out) if kind == "decode" else plot_train(rows, meta, out)
     return text, files
@@ -247,16 +249,74 @@ def log_run(
     """One FINISHED run in ``experiment``: the settings as params, every number as a metric (step = length), the
     files as artifacts and the table as the run's description."""
     models = ",".join(dict.fromkeys(r["model"] for r in rows))
-    params = {**meta.get("params", {}), "device_name": meta["device"]}
+    prefix = (lambda r: f"{r['model']}/B{r['batch']}") if kind == "decode" else (lambda r: r["model"])
+    metrics = row_metrics(_ok(rows), METRICS[kind], prefix, lambda r: int(r["length"]))
+    run_name = f"{kind}: {models} on {meta['device']}"
+    return record_measurement(tracking_uri, experiment, run_name, table, meta, metrics, files, {"bench": kind})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What every measuring command outside a training run shares (zoo-bench, experiments.state_precision)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def log(line: str) -> None:
+    """A progress line on stderr, flushed at once: stdout holds only the table, for a pipe or a file."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def write_table(out: Path, name: str, text: str, rows: list[dict[str, Any]]) -> list[Path]:
+    """``<name>.md`` holding the table ``text`` and ``<name>.csv`` holding every field of ``rows``, under ``out``:
+    the Markdown for reading, the CSV for every number the table leaves out."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{name}.md", out / f"{name}.csv"]
+    files[0].write_text(text)
+    pd.DataFrame(rows).to_csv(files[1], index=False)
+    return files
+
+
+def row_metrics(
+    rows: list[dict[str, Any]],
+    names: Sequence[str],
+    key: Callable[[dict[str, Any]], str],
+    step: Callable[[dict[str, Any]], int],
+) -> list[mlflow.entities.Metric]:
+    """Every number of ``rows`` among ``names`` as a metric ``<key(row)>/<name>`` at ``step(row)``, under one
+    timestamp (a measurement is one moment; the step carries the axis, e.g. the context length)."""
     now = int(time.time() * 1000)
-    metrics = []
-    for r in _ok(rows):
-        prefix = f"{r['model']}/B{r['batch']}" if kind == "decode" else r["model"]
-        for name in METRICS[kind]:
-            if r.get(name) is not None:
-                metrics.append(mlflow.entities.Metric(f"{prefix}/{name}", float(r[name]), now, int(r["length"])))
-    tags = {"bench": kind, "device": meta["device"], "mlflow.note.content": table}
-    return record_run(tracking_uri, experiment, f"{kind}: {models} on {meta['device']}", tags, params, metrics, files)
+    return [
+        mlflow.entities.Metric(f"{key(r)}/{name}", float(r[name]), now, step(r))
+        for r in rows
+        for name in names
+        if r.get(name) is not None
+    ]
+
+
+def record_measurement(
+    tracking_uri: str | None,
+    experiment: str,
+    run_name: str,
+    table: str,
+    meta: dict[str, Any],
+    metrics: list[mlflow.entities.Metric],
+    files: list[Path],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """A measurement as one FINISHED run (:func:`record_run`): its settings (``meta["params"]``) and machine as
+    params, the machine and the table (the run's description) as tags beside ``tags``. Returns the run id."""
+    params = {**meta.get("params", {}), "device_name": meta["device"]}
+    tags = {**(tags or {}), "device": meta["device"], "mlflow.note.content": table}
+    return record_run(tracking_uri, experiment, run_name, tags, params, metrics, files)
+
+
+def finish(table: str, files: list[Path], record: Callable[[], str] | None, experiment: str) -> int:
+    """The end of every measuring command: the MLflow run (``record``; None with --no-log), where the files went
+    (stderr), then the table (stdout). Returns the exit status."""
+    if record is not None:
+        log(f"logged {len(files)} files to MLflow run {record()} (experiment {experiment})")
+    log(f"wrote {', '.join(str(p) for p in files)}")
+    print(table, end="")
+    return 0
 
 
 def record_run(

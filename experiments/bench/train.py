@@ -11,21 +11,20 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from arch_zoo.model import compile_model
 from experiments.bench import (
+    BenchSettings,
+    CellRow,
     ModelSpec,
-    build_model,
-    error_line,
     free_memory,
-    is_oom,
-    model_config,
     peak_mib,
+    run_cell,
+    spec_model,
     synchronize,
 )
 from experiments.bench.profiling import profile_step
@@ -33,11 +32,9 @@ from experiments.hardware import matmul_precision, peak_tflops
 
 
 @dataclass
-class TrainRow:
-    model: str
-    length: int
-    batch: int
-    status: str = "ok"
+class TrainRow(CellRow):
+    """One cell (model, context length; the batch follows from the tokens per step)."""
+
     step_ms: float | None = None
     tokens_per_s: float | None = None
     peak_mib: float | None = None
@@ -48,25 +45,15 @@ class TrainRow:
     busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
     first_step_s: float | None = None  # the first step's wall time: with --compile, mostly the compile (cold start)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
+@dataclass(kw_only=True)
+class TrainSettings(BenchSettings):
+    """``compile``: torch.compile the loss (forward + backward), which fuses the mixers' elementwise work."""
 
-@dataclass
-class TrainSettings:
-    d_model: int
-    n_layers: int
-    vocab_size: int
-    lengths: list[int]
     tokens_per_step: int = 16384
-    steps: int = 5
-    warmup: int = 2
     amp: torch.dtype | None = torch.bfloat16  # None: no autocast (the CPU default)
     lr: float = 1e-4
-    seed: int = 0
-    compile: bool = False  # torch.compile the loss (forward + backward): fuses the mixers' elementwise work
     compile_scope: str = "model"  # model: one graph with the loss; blocks: each block in place (arch_zoo.model)
-    profile_dir: Path | None = None  # profile one more step per cell and write where its time went here
 
 
 def _step_fn(
@@ -85,11 +72,13 @@ def _step_fn(
         compile_model(model, compile_scope)  # in place; a later cell finds its blocks compiled already
 
     def step() -> torch.Tensor:
-        with torch.autocast(inputs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = loss_fn(inputs, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(inputs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                loss = loss_fn(inputs, targets)
+            loss.backward()
+            optimizer.step()
+        finally:  # a step that fails midway (out of memory) leaves no gradients behind for the next cell
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step
@@ -142,20 +131,13 @@ def run_train(
     """Every (model, length) cell; one model (float32 weights + AdamW state) on the device at a time."""
     rows = []
     for spec in specs:
-        config = model_config(spec, settings.d_model, settings.n_layers, settings.vocab_size)
         torch.manual_seed(settings.seed)
-        model = build_model(config, device, torch.float32).train()
+        model = spec_model(spec, settings, device, torch.float32).train()
         n_params = model.num_parameters()
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=device.type == "cuda")
         for length in settings.lengths:
             row = TrainRow(spec.name, length, max(1, settings.tokens_per_step // length), n_params=n_params)
-            try:
-                _measure(model, optimizer, row, settings)
-            except Exception as error:  # one failed cell must not lose the others
-                if not is_oom(error):
-                    row.status = f"error: {error_line(error)}"
-            optimizer.zero_grad(set_to_none=True)
-            free_memory(device)
+            run_cell(row, partial(_measure, model, optimizer, row, settings), device)
             rows.append(row)
             if row.status == "ok":
                 log(
