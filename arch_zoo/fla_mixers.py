@@ -61,7 +61,7 @@ class FLAMixer(TokenMixer):
 
     def __init__(self, d_model: int, config: FLAConfig, layer_idx: int = 0) -> None:
         super().__init__(d_model, config, layer_idx)
-        reason = unavailable_reason()
+        reason = self.unavailable()
         if reason is not None:
             raise ConfigError(f"mixer {config.name!r} {reason}; on this machine choose a built-in mixer instead")
         layers = importlib.import_module("fla.layers")
@@ -128,13 +128,51 @@ class Mamba2(FLAMixer):
             )
         return {"head_dim": expand * d_model // config.num_heads}
 
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
+        """fla's Mamba-2 continues a cached sequence one token per call only; a longer continuation is stepped
+        through token by token, so the contract's "continue with a chunk" holds (a prompt still runs whole)."""
+        if state is None or len(state) == 0 or x.shape[1] == 1:
+            return super().forward(x, state, return_state)
+        outs = []
+        for t in range(x.shape[1]):
+            y, state = super().forward(x[:, t : t + 1], state, True)
+            outs.append(y)
+        return torch.cat(outs, dim=1), (state if return_state else None)
+
+
+def gated_backward_broken() -> str | None:
+    """fla 0.6 refuses the backward of its gated delta-rule kernels on Hopper GPUs with Triton >= 3.4, < 3.7.1
+    (wrong gradients, fla issue #640) unless tilelang is installed: such a mixer cannot train there."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    if importlib.util.find_spec("tilelang") is not None:
+        return None
+    import triton
+
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:3])
+    if (3, 4, 0) <= version < (3, 7, 1):
+        return (
+            f"cannot train on a Hopper GPU with Triton {triton.__version__}: fla refuses its gated backward there "
+            "(wrong gradients, fla issue #640); upgrade Triton to >= 3.7.1 or pip install tilelang"
+        )
+    return None
+
+
+class GatedDeltaNet(FLAMixer):
+    """fla's gated DeltaNet; unavailable where fla's gated backward is known to be wrong (see above)."""
+
+    fla_class = "GatedDeltaNet"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return unavailable_reason() or gated_backward_broken()
+
 
 GatedLinearAttention = _fla_mixer("GatedLinearAttention")
 RWKV6 = _fla_mixer("RWKV6Attention")
 # fla's RWKV-7 sizes heads by head_dim=64 unless told otherwise, and needs a depth for its layer-wise init; each of
 # our mixers is its own fla "layer 0" (one cache per mixer), so every layer gets the first layer's initialisation
 RWKV7 = _fla_mixer("RWKV7Attention", defaults={"head_dim": None, "num_hidden_layers": 2})
-GatedDeltaNet = _fla_mixer("GatedDeltaNet")
 DeltaNet = _fla_mixer("DeltaNet")
 HGRN2 = _fla_mixer("HGRN2Attention", defaults={"expand_ratio": None})  # else expand_ratio=128 sets the heads
 Retention = _fla_mixer("MultiScaleRetention")
