@@ -9,14 +9,29 @@ message naming it.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo import ModelConfig, get_mixer
+from arch_zoo.errors import ConfigError
 from experiments.config_store import register_configs
 
 CONFIG_MODULE = "experiments.conf"
+T = TypeVar("T")
+
+
+def run_typed(prog: str, run: Callable[[Any], T], cfg: DictConfig) -> T:
+    """The body of a ``@hydra.main`` entry point over one typed config (zoo-eval, zoo-generate, zoo-export):
+    ``run`` gets the config's dataclass; a config error is one line, ``prog: message``, and exit status 2."""
+    try:
+        return run(OmegaConf.to_object(cfg))
+    except ConfigError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def model_config(cfg: DictConfig, vocab_size: int | None) -> ModelConfig:

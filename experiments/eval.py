@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo.contract import ConfigError
 from experiments.bench import resolve_device
+from experiments.compose import run_typed
 from experiments.config_store import register_configs
 from experiments.decoding_check import decoding_agreement, reduced_state_costs
 from experiments.store import open_experiment
@@ -287,11 +288,7 @@ def log_child(
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(OmegaConf.to_object(cfg))
-    except ConfigError as error:
-        print(f"zoo-eval: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_typed("zoo-eval", run, cfg)
 
 
 if __name__ == "__main__":

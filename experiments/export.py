@@ -12,7 +12,6 @@ through the mixers' states; ``params`` take ``max_new_tokens``, ``temperature``,
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,11 @@ import mlflow
 import torch
 from hydra.core.config_store import ConfigStore
 from mlflow.models import infer_signature
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 from arch_zoo.errors import ConfigError
 from arch_zoo.export import load_pretrained, read_meta, save_pretrained
+from experiments.compose import run_typed
 from experiments.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 from experiments.trained_run import load_text_model, resolve_checkpoint
 
@@ -125,12 +125,8 @@ def run(cfg: ExportConfig) -> tuple[Path, str | None]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
-def main(cfg) -> None:
-    try:
-        out, uri = run(OmegaConf.to_object(cfg))
-    except ConfigError as error:
-        print(f"zoo-export: {error}", file=sys.stderr)
-        sys.exit(2)
+def main(cfg: DictConfig) -> None:
+    out, uri = run_typed("zoo-export", run, cfg)
     print(f"exported to {out}" + (f"; MLflow Model {uri}" if uri else ""))
 
 

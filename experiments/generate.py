@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 from arch_zoo.errors import ConfigError
 from experiments.bench import resolve_device
+from experiments.compose import run_typed
 from experiments.trained_run import load_text_model, resolve_checkpoint
 
 
@@ -102,12 +103,8 @@ def run(cfg: GenerateConfig, out=sys.stdout) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
-def main(cfg) -> None:
-    try:
-        run(OmegaConf.to_object(cfg))
-    except ConfigError as error:
-        print(f"zoo-generate: {error}", file=sys.stderr)
-        sys.exit(2)
+def main(cfg: DictConfig) -> None:
+    run_typed("zoo-generate", run, cfg)
 
 
 if __name__ == "__main__":
