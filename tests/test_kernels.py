@@ -162,7 +162,9 @@ def test_dispatch_cpu():
 # large for the fused dk/dv kernel (V > 256: dq and dk run as 256-wide key pieces; many value blocks: the chunk
 # scores are made once and shared, T not a multiple of the chunk), pieces in a single block (no state), shared
 # scores reused mirrored by dk and dv (T a multiple of the chunk, with and without key pieces) or not, and the state
-# passes as one sweep per state tile (the others, with several blocks, sweep the blocks at once and chain them)
+# passes as one sweep per state tile (the others, with several blocks, sweep the blocks at once and chain them);
+# and one block per sequence (no state passes: the output kernels carry the state through the whole sequence), with
+# shared scores read as stored (T % C != 0) or mirrored, 256-wide key pieces, and the fused dk/dv kernel
 INTERPRETER_CASES = [
     (2, 77, 2, 16, 32, 16, 2, ""),
     (1, 9, 2, 16, 16, 16, None, ""),
@@ -173,12 +175,16 @@ INTERPRETER_CASES = [
     (1, 32, 2, 16, 272, 16, 1, "shared"),
     (1, 48, 2, 16, 40, 16, 2, "recomputed"),
     (2, 77, 2, 16, 32, 16, 2, "unsplit"),
+    (1, 45, 2, 64, 260, 16, None, "single"),
+    (2, 48, 2, 16, 272, 16, None, "single"),
+    (2, 77, 2, 16, 32, 16, None, "single"),
 ]
 TILES = {
     "": {},  # few sequences: the state passes run split into blocks (state_split) where there are several
     "unsplit": {"state_split": 0},
     "shared": {"shared_scores": 1, "fused_dkv": 0},
     "recomputed": {"shared_scores": 0, "fused_dkv": 0},
+    "single": {"single_block": 1},
 }
 
 
@@ -492,6 +498,28 @@ def test_triton_reads_transposed_layouts_in_place(interpreter_results):
     assert_within(interpreter_results, "strided/", 5)
 
 
+def test_one_block_per_sequence_where_every_launch_keeps_the_gpu_busy():
+    """The paper's 256 x 512 at 65,536 tokens of T = 2048 runs as one block per sequence (no state passes); fewer,
+    longer sequences and narrower heads keep their stored block states; the override turns it either way."""
+    pytest.importorskip("triton")
+    from arch_zoo.kernels import retention_triton as rt
+
+    def blocks(B, T, K, V, **tiles):
+        rt.TILE_OVERRIDES.update(tiles)
+        try:
+            plan = rt._Plan(B, T, 8, K, V, 64, None)
+        finally:
+            rt.TILE_OVERRIDES.clear()
+        assert plan.single_block == (plan.nb == 1)
+        return plan.nb
+
+    assert blocks(32, 2048, 256, 512) == 1  # 1,024 programs in the narrowest launch (dq, dk)
+    assert blocks(8, 8192, 256, 512) == 16  # 256: stored states kept
+    assert blocks(32, 2048, 128, 128) == 4  # the fused dk/dv kernel: 256 programs
+    assert blocks(32, 2048, 256, 512, single_block=0) == 4
+    assert blocks(32, 2048, 128, 128, single_block=1) == 1
+
+
 def test_kernels_read_dense_views_without_copying():
     """A compiled graph hands the kernels [B, T, H, D] views of [B, H, T, D] tensors: copying them would cost a
     pass over q, k and v per call; a view they cannot index (last dim strided, or holes) is copied."""
@@ -590,20 +618,24 @@ def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 BOUND = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # float32 is computed with exact fp32 products (no tf32)
-# (dtype, shape): float32 tiles stop at head dim 128; bf16 covers the paper's 256 x 512 (split dq/dk kernels)
+# (dtype, shape, tiles): float32 tiles stop at head dim 128; bf16 covers the paper's 256 x 512 (split dq/dk kernels);
+# "single" runs one block per sequence (no state passes), as the paper's dims do at 65,536 tokens of T = 2048
 GPU_CASES = [
-    (torch.float32, (2, 4133, 4, 64, 64)),
-    (torch.float32, (2, 2100, 4, 128, 128)),
-    (torch.bfloat16, (2, 4133, 4, 128, 128)),
-    (torch.bfloat16, (1, 1337, 2, 256, 512)),
-    (torch.bfloat16, (2, 1024, 2, 256, 512)),  # T a multiple of the chunk: the backward mirrors the shared scores
+    (torch.float32, (2, 4133, 4, 64, 64), ""),
+    (torch.float32, (2, 2100, 4, 128, 128), ""),
+    (torch.bfloat16, (2, 4133, 4, 128, 128), ""),
+    (torch.bfloat16, (1, 1337, 2, 256, 512), ""),
+    (torch.bfloat16, (2, 1024, 2, 256, 512), ""),  # T a multiple of the chunk: the backward mirrors the shared scores
+    (torch.bfloat16, (1, 1337, 2, 256, 512), "single"),
+    (torch.bfloat16, (2, 1024, 2, 256, 512), "single"),
+    (torch.bfloat16, (2, 2100, 4, 128, 128), "single"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,shape", GPU_CASES, ids=lambda c: str(c))
-def test_triton_gpu_against_float64(dtype, shape):
-    from arch_zoo.kernels.retention_triton import retention_triton
+@pytest.mark.parametrize("dtype,shape,tiles", GPU_CASES, ids=lambda c: str(c))
+def test_triton_gpu_against_float64(dtype, shape, tiles):
+    from arch_zoo.kernels import retention_triton as rt
 
     B, T, H, K, V = shape
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs each run; the seed is in the failure message
@@ -611,7 +643,11 @@ def test_triton_gpu_against_float64(dtype, shape):
     lg = decays(H).cuda()
     scale = K**-0.5
     leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    o, s = retention_triton(*leaves[:3], lg.float(), scale, leaves[3], True)
+    rt.TILE_OVERRIDES.update(TILES[tiles])
+    try:
+        o, s = rt.retention_triton(*leaves[:3], lg.float(), scale, leaves[3], True)
+    finally:
+        rt.TILE_OVERRIDES.clear()
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     o_ref, s_ref = retention_chunkwise_reference(*ref_leaves[:3], lg, scale, ref_leaves[3], True, chunk_size=256)
     do = torch.randn_like(o)
