@@ -31,10 +31,14 @@ Config (defaults: the paper):
         always steps recurrently; a continued call of several tokens runs chunkwise unless ``mode`` is recurrent.
     chunk_size: tokens per chunk of the chunkwise form (64).
     kernel: ``torch`` (default), ``auto``, ``triton`` or ``fla``: the core is retention's with no decay
-        (``arch_zoo.kernels``), so it has their backends. The PyTorch forms are the default because this layer runs
-        its core in float32 (its sums need the range), where our Triton tiles are slow: 358.6 against 50.7 ms per
-        training step at d_model 1024, 4 layers, 8 x 2048 tokens on an H100 (``zoo-bench train --models
-        linear_attention,la_torch=linear_attention --set la_torch.kernel=torch``).
+        (``arch_zoo.kernels``), so it has their backends. The PyTorch forms run the core in float32 (their sums
+        run in the input dtype and need the range); the kernels accumulate in float32 whatever their inputs, so on
+        them a half-precision layer stays in half precision (bf16: fp16's range is too small for the sums they
+        return), with the normaliser's column of ones in the values' last tile: numerator and denominator from one
+        call. The PyTorch forms are the default because the measured comparison was made with the core in float32,
+        where our Triton tiles are slow: 358.6 against 50.7 ms per training step at d_model 1024, 4 layers,
+        8 x 2048 tokens on an H100 (``zoo-bench train --models linear_attention,la_torch=linear_attention --set
+        la_torch.kernel=torch``); the bf16 kernel path has not been timed in a model yet.
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
 
@@ -134,7 +138,11 @@ class LinearAttention(TokenMixer):
         q = self.feature_map(self.q_proj(x).view(B, T, H, d).transpose(1, 2))
         k = self.feature_map(self.k_proj(x).view(B, T, H, d).transpose(1, 2))
         v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)
-        q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
+        form = self.form(T, continued=state is not None)
+        dims = (d, d + int(c.normalize))
+        backend = dispatch.choose_backend(c.kernel, x.device, form=form, dtype=v.dtype, dims=dims)
+        if backend != "triton" or v.dtype == torch.float16:  # sums in the input dtype, or past fp16's range
+            q, k, v = at_least_float32(q, k, v)
         s0 = None
         if c.normalize:  # a column of ones after v: the same product then also gives q . z
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
@@ -147,14 +155,14 @@ class LinearAttention(TokenMixer):
             k,
             v,
             None,
-            backend=c.kernel,
-            form=self.form(T, continued=state is not None),
+            backend=backend,
+            form=form,
             initial_state=s0,
             output_final_state=return_state,
             chunk_size=c.chunk_size,
         )
-        if c.normalize:
-            o = o[..., :d] / (o[..., d:] + c.eps)
+        if c.normalize:  # the division in float32 (a bf16 normaliser has 8 bits; the quotient keeps them)
+            o = o[..., :d].float() / (o[..., d:].float() + c.eps)
         y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, self.d_model))
         if not return_state:
             return y, None
