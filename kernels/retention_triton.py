@@ -502,9 +502,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# one block per sequence (_Plan.single_block) where every output-kernel launch still has this many programs: about
-# four waves of the two programs per SM that a [256, 64] float32 state tile leaves room for on a 132-SM H100
-SINGLE_BLOCK_PROGRAMS = 1024
+# one block per sequence (_Plan.single_block) where every output-kernel launch still has this many programs (about
+# two per SM of a 132-SM H100). Measured on an H100 (bf16, 65,536 tokens, 8 heads, fwd+bwd ms, stored block states
+# -> one block): it won wherever the narrowest launch had 256 programs or more (64 x 64 at T = 2048: 0.713 -> 0.525;
+# 128 x 128 at 2048: 1.268 -> 1.034; 256 x 256 at 2048 / 8192: 4.288 -> 3.370 / 4.334 -> 3.492; 256 x 512 at 2048 /
+# 8192: 8.063 -> 6.282 / 8.110 -> 6.486) and lost wherever it had 64 or fewer (64 x 64 and 128 x 128 at 8192: 0.760
+# -> 0.873, 1.409 -> 1.488; 128 x 128 and 256 x 512 at 32768: 1.506 -> 5.557, 8.508 -> 13.591)
+SINGLE_BLOCK_PROGRAMS = 256
 
 MAX_GRID_Z = 65535  # CUDA's limit on a grid's last axis (a split state pass puts batch x head x block there)
 
@@ -546,8 +550,8 @@ class _Plan:
         self.warps_dkv = 8
         # one block per sequence: each output kernel's program carries its state across the whole sequence, so no
         # block states are stored and neither pass sweeps the state on its own (the forward's and the backward's
-        # state passes, about 0.74 ms each at the paper's 256 x 512, B = 32, T = 2048 on an H100). Chosen where the
-        # narrowest of those grids still has SINGLE_BLOCK_PROGRAMS programs (-1: by that rule; 0: off; 1: on)
+        # state passes, which read k and v, q and do once per state tile). Chosen where the narrowest of those
+        # grids still has SINGLE_BLOCK_PROGRAMS programs (-1: by that rule; 0: off; 1: on)
         self.single_block = -1
         self.nc = 0
         # the block states h (one [K, V] state per block of nc chunks) kept for the backward pass, or swept again

@@ -496,10 +496,10 @@ def test_linear_attention_runs_on_the_triton_kernels(interpreter_results):
     assert_within(interpreter_results, "linear_attention/", 6)
 
 
-def test_linear_attention_keeps_bf16_on_the_kernels(monkeypatch):
-    """On our kernels (which accumulate in float32) a bf16 layer hands the core bf16 tensors, the normaliser's
-    column of ones with them in one call; on the PyTorch forms the core runs in float32. (The kernels themselves
-    in bf16 are checked on the GPU: the interpreter's bf16 products are wrong.)"""
+def test_linear_attention_half_core_keeps_bf16_on_the_kernels(monkeypatch):
+    """With ``half_core`` a bf16 layer on our kernels (which accumulate in float32) hands the core bf16 tensors, the
+    normaliser's column of ones with them in one call; without it, or on the PyTorch forms, the core runs in
+    float32. (The kernels themselves in bf16 are checked on the GPU: the interpreter's bf16 products are wrong.)"""
     from arch_zoo.kernels import core, dispatch
     from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 
@@ -514,13 +514,13 @@ def test_linear_attention_keeps_bf16_on_the_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "on_kernels", kernels)
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
     outs = {}
-    for kernel in ("torch", "triton"):
+    for name, kernel, half in (("torch", "torch", True), ("triton", "triton", False), ("half", "triton", True)):
         torch.manual_seed(0)
-        config = LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel)
+        config = LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel, half_core=half)
         layer = LinearAttention(64, config).to(torch.bfloat16)
-        outs[kernel] = layer(x.to(torch.bfloat16))
-    assert seen == [("triton", torch.bfloat16, torch.bfloat16, 17)]
-    (y, state), (y_ref, state_ref) = outs["triton"], outs["torch"]
+        outs[name] = layer(x.to(torch.bfloat16))
+    assert seen == [("triton", torch.float32, torch.float32, 17), ("triton", torch.bfloat16, torch.bfloat16, 17)]
+    (y, state), (y_ref, state_ref) = outs["half"], outs["torch"]
     assert y.dtype == torch.bfloat16 and state["S"].dtype == state_ref["S"].dtype == torch.float32
     assert rel(y, y_ref) < 2e-2 and rel(state["S"], state_ref["S"]) < 2e-2 and rel(state["z"], state_ref["z"]) < 2e-2
 
@@ -534,8 +534,9 @@ def test_triton_reads_transposed_layouts_in_place(interpreter_results):
 
 
 def test_one_block_per_sequence_where_every_launch_keeps_the_gpu_busy():
-    """The paper's 256 x 512 at 65,536 tokens of T = 2048 runs as one block per sequence (no state passes); fewer,
-    longer sequences and narrower heads keep their stored block states; the override turns it either way."""
+    """One block per sequence (no state passes) where the narrowest output-kernel launch has 256 programs or more
+    (the paper's 256 x 512 at 65,536 tokens of T = 2048 or 8192); fewer, longer sequences keep their stored block
+    states; the override turns it either way."""
     pytest.importorskip("triton")
     from arch_zoo.kernels import retention_triton as rt
 
@@ -549,10 +550,12 @@ def test_one_block_per_sequence_where_every_launch_keeps_the_gpu_busy():
         return plan.nb
 
     assert blocks(32, 2048, 256, 512) == 1  # 1,024 programs in the narrowest launch (dq, dk)
-    assert blocks(8, 8192, 256, 512) == 16  # 256: stored states kept
-    assert blocks(32, 2048, 128, 128) == 4  # the fused dk/dv kernel: 256 programs
+    assert blocks(8, 8192, 256, 512) == 1  # 256
+    assert blocks(32, 2048, 128, 128) == 1  # the fused dk/dv kernel: 256 programs
+    assert blocks(2, 32768, 256, 512) == 64  # 64 programs: stored states kept
+    assert blocks(8, 8192, 128, 128) == 16  # the fused dk/dv kernel: 64 programs
     assert blocks(32, 2048, 256, 512, single_block=0) == 4
-    assert blocks(32, 2048, 128, 128, single_block=1) == 1
+    assert blocks(8, 8192, 128, 128, single_block=1) == 1
 
 
 def test_kernels_read_dense_views_without_copying():
@@ -724,23 +727,31 @@ def test_dispatch_gpu_matches_fla():
 
 
 @pytest.mark.gpu
-def test_linear_attention_gpu_bf16_on_the_kernels():
-    """Linear attention in bf16 on our kernels (numerator and normaliser from one call) against its PyTorch form in
-    float32 (float64 weights and inputs), output and gradients."""
+def test_linear_attention_gpu_on_the_kernels():
+    """Linear attention on our kernels, the core in float32 (default) and in bf16 (``half_core``: numerator and
+    normaliser from one call), against the same bf16 weights and inputs in float64 on the PyTorch forms. In bf16
+    the query projection's gradient, where the numerator's and the normaliser's parts nearly cancel, is ten times
+    less precise (6.6e-2 measured on an H100, 6.3e-3 with the float32 core): that bound is its own."""
     from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 
-    x = torch.randn(2, 1100, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    x = torch.randn(2, 1100, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
     results = {}
-    for kernel, dtype in (("triton", torch.bfloat16), ("torch", torch.float64)):
+    for name, kernel, half, dtype in (
+        ("float32", "triton", False, torch.bfloat16),
+        ("half", "triton", True, torch.bfloat16),
+        ("ref", "torch", False, torch.float64),
+    ):
         torch.manual_seed(0)
-        layer = LinearAttention(512, LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel))
-        layer = layer.to(device="cuda", dtype=dtype)
-        xi = x.to(dtype).requires_grad_()
+        config = LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel, half_core=half)
+        layer = LinearAttention(512, config).to(device="cuda", dtype=torch.bfloat16).to(dtype)
+        xi = x.to(dtype).detach().clone().requires_grad_()
         y, state = layer(xi)
         y.float().square().sum().backward()
-        results[kernel] = (y, state["S"], state["z"], xi.grad, layer.q_proj.weight.grad)
-    errors = {n: rel(a, b) for n, a, b in zip(["y", "S", "z", "dx", "dWq"], results["triton"], results["torch"])}
-    assert all(e < 3e-2 for e in errors.values()), errors  # bf16 projections, core and output: a few 2^-9 roundings
+        results[name] = (y, state["S"], state["z"], xi.grad, layer.q_proj.weight.grad, layer.k_proj.weight.grad)
+    names = ["y", "S", "z", "dx", "dWq", "dWk"]
+    for name, bound_q in (("float32", 2e-2), ("half", 0.15)):
+        errors = {n: rel(a, b) for n, a, b in zip(names, results[name], results["ref"])}
+        assert all(e < (bound_q if n == "dWq" else 2e-2) for n, e in errors.items()), (name, errors)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpreter-checks"]:
