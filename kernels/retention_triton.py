@@ -5,7 +5,8 @@ sizes is moving bytes, and most of fla's bytes are the per-chunk states ``[K, V]
 tokens (twice the size of q at K = V = 128) and reads back, in the forward pass and twice more in the backward.
 Here a program keeps its running state in registers across ``NC`` sub-chunks of ``C`` tokens, so a state is
 stored only every ``C * NC`` tokens (one "block"), and the whole backward pass is a few launches (three at
-K, V <= 128).
+K, V <= 128). Where the output kernels' grids alone keep the GPU busy (``_Plan.single_block``), a block is the
+whole sequence: no block states are stored and neither pass runs a state sweep of its own.
 
 Two kernels do all the work of the forward and the backward pass, each called with different roles for its
 inputs ("query", "key", "value"), in forward or reversed time (``REVERSE`` reads the rows from the end, which turns

@@ -37,12 +37,14 @@ Config (defaults: the paper):
         linear_attention,la_torch=linear_attention --set la_torch.kernel=torch``).
     half_core: on our kernels (``kernel=triton``, or ``auto`` on CUDA), run the core in the layer's bf16 instead of
         float32 (false). The kernels accumulate in float32 and the normaliser's column of ones rides in the values'
-        last tile, so one call gives numerator and denominator. Measured on an H100 (one layer, d_model 1024, 8
-        heads, 8 x 2048 tokens, autocast bf16, forward + backward): 4.15 ms against 6.87 ms for the float32 PyTorch
-        core. The price: the query projection's gradient, in which the numerator's and the normaliser's parts
-        nearly cancel, comes out of bf16 products: 6.6e-2 relative error against float64 (same bf16 weights; d_model
-        512, 4 heads, T = 1100), where the float32 core gives 6.3e-3 (other outputs and gradients: 4e-3 to 7e-3 on
-        both). Off by default for that reason.
+        last tile, so one call gives numerator and denominator. On an H100 (one layer, d_model 1024, 8 heads,
+        8 x 2048 tokens, autocast bf16, forward + backward, a do_bench of the layer alone; not yet timed in a model:
+        ``zoo-bench train --models linear_attention,la_half=linear_attention --set la_half.kernel=triton
+        la_half.half_core=true``): 4.15 ms against 6.87 ms for the float32 PyTorch core. The price: the query
+        projection's gradient, in which the numerator's and the normaliser's parts nearly cancel, comes out of bf16
+        products: 6.6e-2 relative error against float64 (same bf16 weights; d_model 512, 4 heads, T = 1100), where
+        the float32 core gives 6.3e-3 (other outputs and gradients: 4e-3 to 7e-3 on both; the GPU test
+        ``test_linear_attention_gpu_on_the_kernels`` repeats this). Off by default for that reason.
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
 
