@@ -95,9 +95,10 @@ def on_kernels(
     """The head-first call adapted to the kernels' layout (``[B, T, H, D]`` views, no copies) and tiles.
 
     A trained or per-token decay goes over per token (fla's ``g``: a learnable one is spread over the tokens so
-    that its gradient flows back); no decay is a decay of zero. Value widths are padded to the kernels' tile; a
-    width past a whole number of tiles is split off and run as a second, narrow call (RetNet's score normaliser
-    column, linear attention's)."""
+    that its gradient flows back); no decay is a decay of zero. Value widths are padded to the kernels' tile. A width
+    past a whole number of tiles (linear attention's normaliser column of ones after its values) is padded into the
+    last tile of one call where our kernels take the padded width (half precision: up to 512), so one call gives
+    numerator and denominator; otherwise (float32 past 128, fla) it is split off and run as a second, narrow call."""
     B, H, T, _ = q.shape
     if log_decay is None:
         log_decay = torch.zeros(H, device=q.device, dtype=torch.float32)
@@ -108,6 +109,11 @@ def on_kernels(
     width = v.shape[-1]
     main = width - width % VALUE_BLOCK
     parts = [(0, main), (main, width)] if 0 < main < width else [(0, width)]
+    if len(parts) > 1 and backend == "triton":
+        from arch_zoo.kernels.retention_triton import supported
+
+        if supported(v.dtype, q.shape[-1], main + VALUE_BLOCK, q.is_cuda):
+            parts = [(0, width)]
     outputs, states = [], []
     for lo, hi in parts:
         pad = (-(hi - lo)) % VALUE_BLOCK

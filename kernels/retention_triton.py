@@ -5,7 +5,8 @@ sizes is moving bytes, and most of fla's bytes are the per-chunk states ``[K, V]
 tokens (twice the size of q at K = V = 128) and reads back, in the forward pass and twice more in the backward.
 Here a program keeps its running state in registers across ``NC`` sub-chunks of ``C`` tokens, so a state is
 stored only every ``C * NC`` tokens (one "block"), and the whole backward pass is a few launches (three at
-K, V <= 128).
+K, V <= 128). Where the output kernels' grids alone keep the GPU busy (``_Plan.single_block``), a block is the
+whole sequence: no block states are stored and neither pass runs a state sweep of its own.
 
 Two kernels do all the work of the forward and the backward pass, each called with different roles for its
 inputs ("query", "key", "value"), in forward or reversed time (``REVERSE`` reads the rows from the end, which turns
@@ -502,6 +503,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# one block per sequence (_Plan.single_block) where every output-kernel launch still has this many programs (about
+# two per SM of a 132-SM H100). Measured on an H100 (bf16, 65,536 tokens, 8 heads, fwd+bwd ms, stored block states
+# -> one block): it won wherever the narrowest launch had 256 programs or more (64 x 64 at T = 2048: 0.713 -> 0.525;
+# 128 x 128 at 2048: 1.268 -> 1.034; 256 x 256 at 2048 / 8192: 4.288 -> 3.370 / 4.334 -> 3.492; 256 x 512 at 2048 /
+# 8192: 8.063 -> 6.282 / 8.110 -> 6.486) and lost wherever it had 64 or fewer (64 x 64 and 128 x 128 at 8192: 0.760
+# -> 0.873, 1.409 -> 1.488; 128 x 128 and 256 x 512 at 32768: 1.506 -> 5.557, 8.508 -> 13.591)
+SINGLE_BLOCK_PROGRAMS = 256
+
 MAX_GRID_Z = 65535  # CUDA's limit on a grid's last axis (a split state pass puts batch x head x block there)
 
 # Tile choices can be pinned here (keys of _Plan's attributes) to time alternatives; empty in normal use.
@@ -540,6 +549,11 @@ class _Plan:
         # there are many value blocks; the backward then reuses one matrix for two gradients when T % C == 0
         self.shared_scores = int(triton.cdiv(V, self.bv_fwd) >= 4)
         self.warps_dkv = 8
+        # one block per sequence: each output kernel's program carries its state across the whole sequence, so no
+        # block states are stored and neither pass sweeps the state on its own (the forward's and the backward's
+        # state passes, which read k and v, q and do once per state tile). Chosen where the narrowest of those
+        # grids still has SINGLE_BLOCK_PROGRAMS programs (-1: by that rule; 0: off; 1: on)
+        self.single_block = -1
         self.nc = 0
         # the block states h (one [K, V] state per block of nc chunks) kept for the backward pass, or swept again
         # there from k and v: the paper's 256 x 512 heads at 8k tokens keep 33.5 MB of them per layer and sequence
@@ -549,20 +563,32 @@ class _Plan:
         if sub_chunks is not None:
             self.nc = sub_chunks
         if self.nc <= 0:
-            # as many sub-chunks per stored state as keep >= ~4 waves of programs on a 132-SM GPU, at most 8
             per_block = B * H * triton.cdiv(V, self.bv_fwd)
-            self.nc = 8
-            while self.nc > 1 and triton.cdiv(T, chunk * self.nc) * per_block < 4 * 132:
-                self.nc //= 2
+            if self.single_block < 0:
+                self.single_block = int(self.narrowest_grid(B, H, K, V) >= SINGLE_BLOCK_PROGRAMS)
+            if self.single_block:
+                self.nc = triton.cdiv(T, chunk)
+            else:  # as many sub-chunks per stored state as keep >= ~4 waves of programs on a 132-SM GPU, at most 8
+                self.nc = 8
+                while self.nc > 1 and triton.cdiv(T, chunk * self.nc) * per_block < 4 * 132:
+                    self.nc //= 2
         self.nb = triton.cdiv(T, chunk * self.nc)
+        self.single_block = int(self.nb == 1)  # what the call does, whichever way nc was set
         if self.state_split < 0:
             self.state_split = int(4 * programs < 264 and self.nb > 1 and B * H * self.nb <= MAX_GRID_Z)
             if self.state_split and "bk_state" not in TILE_OVERRIDES and "bv_state" not in TILE_OVERRIDES:
                 self.bk_state, self.bv_state = min(64, kp), min(64, vp)  # the blocks give the programs
 
+    def narrowest_grid(self, B: int, H: int, K: int, V: int) -> int:
+        """Programs in the smallest output-kernel launch of a call run as one block per sequence."""
+        if self.fused_dkv:
+            return B * H  # the dk/dv kernel: one program per sequence and head
+        # o and dv: value blocks of bv_fwd columns; dq and dk (each 256-wide key piece a launch): bv_bwd over K
+        return B * H * min(triton.cdiv(V, self.bv_fwd), triton.cdiv(K, self.bv_bwd))
+
     FIELDS = (
         "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
-        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "nc", "nb", "recompute",
+        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "single_block", "nc", "nb", "recompute",
     )  # fmt: skip
 
     def as_list(self) -> list[int]:

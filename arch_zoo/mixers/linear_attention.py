@@ -35,6 +35,16 @@ Config (defaults: the paper):
         its core in float32 (its sums need the range), where our Triton tiles are slow: 358.6 against 50.7 ms per
         training step at d_model 1024, 4 layers, 8 x 2048 tokens on an H100 (``zoo-bench train --models
         linear_attention,la_torch=linear_attention --set la_torch.kernel=torch``).
+    half_core: on our kernels (``kernel=triton``, or ``auto`` on CUDA), run the core in the layer's bf16 instead of
+        float32 (false). The kernels accumulate in float32 and the normaliser's column of ones rides in the values'
+        last tile, so one call gives numerator and denominator. On an H100 (one layer, d_model 1024, 8 heads,
+        8 x 2048 tokens, autocast bf16, forward + backward, a do_bench of the layer alone; not yet timed in a model:
+        ``zoo-bench train --models linear_attention,la_half=linear_attention --set la_half.kernel=triton
+        la_half.half_core=true``): 4.15 ms against 6.87 ms for the float32 PyTorch core. The price: the query
+        projection's gradient, in which the numerator's and the normaliser's parts nearly cancel, comes out of bf16
+        products: 6.6e-2 relative error against float64 (same bf16 weights; d_model 512, 4 heads, T = 1100), where
+        the float32 core gives 6.3e-3 (other outputs and gradients: 4e-3 to 7e-3 on both; the GPU test
+        ``test_linear_attention_gpu_on_the_kernels`` repeats this). Off by default for that reason.
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
 
@@ -82,6 +92,7 @@ class LinearAttentionConfig(MixerConfig):
     mode: str = "chunkwise"  # parallel | chunkwise | recurrent
     chunk_size: int = 64
     kernel: str = "torch"  # torch | auto | triton | fla: the shared core's backend (float32 here: see above)
+    half_core: bool = False  # on our kernels, the core in bf16 (faster; the query gradient less precise: see above)
     bias: bool = False
 
     def check(self, d_model: int) -> None:
@@ -134,7 +145,12 @@ class LinearAttention(TokenMixer):
         q = self.feature_map(self.q_proj(x).view(B, T, H, d).transpose(1, 2))
         k = self.feature_map(self.k_proj(x).view(B, T, H, d).transpose(1, 2))
         v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)
-        q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
+        form = self.form(T, continued=state is not None)
+        half = c.half_core and v.dtype == torch.bfloat16  # on our kernels only, which accumulate in float32
+        if half:
+            half = dispatch.choose_backend(c.kernel, x.device, form=form, dtype=v.dtype, dims=(d, d + 1)) == "triton"
+        if not half:
+            q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
         s0 = None
         if c.normalize:  # a column of ones after v: the same product then also gives q . z
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
@@ -147,13 +163,14 @@ class LinearAttention(TokenMixer):
             k,
             v,
             None,
-            backend=c.kernel,
-            form=self.form(T, continued=state is not None),
+            backend="triton" if half else c.kernel,
+            form=form,
             initial_state=s0,
             output_final_state=return_state,
             chunk_size=c.chunk_size,
         )
-        if c.normalize:
+        if c.normalize:  # the division in float32 at least (from half_core's bf16 numerator and normaliser)
+            o = o.to(torch.promote_types(o.dtype, torch.float32))
             o = o[..., :d] / (o[..., d:] + c.eps)
         y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, self.d_model))
         if not return_state:
