@@ -46,25 +46,18 @@ def merge_runs(source_uri: str, dest_uri: str, experiment: str) -> tuple[int, in
     copied = 0
     for run in sorted(runs, key=lambda r: PARENT in r.data.tags):  # parents first, so children can point at them
         key = _source_key(source_uri, run.info.run_id)
-        if key not in done:
-            done[key] = _copy(src, dst, dest_exp, run, key, done, source_uri)
-            copied += 1
+        if key in done:
+            continue
+        tags = {k: v for k, v in run.data.tags.items() if k != COPIED_FROM}
+        if PARENT in tags:  # the parent's copy (copied first), or the source id if the parent is not in the store
+            tags[PARENT] = done.get(_source_key(source_uri, tags[PARENT]), tags[PARENT])
+        done[key] = _copy(src, dst, dest_exp, run, tags, key)
+        copied += 1
     return copied, len(runs) - copied
 
 
-def _copy(
-    src: mlflow.MlflowClient,
-    dst: mlflow.MlflowClient,
-    dest_exp: str,
-    run: Run,
-    key: str,
-    done: dict[str, str],
-    source_uri: str,
-) -> str:
-    tags = {k: v for k, v in run.data.tags.items() if k != COPIED_FROM}
-    parent = tags.get(PARENT)
-    if parent is not None:
-        tags[PARENT] = done.get(_source_key(source_uri, parent), parent)
+def _copy(src: mlflow.MlflowClient, dst: mlflow.MlflowClient, dest_exp: str, run: Run, tags: dict, key: str) -> str:
+    """One run into ``dest_exp`` with ``tags``; marked as the copy of ``key`` last, once everything else is in."""
     new = dst.create_run(dest_exp, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
     new_id = new.info.run_id
     params = [Param(k, v) for k, v in run.data.params.items()]
