@@ -51,6 +51,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_pieces_match(mixer, x: torch.Tensor, full: torch.Tensor, state) -> None:
+    """``x`` run from ``state`` as a prompt, two single tokens, then a chunk, each continuing the last, equals
+    ``full``, the whole-sequence output."""
+    pieces = []
+    for lo, hi in [(0, 17), (17, 18), (18, 19), (19, 45)]:
+        y, state = mixer(x[:, lo:hi], state)
+        pieces.append(y)
+    err, bound = rel_err(torch.cat(pieces, dim=1), full), TOLERANCE[x.dtype][1]
+    assert err < bound, f"continuing from a state differs from the whole sequence by {err:.3g} (bound {bound:g})"
+
+
 @pytest.mark.parametrize("name", mixer_params())
 def test_shape_and_finite(name):
     mixer = make_mixer(name, torch.float32)
@@ -83,12 +94,7 @@ def test_state_continuation_matches_full_sequence(name):
     mixer = make_mixer(name)
     x = randn(name, 2, 45, D_MODEL)
     full, _ = mixer(x)
-    pieces, state = [], None
-    for lo, hi in [(0, 17), (17, 18), (18, 19), (19, 45)]:  # a prompt, two single tokens, then a chunk
-        y, state = mixer(x[:, lo:hi], state)
-        pieces.append(y)
-    err, bound = rel_err(torch.cat(pieces, dim=1), full), TOLERANCE[x.dtype][1]
-    assert err < bound, f"continuing from a state differs from the whole sequence by {err:.3g} (bound {bound:g})"
+    assert_pieces_match(mixer, x, full, None)
 
 
 @pytest.mark.parametrize("name", mixer_params())
@@ -100,13 +106,7 @@ def test_an_allocated_state_computes_the_same_function(name):
     x = randn(name, 2, 45, D_MODEL)
     full, _ = mixer(x)
     with torch.no_grad():
-        state = mixer.allocate_state(2, 45, x.device, x.dtype)
-        pieces = []
-        for lo, hi in [(0, 17), (17, 18), (18, 19), (19, 45)]:
-            y, state = mixer(x[:, lo:hi], state)
-            pieces.append(y)
-    err, bound = rel_err(torch.cat(pieces, dim=1), full), TOLERANCE[x.dtype][1]
-    assert err < bound, f"continuing from a state differs from the whole sequence by {err:.3g} (bound {bound:g})"
+        assert_pieces_match(mixer, x, full, mixer.allocate_state(2, 45, x.device, x.dtype))
 
 
 @pytest.mark.parametrize("name", mixer_params())
