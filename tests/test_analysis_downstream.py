@@ -7,7 +7,7 @@ import mlflow
 import pytest
 
 from analysis.cli import main
-from analysis.downstream import downstream_records, table3
+from analysis.downstream import downstream_records, paper_table3, table3
 from analysis.runs import load_runs, trials
 
 
@@ -83,3 +83,20 @@ def test_the_command_prints_the_layout_and_picks_the_metric(store, tmp_path, cap
     assert "| 31.0 | 56.0 |" in capsys.readouterr().out
     summaries = load_runs("downstream", store)
     assert summaries["is_summary"].sum() == 1  # the first call logged one; --no-log none
+
+
+def test_the_papers_rows_follow_ours_as_transcribed(store, capsys):
+    table = paper_table3()
+    printed_averages = {
+        ("Transformer", 0): 66.07,
+        ("RetNet", 0): 69.51,
+        ("Transformer", 4): 66.44,
+        ("RetNet", 4): 69.76,
+    }
+    for (model, shots), avg in printed_averages.items():
+        row = table[table["model"].str.startswith(model) & table["shots"].eq(shots)].iloc[0]
+        assert 100 * row["Avg"] == pytest.approx(avg, abs=0.006)  # the seven columns sum to the paper's average
+    assert main(["--experiment", "downstream", "--tracking-uri", store, "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("retnet small") < out.index("the paper (Sun et al. 2023")
+    assert "| RetNet 6.7B (paper) | 0 | 60.7 | 62.2 | 77.0 | 75.4 | 77.2 | 58.1 | 76.0 | 69.5 |" in out
