@@ -18,7 +18,7 @@ import sys
 import mlflow
 from mlflow.entities import Metric, Param, Run, RunTag
 
-from experiments.store import mask_secrets, open_experiment
+from experiments.store import mask_secrets, open_experiment, search_all_runs
 
 COPIED_FROM = "arch_zoo.copied_from"  # tag: "<source store> <source run id>"
 PARENT = "mlflow.parentRunId"
@@ -37,11 +37,9 @@ def merge_runs(source_uri: str, dest_uri: str, experiment: str) -> tuple[int, in
         names = sorted(e.name for e in src.search_experiments())
         raise SystemExit(f"no experiment {experiment!r} in {mask_secrets(source_uri)}; it has: {', '.join(names)}")
     dst, dest_exp = open_experiment(dest_uri, experiment)
-    runs = src.search_runs([exp.experiment_id], max_results=50_000)
+    runs = search_all_runs(src, [exp.experiment_id])
     done = {
-        r.data.tags[COPIED_FROM]: r.info.run_id
-        for r in dst.search_runs([dest_exp], max_results=50_000)
-        if COPIED_FROM in r.data.tags
+        r.data.tags[COPIED_FROM]: r.info.run_id for r in search_all_runs(dst, [dest_exp]) if COPIED_FROM in r.data.tags
     }
     copied = 0
     for run in sorted(runs, key=lambda r: PARENT in r.data.tags):  # parents first, so children can point at them

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 from filelock import FileLock
+from mlflow.entities import Run
 
 SQLITE = "sqlite:///"
 # user:password@ in any URL, and password-like query parameters (?password=..., &token=...)
@@ -62,3 +63,19 @@ def open_experiment(uri: str, name: str) -> tuple[mlflow.MlflowClient, str]:
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
     return client, experiment_id
+
+
+PAGE = 1000  # runs per search page (MLflow's default page; its cap is 50,000)
+
+
+def search_all_runs(client: mlflow.MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list[Run]:
+    """Every run matching ``filter_string``, following MLflow's pages: one ``search_runs`` call returns at most a
+    page, so a sweep of more trials than that would be counted (and merged) short without this."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=PAGE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

@@ -16,7 +16,7 @@ import mlflow
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments.store import mask_secrets, open_experiment
+from experiments.store import mask_secrets, open_experiment, search_all_runs
 from experiments.tracking import PARENT_RUN_FILE, sweep_key, tracking_uri
 
 log = logging.getLogger("arch_zoo")
@@ -63,9 +63,8 @@ class MlflowSweepParent(Callback):
         if self.run_id is None:
             return
         client = mlflow.MlflowClient(self.uri)
-        children = client.search_runs(
-            [client.get_run(self.run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+        children = search_all_runs(
+            client, [client.get_run(self.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'"
         )
         failed = sum(r.info.status != "FINISHED" for r in children)
         client.log_metric(self.run_id, "sweep/trials", len(children))

@@ -1,5 +1,5 @@
 """zoo-merge-runs: seeds run in separate stores make one table, and merging twice (or after an interrupted copy)
-never loses or double-counts a trial."""
+never loses or double-counts a trial; searches of a store read every page of its runs."""
 
 from __future__ import annotations
 
@@ -86,3 +86,46 @@ def test_an_unknown_experiment_names_the_ones_there(tmp_path):
     source = make_store(tmp_path / "b.db", seed=1)
     with pytest.raises(SystemExit, match="it has: .*table5"):
         main([source, f"sqlite:///{tmp_path / 'a.db'}", "--experiment", "table6"])
+
+
+def test_stores_larger_than_one_search_page_are_merged_whole(tmp_path, monkeypatch):
+    """A store hands a search back a page at a time (a tracking server caps each page below what was asked): every
+    page is read, so a large store is copied whole and a second merge finds every copy (none made twice)."""
+    real = mlflow.MlflowClient.search_runs
+
+    def two_a_page(self, experiment_ids, filter_string="", *args, max_results=1000, **kwargs):
+        return real(self, experiment_ids, filter_string, *args, max_results=min(max_results, 2), **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_runs", two_a_page)  # three runs a store: two pages each way
+    dest = make_store(tmp_path / "a.db", seed=0)
+    source = make_store(tmp_path / "b.db", seed=1)
+    assert merge_runs.merge_runs(source, dest, "table5") == (3, 0)
+    assert merge_runs.merge_runs(source, dest, "table5") == (0, 3)
+    assert sorted(finished_trials(dest)["params.seed"]) == ["0", "0", "1", "1"]
+
+
+def test_a_sweep_parent_counts_children_past_one_search_page(tmp_path, monkeypatch):
+    """The sweep parent's trial count and best trial read every page of its children, not the first."""
+    from omegaconf import OmegaConf
+
+    from experiments.sweep_callback import MlflowSweepParent
+
+    uri = make_store(tmp_path / "a.db", seed=0)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("table5").experiment_id
+    parent = next(r for r in client.search_runs([exp]) if "mlflow.parentRunId" not in r.data.tags).info.run_id
+    extra = client.create_run(exp, tags={"mlflow.parentRunId": parent}, run_name="h3 seed=0").info.run_id
+    client.log_metric(extra, "val/loss", 0.5)
+    client.set_terminated(extra, "FINISHED")
+    real = mlflow.MlflowClient.search_runs
+
+    def two_a_page(self, experiment_ids, filter_string="", *args, max_results=1000, **kwargs):
+        return real(self, experiment_ids, filter_string, *args, max_results=min(max_results, 2), **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_runs", two_a_page)
+    callback = MlflowSweepParent()
+    callback.run_id, callback.uri = parent, uri
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweeper": {"monitor": "val/loss"}}}))
+    finished = client.get_run(parent).data
+    assert finished.metrics["sweep/trials"] == 3
+    assert finished.tags["best_trial"] == "h3 seed=0"
