@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from arch_zoo.errors import ConfigError
 from arch_zoo.registry import mixer_origin
 from experiments.checkpoints import previous_of, usable_checkpoint
-from experiments.store import mask_secrets, open_experiment
+from experiments.store import mask_secrets, open_experiment, search_all_runs
 
 log = logging.getLogger("arch_zoo")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -218,10 +218,7 @@ def supersede_unfinished(cfg: DictConfig, key: str, new_run_id: str) -> None:
     """After an explicit fresh start (``resume=false``), the unfinished runs of the same overrides are never resumed:
     tagged ``superseded_by``, and those left RUNNING by a crash are closed as KILLED."""
     client, experiment_id = experiment_of(cfg)
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.run_key = '{key}' and attributes.status != 'FINISHED'", max_results=1000
-    )
-    for run in runs:
+    for run in search_all_runs(client, [experiment_id], f"tags.run_key = '{key}' and attributes.status != 'FINISHED'"):
         run_id = run.info.run_id
         if run_id == new_run_id or "superseded_by" in run.data.tags:
             continue
