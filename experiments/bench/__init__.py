@@ -100,6 +100,10 @@ def parse_models(names: str, overrides: list[str] | None, mode: str | None = Non
         raise ConfigError("--models names no mixer")
     for item in overrides or []:
         label, colon, hydra_override = item.partition(":")
+        if colon and label == "*":
+            for spec in specs.values():
+                spec.overrides.append(hydra_override)
+            continue
         if colon and label in specs and "=" not in label:
             specs[label].overrides.append(hydra_override)
             continue
@@ -107,8 +111,8 @@ def parse_models(names: str, overrides: list[str] | None, mode: str | None = Non
         name, dot, path = key.partition(".")
         if not sep or not dot or name not in specs:
             raise ConfigError(
-                f"override {item!r}: write MODEL.FIELD=VALUE, MODEL.ffn.FIELD=VALUE or MODEL:HYDRA_OVERRIDE, "
-                "MODEL in --models"
+                f"override {item!r}: write MODEL.FIELD=VALUE, MODEL.ffn.FIELD=VALUE, MODEL:HYDRA_OVERRIDE or "
+                "*:HYDRA_OVERRIDE (every model), MODEL in --models"
             )
         if path.startswith("ffn."):
             specs[name].ffn[path.removeprefix("ffn.")] = _value(text)

@@ -83,7 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="registered mixer names, comma-separated; LABEL=MIXER adds a variant (its overrides: --set LABEL.FIELD=V)",
     )
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="MODEL.FIELD=VALUE|MODEL:HYDRA_OVERRIDE"
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="MODEL.FIELD=VALUE|MODEL:HYDRA_OVERRIDE|*:HYDRA_OVERRIDE",
     )
     common.add_argument("--mode", default="chunkwise", help="form of a whole sequence, for mixers with a mode field")
     common.add_argument("--d-model", type=int, default=None, help=_sized("d_model"))
