@@ -19,6 +19,9 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
 ]
 
+# torch.set_float32_matmul_precision's settings -> the precision float32 matrix products then run in
+MATMUL_PRECISIONS = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
+
 
 def matmul_precision(precision: str | int | torch.dtype | None) -> str | None:
     """The precision matrix products take under Lightning's ``trainer.precision`` or an autocast dtype (None:
@@ -31,7 +34,7 @@ def matmul_precision(precision: str | int | torch.dtype | None) -> str | None:
         return "fp16"
     if text.startswith("64"):
         return None
-    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return MATMUL_PRECISIONS[torch.get_float32_matmul_precision()]
 
 
 def peak_tflops(device: torch.device, precision: str | None) -> float | None:

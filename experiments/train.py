@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
@@ -32,6 +33,7 @@ from experiments.checkpoints import AtomicCheckpointIO
 from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.compose import model_config
 from experiments.config_store import register_configs
+from experiments.hardware import MATMUL_PRECISIONS
 from experiments.lit_module import LanguageModelTask, OptimConfig, validation_metrics
 from experiments.preflight import refuse_unknown_mixers
 from experiments.store import mask_secrets
@@ -90,6 +92,11 @@ def check(cfg: DictConfig) -> Settings:
         check_tracking_uri(tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
+    if cfg.float32_matmul_precision not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"float32_matmul_precision={cfg.float32_matmul_precision} is unknown; choose one of "
+            f"{', '.join(MATMUL_PRECISIONS)}"
+        )
     return settings
 
 
@@ -289,7 +296,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         experiment_of(cfg)  # the store and experiment exist before any lookup or logger touches them
     if (metrics := finished_trial(cfg, config_key(cfg))) is not None:
         return metrics
-    return fit(build_run(cfg, settings))
+    previous = torch.get_float32_matmul_precision()  # a process-wide switch: the next run in this process starts clean
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    try:
+        return fit(build_run(cfg, settings))
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.LightningDataModule) -> dict[str, float]:

@@ -89,6 +89,9 @@ def test_peak_lookup_by_device_name_and_precision(monkeypatch):
     assert hardware.peak_tflops(cuda, "bf16") is None  # unknown: no MFU unless peak_tflops is given
     assert hardware.peak_tflops(torch.device("cpu"), "fp32") is None
     assert hardware.matmul_precision(torch.bfloat16) == "bf16" and hardware.matmul_precision(torch.float64) is None
+    for setting, precision in (("highest", "fp32"), ("high", "tf32"), ("medium", "bf16")):  # float32_matmul_precision
+        monkeypatch.setattr(hardware.torch, "get_float32_matmul_precision", lambda setting=setting: setting)
+        assert hardware.matmul_precision("32-true") == precision
 
 
 @pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])

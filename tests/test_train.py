@@ -472,3 +472,26 @@ def test_the_progress_bar_counts_steps_not_a_negative_epoch():
     bar = StepProgressBar()
     bar._trainer = SimpleNamespace(max_steps=600, max_epochs=-1)  # a run sized by steps, as every run here is
     assert bar._get_train_description(0).strip() == "train (600 steps)"
+
+
+def test_float32_matmul_precision_is_set_for_the_run_and_restored(tmp_path, data_cache, monkeypatch):
+    """``float32_matmul_precision=high`` runs the fit with TF32 float32 products (what stays float32 under autocast),
+    the process's setting comes back afterwards, and a value torch does not know is refused with the choices."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from arch_zoo.errors import ConfigError
+    from experiments import train as train_module
+
+    monkeypatch.setenv("ARCH_ZOO_CACHE", str(data_cache))
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        cfg = compose("train", [*TINY, "logger=none", "float32_matmul_precision=high"])
+        bad = compose("train", [*TINY, "logger=none", "float32_matmul_precision=tf32"])
+    seen = []
+    monkeypatch.setattr(train_module, "build_run", lambda cfg, settings: None)
+    monkeypatch.setattr(train_module, "fit", lambda run: seen.append(torch.get_float32_matmul_precision()) or {})
+    before = torch.get_float32_matmul_precision()
+    train_module.train(cfg)
+    assert seen == ["high"] and torch.get_float32_matmul_precision() == before == "highest"
+    with pytest.raises(ConfigError, match="float32_matmul_precision=tf32 is unknown; choose one of highest, high"):
+        train_module.check(bad)
