@@ -167,7 +167,10 @@ def test_train_command_measures_a_full_step_per_length(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "train"
     args = ["train", "--models", "retnet,transformer", "--tokens-per-step", "128", *TINY, "--experiment", "costs"]
+    args += ["--float32-matmul-precision", "high"]
     assert main([*args, "--out", str(out), "--tracking-uri", uri]) == 0
+    assert torch.get_float32_matmul_precision() == "highest"  # set for the measurement, then given back
+    assert "float32 matmul precision high" in (out / "train.md").read_text()
     rows = json.loads((out / "train.json").read_text())["rows"]
     assert [(r["model"], r["length"], r["batch"]) for r in rows] == [
         ("retnet", 32, 4),

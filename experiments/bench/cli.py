@@ -29,6 +29,7 @@ from experiments.bench import device_label, parse_models, resolve_device, resolv
 from experiments.bench.decode import DecodeSettings, run_decode
 from experiments.bench.report import finish, log, log_run, write_outputs
 from experiments.bench.train import TrainSettings, run_train
+from experiments.hardware import MATMUL_PRECISIONS
 
 
 def _ints(text: str) -> list[int]:
@@ -128,6 +129,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--tokens-per-step", type=int, default=16384, help="batch = this // length (at least 1)")
     train.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="auto: bf16 on CUDA")
     train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument(
+        "--float32-matmul-precision",
+        choices=list(MATMUL_PRECISIONS),
+        default="highest",
+        help="float32 products (what autocast leaves float32), as zoo-train's float32_matmul_precision",
+    )
     train.add_argument("--compile", action="store_true", help="torch.compile the loss (the first steps compile)")
     train.add_argument(
         "--compile-scope",
@@ -202,11 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             **shared, tokens_per_step=args.tokens_per_step, amp=amp, lr=args.lr, compile_scope=args.compile_scope
         )
-        rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
+        try:
+            rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
+        finally:
+            torch.set_float32_matmul_precision(previous)
         summary = (
             f"{shape}, fp32 weights, autocast {str(amp).removeprefix('torch.') if amp else 'off'}, AdamW; "
             f"{args.tokens_per_step} tokens per step; median of {args.steps} steps after {args.warmup}"
             + (f"; torch.compile ({args.compile_scope})" if args.compile else "")
+            + f"; float32 matmul precision {args.float32_matmul_precision}"
         )
     n_params = {r["model"]: r["n_params"] for r in rows}
     meta = {"device": device_label(device), "summary": summary, "n_params": n_params, "params": _params(args)}
