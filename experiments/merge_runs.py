@@ -3,9 +3,10 @@ machines (one GPU lease per seed, a laptop and a cluster) make one table.
 
 What a table reads travels: params, tags, run names, statuses, times and every metric's whole history; sweep
 children keep their parent. Artifacts and logged models stay in the source store (their runs say where). Merging
-is idempotent: each copy is tagged with the store and id it came from, and a run copied before is skipped, so
-running the command twice (or after an interrupted copy) never double-counts a trial. Unfinished runs are copied
-with their status; ``zoo-table`` keeps only finished trials.
+is idempotent: each copy is tagged with the store and id where its run was first recorded, and a run the destination
+already holds (as itself or as a copy) is skipped, so running the command twice, after an interrupted copy, or back
+the other way never double-counts a trial. A store is known by its URI as written: give it the same way each time.
+Unfinished runs are copied with their status; ``zoo-table`` keeps only finished trials.
 
     zoo-merge-runs sqlite:///seed2/mlflow.db sqlite:///mlflow.db --experiment table5
 """
@@ -29,6 +30,13 @@ def _source_key(source_uri: str, run_id: str) -> str:
     return f"{mask_secrets(source_uri)} {run_id}"
 
 
+def _origin(run: Run, store_uri: str) -> str:
+    """Where a run was first recorded: a copy carries its original's key, anything else is its own. Keying copies by
+    origin keeps a merge back the other way (B into A after A into B) or round a ring of stores from copying a run
+    into the store that already holds it."""
+    return run.data.tags.get(COPIED_FROM) or _source_key(store_uri, run.info.run_id)
+
+
 def merge_runs(source_uri: str, dest_uri: str, experiment: str) -> tuple[int, int]:
     """Copy ``experiment``'s runs from ``source_uri`` into ``dest_uri``; returns (copied, already there)."""
     src = mlflow.MlflowClient(source_uri)
@@ -38,17 +46,17 @@ def merge_runs(source_uri: str, dest_uri: str, experiment: str) -> tuple[int, in
         raise SystemExit(f"no experiment {experiment!r} in {mask_secrets(source_uri)}; it has: {', '.join(names)}")
     dst, dest_exp = open_experiment(dest_uri, experiment)
     runs = search_all_runs(src, [exp.experiment_id])
-    done = {
-        r.data.tags[COPIED_FROM]: r.info.run_id for r in search_all_runs(dst, [dest_exp]) if COPIED_FROM in r.data.tags
-    }
+    done = {_origin(r, dest_uri): r.info.run_id for r in search_all_runs(dst, [dest_exp])}
+    origins = {r.info.run_id: _origin(r, source_uri) for r in runs}
     copied = 0
     for run in sorted(runs, key=lambda r: PARENT in r.data.tags):  # parents first, so children can point at them
-        key = _source_key(source_uri, run.info.run_id)
+        key = origins[run.info.run_id]
         if key in done:
             continue
         tags = {k: v for k, v in run.data.tags.items() if k != COPIED_FROM}
         if PARENT in tags:  # the parent's copy (copied first), or the source id if the parent is not in the store
-            tags[PARENT] = done.get(_source_key(source_uri, tags[PARENT]), tags[PARENT])
+            parent = origins.get(tags[PARENT], _source_key(source_uri, tags[PARENT]))
+            tags[PARENT] = done.get(parent, tags[PARENT])
         done[key] = _copy(src, dst, dest_exp, run, tags, key)
         copied += 1
     return copied, len(runs) - copied

@@ -129,3 +129,18 @@ def test_a_sweep_parent_counts_children_past_one_search_page(tmp_path, monkeypat
     finished = client.get_run(parent).data
     assert finished.metrics["sweep/trials"] == 3
     assert finished.tags["best_trial"] == "h3 seed=0"
+
+
+def test_merging_back_the_other_way_copies_no_run_into_the_store_it_came_from(tmp_path):
+    """A into B, then B into A: A gets B's own runs and none of its own back (copies are keyed by where a run was
+    first recorded), so neither store holds a trial twice."""
+    a = make_store(tmp_path / "a.db", seed=0)
+    b = make_store(tmp_path / "b.db", seed=1)
+    assert merge_runs.merge_runs(a, b, "table5") == (3, 0)
+    assert merge_runs.merge_runs(b, a, "table5") == (3, 3)
+    client = mlflow.MlflowClient(a)
+    runs = client.search_runs([client.get_experiment_by_name("table5").experiment_id])
+    assert len(runs) == 6 and sorted(finished_trials(a)["params.seed"]) == ["0", "0", "1", "1"]
+    ids = {r.info.run_id for r in runs}
+    assert all(r.data.tags["mlflow.parentRunId"] in ids for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert merge_runs.merge_runs(a, b, "table5") == (0, 6)  # and B, in turn, already holds all of A's
