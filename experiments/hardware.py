@@ -7,6 +7,9 @@ with ``peak_tflops=...`` on the command line.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 # (substring of torch.cuda.get_device_name, more specific first) -> TFLOP/s by matmul precision
@@ -21,6 +24,18 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 # torch.set_float32_matmul_precision's settings -> the precision float32 matrix products then run in
 MATMUL_PRECISIONS = {"highest": "fp32", "high": "tf32", "medium": "bf16"}
+
+
+@contextmanager
+def float32_matmul_precision(setting: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(setting)`` for the block, the process's own setting restored after it:
+    a run or a benchmark in a process that goes on (a sweep's in-process jobs, tests) leaves no trace."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def matmul_precision(precision: str | int | torch.dtype | None) -> str | None:

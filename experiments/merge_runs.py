@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 
 from experiments.store import mask_secrets, open_experiment, search_all_runs
 
-COPIED_FROM = "arch_zoo.copied_from"  # tag: "<source store> <source run id>"
+COPIED_FROM = "arch_zoo.copied_from"  # tag: "<store> <run id>" where the run was first recorded
 PARENT = "mlflow.parentRunId"
 BATCH = 900  # MLflow accepts at most 1000 entries per log_batch (params: 100)
 

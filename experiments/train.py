@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
@@ -33,7 +32,7 @@ from experiments.checkpoints import AtomicCheckpointIO
 from experiments.checks import check_optim, check_settings, check_tracking_uri
 from experiments.compose import model_config
 from experiments.config_store import register_configs
-from experiments.hardware import MATMUL_PRECISIONS
+from experiments.hardware import MATMUL_PRECISIONS, float32_matmul_precision
 from experiments.lit_module import LanguageModelTask, OptimConfig, validation_metrics
 from experiments.preflight import refuse_unknown_mixers
 from experiments.store import mask_secrets
@@ -296,12 +295,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         experiment_of(cfg)  # the store and experiment exist before any lookup or logger touches them
     if (metrics := finished_trial(cfg, config_key(cfg))) is not None:
         return metrics
-    previous = torch.get_float32_matmul_precision()  # a process-wide switch: the next run in this process starts clean
-    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    try:
+    with float32_matmul_precision(cfg.float32_matmul_precision):
         return fit(build_run(cfg, settings))
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def final_validation(trainer: L.Trainer, task: LanguageModelTask, data: L.LightningDataModule) -> dict[str, float]:

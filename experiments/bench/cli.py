@@ -29,7 +29,7 @@ from experiments.bench import device_label, parse_models, resolve_device, resolv
 from experiments.bench.decode import DecodeSettings, run_decode
 from experiments.bench.report import finish, log, log_run, write_outputs
 from experiments.bench.train import TrainSettings, run_train
-from experiments.hardware import MATMUL_PRECISIONS
+from experiments.hardware import MATMUL_PRECISIONS, float32_matmul_precision
 
 
 def _ints(text: str) -> list[int]:
@@ -209,12 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             **shared, tokens_per_step=args.tokens_per_step, amp=amp, lr=args.lr, compile_scope=args.compile_scope
         )
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(args.float32_matmul_precision)
-        try:
+        with float32_matmul_precision(args.float32_matmul_precision):
             rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
-        finally:
-            torch.set_float32_matmul_precision(previous)
         summary = (
             f"{shape}, fp32 weights, autocast {str(amp).removeprefix('torch.') if amp else 'off'}, AdamW; "
             f"{args.tokens_per_step} tokens per step; median of {args.steps} steps after {args.warmup}"
