@@ -39,7 +39,20 @@ TOLERANCE = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-2)}
 def make_mixer(name: str, dtype=None, seed: int = 0):
     torch.manual_seed(seed)
     device, default = setting(name)
-    return build_mixer(small_config(name), D_MODEL).to(device, dtype or default).eval()
+    return _randomise_zero_weights(build_mixer(small_config(name), D_MODEL)).to(device, dtype or default).eval()
+
+
+def _randomise_zero_weights(mixer: torch.nn.Module) -> torch.nn.Module:
+    """Give weight matrices that start at zero small random values.
+
+    Why: some mixers zero-initialise their output projection, as RWKV-7's official code does (and fla's port of it).
+    Its output is then 0 whatever the input, so every check below would compare zeros: causality could not fail, and
+    "the output depends on its inputs" always would. Biases and vectors keep their initial values."""
+    with torch.no_grad():
+        for weight in mixer.parameters():
+            if weight.dim() >= 2 and not weight.any():
+                weight.normal_(0.0, weight.shape[-1] ** -0.5)
+    return mixer
 
 
 def randn(name: str, *shape: int) -> torch.Tensor:
