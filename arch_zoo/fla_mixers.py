@@ -170,8 +170,8 @@ class GatedDeltaNet(FLAMixer):
 
 GatedLinearAttention = _fla_mixer("GatedLinearAttention")
 RWKV6 = _fla_mixer("RWKV6Attention")
-# Not registered (pyproject.toml): on an H100 (2026-12-06, fla 0.6, Triton 3.6) it failed the contract's causality
-# test, in float32, while passing the other five; until that is understood it stays out of the registry.
+# fla zero-initialises RWKV-7's output projection (as RWKV-LM's v7 does), so a fresh layer outputs 0: the contract
+# checks it with that matrix made random (its failure "output ignores its inputs" on an H100 was that, not a leak).
 # fla's RWKV-7 sizes heads by head_dim=64 unless told otherwise, and needs a depth for its layer-wise init; each of
 # our mixers is its own fla "layer 0" (one cache per mixer), so every layer gets the first layer's initialisation
 RWKV7 = _fla_mixer("RWKV7Attention", defaults={"head_dim": None, "num_hidden_layers": 2})
