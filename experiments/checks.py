@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from arch_zoo.errors import ConfigError
-from experiments.lit_module import OptimConfig
+from experiments.lit_module import SCHEDULES, OptimConfig
 from experiments.store import mask_secrets
 
 log = logging.getLogger("arch_zoo")
@@ -77,6 +77,8 @@ def check_optim(optim: OptimConfig, max_steps: int) -> None:
             raise ConfigError(f"optim.{name}={value} must be a finite positive number, e.g. optim.{name}={default}")
     if optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={optim.warmup_steps}: set 0 or more steps")
+    if optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={optim.schedule} is unknown; choose one of {', '.join(SCHEDULES)}")
     if optim.warmup_steps >= max_steps:
         log.warning(
             "optim.warmup_steps=%d >= trainer.max_steps=%d: the learning rate never leaves its warmup; "

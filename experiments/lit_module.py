@@ -28,11 +28,15 @@ class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the run stops and is marked FAILED with this reason."""
 
 
+SCHEDULES = ("cosine", "linear")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    schedule: str = "cosine"  # after the warmup: cosine or linear decay to min_lr_ratio * lr at trainer.max_steps
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
@@ -45,11 +49,16 @@ def validation_metrics(trainer: Any, eval_splits: list[str]) -> dict[str, float]
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
 
 
-def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warmup to 1, then cosine or linear decay to ``min_ratio`` at ``total`` steps (the RetNet paper decays
+    linearly: fairseq's polynomial schedule at power 1)."""
     if step < warmup:
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    if schedule != "cosine":
+        raise ValueError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -201,7 +210,7 @@ class LanguageModelTask(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         # a group's own "lr" is kept as its peak; the schedule scales every group alike
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, o.warmup_steps, self.total_steps, o.min_lr_ratio)
+            optimizer, lambda step: lr_multiplier(step, o.warmup_steps, self.total_steps, o.min_lr_ratio, o.schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -465,6 +465,7 @@ def composed(*overrides: str):
         ("optim.lr=nan", "optim.lr=nan must be a finite positive number, e.g. optim.lr=0.003"),
         ("optim.lr=-1", "optim.lr=-1.0 must be a finite positive number"),
         ("optim.warmup_steps=-5", "optim.warmup_steps=-5: set 0 or more steps"),
+        ("optim.schedule=step", "optim.schedule=step is unknown; choose one of cosine, linear"),
         ("logger.tracking_uri=sqlite://mlflow.db", "names no file: sqlite URIs start sqlite:///"),
         ("logger.tracking_uri=postgres1://u:pw@h/db", "has an unknown scheme 'postgres1'"),
         ("logger.tracking_uri=http://", "names no host"),

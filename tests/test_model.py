@@ -104,6 +104,17 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert values[100] == pytest.approx(0.1)
 
 
+def test_linear_schedule_decays_in_equal_steps_to_the_floor():
+    """The RetNet paper's schedule (its §3.1: linear decay after 375 warmup steps), here to a floor of 0."""
+    values = [lr_multiplier(s, warmup=10, total=110, min_ratio=0.0, schedule="linear") for s in range(111)]
+    assert values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.5) and values[110] == pytest.approx(0.0)
+    steps = [a - b for a, b in zip(values[10:], values[11:])]
+    assert steps == pytest.approx([0.01] * 100)
+    with pytest.raises(ValueError, match="choose one of cosine, linear"):
+        lr_multiplier(20, warmup=10, total=110, min_ratio=0.0, schedule="step")
+
+
 def test_state_size_sums_the_layers():
     model = tiny_model(small("transformer"))
     assert model.state_size(100) == sum(b.mixer.state_size(100) for b in model.blocks)

@@ -24,7 +24,7 @@ from experiments.train import model_config
 CONF = Path(__file__).resolve().parents[1] / "experiments" / "conf"
 ARCHS = ["retnet", "rwkv", "h3", "hyena", "linear_attention", "transformer"]
 ROWS = ["full", "no_swish_gate", "no_group_norm", "no_decay", "no_multiscale_decay", "head_dim_small"]
-SIZES = ["table5_small", "table5"]
+SIZES = ["table5_small", "table5", "table5_paper"]
 VOCAB = 257
 
 
@@ -203,3 +203,19 @@ def test_every_ablation_row_has_the_size_of_the_full_model(size):
     counts = {row: build(table6(row, size)).size()["counted"] for row in ROWS}
     for row, n in counts.items():
         assert abs(n - counts["full"]) / counts["full"] < 0.01, f"{row}: {n:,} vs {counts['full']:,}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_paper_recipe_trains_as_table5_states(arch):
+    """experiment=table5_paper: §4.5's 10k steps of 0.5M tokens, §3.1's optimiser and schedule, Table 7's clipping
+    and dropout, for every architecture of the sweep (the sweep's own settings must not undo any of them)."""
+    cfg = table5(arch, "table5_paper")
+    tokens_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.block_size
+    assert tokens_per_step == 524_288 and cfg.data.block_size == 2048
+    assert cfg.trainer.max_steps == 10_000 and tokens_per_step * cfg.trainer.max_steps == pytest.approx(5.2e9, rel=0.01)
+    o = cfg.optim
+    assert (o.lr, list(o.betas), o.weight_decay, o.warmup_steps) == (6e-4, [0.9, 0.98], 0.05, 375)
+    assert (o.schedule, o.min_lr_ratio) == ("linear", 0.0)
+    assert cfg.trainer.gradient_clip_val == 2.0 and cfg.model.dropout == 0.1
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.budget_per_layer) == (1024, 16, 12)

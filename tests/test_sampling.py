@@ -38,3 +38,28 @@ def test_single_device_order_is_unchanged_and_bad_rank_is_refused():
     assert sorted(plain[6:17]) == list(range(11))  # positions 11..21: one whole epoch, each sample once
     with pytest.raises(ValueError, match="rank 2"):
         ResumableShuffle(11, 0, 0, 4, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_run_resumed_under_gradient_accumulation_reads_the_rest_of_the_same_batches(world):
+    """With accumulate_grad_batches = a, a step reads a micro-batches: a run resumed at optimiser step k (what a
+    checkpoint records) must start at micro-batch k x a (experiment=table5_paper accumulates 16), on every rank."""
+    from types import SimpleNamespace
+
+    from experiments.data.base import CachedDataModule
+
+    config = SimpleNamespace(check=lambda: None, batch_size=3, num_workers=0)
+    dataset = list(range(29))
+    accumulate, steps, done = 4, 5, 2
+
+    def loader(step: int, rank: int) -> list[int]:
+        module = CachedDataModule(config, seed=7, total_steps=steps)
+        module.trainer = SimpleNamespace(
+            accumulate_grad_batches=accumulate, global_step=step, global_rank=rank, world_size=world
+        )
+        return [int(i) for batch in module.resumable_loader(dataset) for i in batch]
+
+    for rank in range(world):
+        straight, resumed = loader(0, rank), loader(done, rank)
+        assert len(straight) == steps * accumulate * config.batch_size
+        assert resumed == straight[done * accumulate * config.batch_size :]
