@@ -88,6 +88,42 @@ def check_optim(optim: OptimConfig, max_steps: int) -> None:
         )
 
 
+def micro_batches_per_step(tokens_per_step: int, batch_size: int, block_size: int, world_size: int = 1) -> int:
+    """Micro-batches per optimiser step that make ``tokens_per_step`` tokens across every rank (the
+    ``trainer.accumulate_grad_batches`` of a run that sets ``tokens_per_step``). A paper's batch is met exactly or
+    refused, never rounded: the error names the micro-batch sizes that divide it."""
+    per_micro_batch = batch_size * block_size * world_size
+    steps, rest = divmod(tokens_per_step, per_micro_batch)
+    if rest or steps == 0:
+        windows, partial = divmod(tokens_per_step, block_size * world_size)  # per rank, whole windows
+        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if not partial and windows % b == 0]
+        fix = f"set data.batch_size to one of {', '.join(map(str, sizes))}" if sizes else "change tokens_per_step"
+        raise ConfigError(
+            f"tokens_per_step={tokens_per_step} is not a whole number of micro-batches of {per_micro_batch:,} tokens "
+            f"(data.batch_size={batch_size} x data.block_size={block_size} x {world_size} device(s)); {fix}"
+        )
+    return steps
+
+
+def check_tokens_per_step(cfg: DictConfig) -> None:
+    """``tokens_per_step`` fixes the optimiser's batch in tokens and derives the accumulation from it: it cannot be
+    set with an accumulation of its own, and one device's micro-batch must divide it (more devices are checked when
+    the Trainer knows how many there are)."""
+    tokens = cfg.get("tokens_per_step")
+    if tokens is None:
+        return
+    if not isinstance(tokens, int) or tokens <= 0:
+        raise ConfigError(f"tokens_per_step={tokens} must be a positive whole number of tokens, e.g. 524288")
+    if int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) != 1:
+        raise ConfigError(
+            f"tokens_per_step={tokens} and trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} both "
+            "set the optimiser's batch; set one (tokens_per_step derives the accumulation)"
+        )
+    if "block_size" not in cfg.data or "batch_size" not in cfg.data:
+        raise ConfigError(f"tokens_per_step needs a data config with block_size and batch_size ({cfg.data._target_})")
+    micro_batches_per_step(tokens, cfg.data.batch_size, cfg.data.block_size)
+
+
 def check_tracking_uri(uri: str) -> None:
     """A tracking URI MLflow can open: a known scheme, and sqlite's three slashes (two name no file)."""
     scheme = urlparse(uri).scheme.lower().split("+")[0]

@@ -128,6 +128,16 @@ IGNORED_IN_RUN_KEY = ("hydra.", "resume", "inject_failure", "trainer.enable_prog
 # What a trial computes does not depend on these: how it is shown, logged or labelled by a sweeper. (An injected
 # failure is part of a trial: a sweep over failures has as many trials as failures.)
 IGNORED_IN_CONFIG_KEY = ("resume", "logger", "name", "callbacks", "trainer.enable_progress_bar")
+# Settings added after runs were first keyed, each with the value at which a run computes what runs recorded before
+# it computed: at that value a setting stays out of the key, so a sweep relaunched after an upgrade still finds its
+# finished trials, and a table over older and newer runs counts each (config, seed) once. A new setting goes here
+# with its neutral value (tests/test_tracking_keys.py pins keys recorded before these existed).
+KEY_NEUTRAL: dict[str, object] = {
+    "float32_matmul_precision": "highest",
+    "tokens_per_step": None,
+    "optim.schedule": "cosine",
+    "model.mixer.half_core": False,
+}
 
 
 def run_key(overrides: list[str]) -> str:
@@ -140,7 +150,11 @@ def config_key(cfg: DictConfig) -> str:
     """Identity of what a run computes: its resolved config (seed included), whatever the position of the trial in a
     sweep or the overrides that produced it; a relaunched sweep matches its finished trials by it."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    kept = {k: v for k, v in flatten(resolved).items() if not k.startswith(IGNORED_IN_CONFIG_KEY)}
+    kept = {
+        k: v
+        for k, v in flatten(resolved).items()
+        if not k.startswith(IGNORED_IN_CONFIG_KEY) and not (k in KEY_NEUTRAL and KEY_NEUTRAL[k] == v)
+    }
     return hashlib.sha256(repr(sorted(kept.items())).encode()).hexdigest()[:16]
 
 

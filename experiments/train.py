@@ -29,7 +29,13 @@ from arch_zoo.model import COMPILE_SCOPES, compile_model
 from experiments import interrupts
 from experiments.callbacks import InjectFailure
 from experiments.checkpoints import AtomicCheckpointIO
-from experiments.checks import check_optim, check_settings, check_tracking_uri
+from experiments.checks import (
+    check_optim,
+    check_settings,
+    check_tokens_per_step,
+    check_tracking_uri,
+    micro_batches_per_step,
+)
 from experiments.compose import model_config
 from experiments.config_store import register_configs
 from experiments.hardware import MATMUL_PRECISIONS, float32_matmul_precision
@@ -86,6 +92,7 @@ def check(cfg: DictConfig) -> Settings:
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         raise ConfigError("trainer.max_steps must be a positive number of optimiser steps")
     check_settings(cfg)
+    check_tokens_per_step(cfg)
     check_optim(settings.optim, cfg.trainer.max_steps)
     if cfg.logger.enabled:
         check_tracking_uri(tracking_uri(cfg.logger.tracking_uri))
@@ -208,7 +215,22 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
         default_root_dir=str(output_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    if cfg.get("tokens_per_step"):
+        accumulate = micro_batches_per_step(
+            cfg.tokens_per_step, cfg.data.batch_size, cfg.data.block_size, trainer.world_size
+        )
+        trainer.accumulate_grad_batches = accumulate
+        OmegaConf.update(cfg, "trainer.accumulate_grad_batches", accumulate, force_add=True)  # the param logged
     return Run(cfg, task, data, trainer, logger, output_dir, resumed, on_signal)
+
+
+def tokens_per_step_param(cfg: DictConfig, trainer: L.Trainer) -> dict[str, int]:
+    """The optimiser's batch in tokens, over every rank and accumulated micro-batch: the number a paper's batch is
+    compared with (windowed text data; others have no fixed tokens per sample)."""
+    if "block_size" not in cfg.data or "batch_size" not in cfg.data:
+        return {}
+    tokens = cfg.data.batch_size * cfg.data.block_size * trainer.accumulate_grad_batches * trainer.world_size
+    return {"train.tokens_per_step": tokens}
 
 
 def fit(run: Run) -> dict[str, float]:
@@ -220,6 +242,7 @@ def fit(run: Run) -> dict[str, float]:
     baselines = data.baselines()
     summary = {
         "model.n_params": n_params,
+        **tokens_per_step_param(cfg, trainer),
         "model.vocab_size": model.config.vocab_size,  # the config's null is filled from the tokeniser
         "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
         # equal size, as every mixer is matched: counted (the budget) vs not counted (embeddings, positional tables)

@@ -466,6 +466,8 @@ def composed(*overrides: str):
         ("optim.lr=-1", "optim.lr=-1.0 must be a finite positive number"),
         ("optim.warmup_steps=-5", "optim.warmup_steps=-5: set 0 or more steps"),
         ("optim.schedule=step", "optim.schedule=step is unknown; choose one of cosine, linear"),
+        ("tokens_per_step=1000", "tokens_per_step=1000 is not a whole number of micro-batches of"),
+        ("tokens_per_step=0", "tokens_per_step=0 must be a positive whole number of tokens"),
         ("logger.tracking_uri=sqlite://mlflow.db", "names no file: sqlite URIs start sqlite:///"),
         ("logger.tracking_uri=postgres1://u:pw@h/db", "has an unknown scheme 'postgres1'"),
         ("logger.tracking_uri=http://", "names no host"),
@@ -478,6 +480,24 @@ def test_bad_settings_fail_in_the_check_before_anything_is_built(override, messa
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         check(composed(override))
     assert "\n" not in str(err.value) and ":pw@" not in str(err.value)
+
+
+def test_tokens_per_step_is_one_way_to_set_the_batch_and_must_divide():
+    from arch_zoo import ConfigError
+    from experiments.checks import micro_batches_per_step
+    from experiments.train import check
+
+    with pytest.raises(ConfigError, match="both set the optimiser's batch; set one"):
+        check(composed("tokens_per_step=8192", "trainer.accumulate_grad_batches=2"))
+    assert micro_batches_per_step(524_288, 16, 2048) == 16 and micro_batches_per_step(524_288, 16, 2048, 8) == 2
+    message = (
+        "tokens_per_step=524288 is not a whole number of micro-batches of 786,432 tokens (data.batch_size=24 x "
+        "data.block_size=2048 x 16 device(s)); set data.batch_size to one of 1, 2, 4, 8, 16"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        micro_batches_per_step(524_288, 24, 2048, 16)
+    with pytest.raises(ConfigError, match="change tokens_per_step"):
+        micro_batches_per_step(1000, 4, 64)
 
 
 def test_warmup_beyond_the_run_is_warned_about(caplog):

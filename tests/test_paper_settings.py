@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from arch_zoo import LanguageModel
 from arch_zoo.mixers.h3 import H3Config
+from experiments.checks import micro_batches_per_step
 from experiments.lit_module import parameter_groups
 from experiments.train import model_config
 
@@ -210,9 +211,10 @@ def test_the_paper_recipe_trains_as_table5_states(arch):
     """experiment=table5_paper: §4.5's 10k steps of 0.5M tokens, §3.1's optimiser and schedule, Table 7's clipping
     and dropout, for every architecture of the sweep (the sweep's own settings must not undo any of them)."""
     cfg = table5(arch, "table5_paper")
-    tokens_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * cfg.data.block_size
-    assert tokens_per_step == 524_288 and cfg.data.block_size == 2048
-    assert cfg.trainer.max_steps == 10_000 and tokens_per_step * cfg.trainer.max_steps == pytest.approx(5.2e9, rel=0.01)
+    assert cfg.tokens_per_step == 524_288 and cfg.data.block_size == 2048
+    assert cfg.trainer.max_steps == 10_000 and cfg.tokens_per_step * cfg.trainer.max_steps == pytest.approx(5.2e9, 0.01)
+    # the accumulation that reaches it: 16 micro-batches of 16 windows on one GPU, 4 on four
+    assert [micro_batches_per_step(cfg.tokens_per_step, cfg.data.batch_size, 2048, n) for n in (1, 4)] == [16, 4]
     o = cfg.optim
     assert (o.lr, list(o.betas), o.weight_decay, o.warmup_steps) == (6e-4, [0.9, 0.98], 0.05, 375)
     assert (o.schedule, o.min_lr_ratio) == ("linear", 0.0)

@@ -121,6 +121,24 @@ def test_same_seed_reproduces_the_run(tmp_path, data_cache):
 
 
 @pytest.mark.slow
+def test_tokens_per_step_accumulates_to_the_batch_it_names(tmp_path, data_cache):
+    """``tokens_per_step=512`` at 4 windows of 64 tokens is an accumulation of 2: the same training as setting that
+    accumulation by hand, logged with the effective accumulation and the tokens per optimiser step."""
+    common = ["model/mixer=transformer", "seed=3", "trainer.max_steps=4", "trainer.val_check_interval=8"]
+    results = {}
+    for name, how in (("tokens", "tokens_per_step=512"), ("by_hand", "+trainer.accumulate_grad_batches=2")):
+        folder = tmp_path / name
+        folder.mkdir()
+        proc = run_train(folder, data_cache, *common, how, "logger.log_checkpoint=false")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = only_run(folder)[1].data
+    for data in results.values():
+        assert data.params["trainer.accumulate_grad_batches"] == "2"
+        assert data.params["train.tokens_per_step"] == "512"
+    assert results["tokens"].metrics["val/loss"] == results["by_hand"].metrics["val/loss"]
+
+
+@pytest.mark.slow
 def test_plugin_mixer_trains_by_name_from_an_override(tmp_path, data_cache):
     proc = run_train(
         tmp_path,
