@@ -488,7 +488,7 @@ def test_tokens_per_step_is_one_way_to_set_the_batch_and_must_divide():
     from experiments.train import check
 
     with pytest.raises(ConfigError, match="both set the optimiser's batch; set one"):
-        check(composed("tokens_per_step=8192", "trainer.accumulate_grad_batches=2"))
+        check(composed("tokens_per_step=8192", "+trainer.accumulate_grad_batches=2"))
     assert micro_batches_per_step(524_288, 16, 2048) == 16 and micro_batches_per_step(524_288, 16, 2048, 8) == 2
     message = (
         "tokens_per_step=524288 is not a whole number of micro-batches of 786,432 tokens (data.batch_size=24 x "
