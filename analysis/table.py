@@ -21,6 +21,15 @@ from analysis.paper import PaperRow, PaperTable, normalise_label
 # how a run is logged, not what it computes.
 NOT_A_VARIANT = ("seed", "hydra.", "logger.", "resume", "trainer.enable_progress_bar")
 BASELINE = "baseline"  # the label of the runs that override nothing the others do not
+# Recorded params that may differ between the runs of one row without changing what they computed: the seed a row
+# averages over; where, on what and how a run was launched, logged, checkpointed or resumed; numbers it measured.
+NOT_A_SETTING = (
+    "seed", "name", "resume", "logger.", "callbacks.", "checkpoint_every", "compile", "final_validate",
+    "inject_failure", "init_from", "state_size_lengths", "sweep_name", "variant", "paper_table", "peak_tflops",
+    "perf.", "model.state_size.", "data.cache_dir", "data.num_workers", "data.tokenize_", "trainer.accelerator",
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+)  # fmt: skip
 LENGTH_METRIC = re.compile(r"^val_len(\d+)/ppl$")
 SLICE_ACCURACY = re.compile(r"^slice/kv(\d+)-len(\d+)/acc$")  # MQAR's accuracy on one (pairs, length) setting
 NOISE_SE = 2.0  # an effect smaller than this many standard errors of the difference is marked (n.s.)
@@ -150,6 +159,12 @@ class ResultTable:
             unmatched = [v for v, p in zip(self.rows["variant"], self.rows["paper_row"]) if not p]
             if unmatched:
                 notes.append(f"No paper row for: {', '.join(unmatched)}.")
+        pooled = [f"`{v}`: {p}" for v, p in zip(self.rows["variant"], self.rows["pooled_settings"]) if p]
+        if pooled:
+            notes.append(
+                "Warning: these rows average runs whose settings differ beyond the seed, so their spread is not "
+                f"seed noise alone: {'; '.join(pooled)}."
+            )
         return notes
 
     def left_out(self) -> list[str]:
@@ -264,6 +279,23 @@ def status_text(outcomes: pd.Series) -> str:
     return ", ".join(f"{counts.get(o, 0)} {o}" for o in order if o == "ok" or counts.get(o, 0))
 
 
+def pooled_settings(group: pd.DataFrame) -> str:
+    """The settings in which the finished runs of one row differ (``name = a / b``; empty when they agree).
+
+    Why: a row averages over seeds, and a sweep's rows are its ``variant`` tags, so runs of one label launched with
+    other overrides (a seed run again with more steps, stores merged from two machines) would be averaged as if
+    they were seeds of one setting. A setting some runs did not record (it was added later) is not compared."""
+    differing = []
+    for column in sorted(c for c in group.columns if c.startswith("params.")):
+        name = column.removeprefix("params.")
+        if name.startswith(NOT_A_SETTING):
+            continue
+        values = sorted(group[column].dropna().astype(str).unique())
+        if len(values) > 1:
+            differing.append(f"{name} = {' / '.join(values)}")
+    return "; ".join(differing)
+
+
 def paper_row(paper: PaperTable | None, label: str, group: pd.DataFrame) -> PaperRow | None:
     """The paper's row of a variant, from what its runs recorded (the params they share) and its label."""
     if paper is None:
@@ -317,6 +349,7 @@ def build_table(
             "seed_list": " ".join(str(int(s)) for s in sorted(ok["seed"].dropna())),
             **{o: int((group["outcome"] == o).sum()) for o in ("failed", "diverged", "killed", "unfinished")},
             "status": status_text(group["outcome"]),
+            "pooled_settings": pooled_settings(ok),
         }
         for m in metrics:
             mean, std, _ = summarise(ok[f"metrics.{m}"])
@@ -348,5 +381,5 @@ def build_table(
     order = ["variant", "paper_row", "runs", "seeds", "seed_list", "failed", "diverged", "killed", "unfinished"]
     per_metric = [c for m in metrics for c in rows.columns if c.startswith(f"{m} ")]
     paper_cols = [c for c in rows.columns if c.startswith("paper ")]
-    rows = rows[order + per_metric + paper_cols + ["status", "run_ids"]]
+    rows = rows[order + per_metric + paper_cols + ["status", "pooled_settings", "run_ids"]]
     return ResultTable(rows, runs, metrics, reference, paper, experiment)

@@ -336,3 +336,30 @@ def test_paper_rows_come_from_the_params_runs_recorded(tmp_path):
     assert TABLE6.match_params({"model.mixer.name": "retnet", "model.mixer.decay": "False"}).label == "−γ decay"
     assert TABLE5.match_params({"model.mixer.name": "hyena"}).label == "Hyena"
     assert TABLE5.match_params({"model.mixer.name": "transformer"}) is None
+
+
+def test_a_row_that_averages_different_settings_says_so(tmp_path):
+    """Runs of one variant tag launched with other overrides (seed 2 retrained longer, stores merged from two
+    machines) are averaged as if they were seeds; the table names the settings in which they differ, and stays quiet
+    where they differ only in the seed, where and how they ran, or a setting older runs did not record."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("pooled", artifact_location=str(tmp_path / "artifacts"))
+    recorded = {
+        ("RetNet", 0): {"trainer.max_steps": "600", "trainer.devices": "1", "logger.tracking_uri": "sqlite:///a.db"},
+        ("RetNet", 1): {"trainer.max_steps": "600", "trainer.devices": "2", "logger.tracking_uri": "sqlite:///b.db"},
+        ("RetNet", 2): {"trainer.max_steps": "4883", "trainer.devices": "1", "optim.schedule": "cosine"},
+        ("RWKV", 0): {"trainer.max_steps": "600", "optim.schedule": "cosine"},
+        ("RWKV", 1): {"trainer.max_steps": "600", "compile": "True"},
+    }
+    for (variant, seed), params in recorded.items():
+        run_id = fake_run(client, experiment, f"+sweep=x seed={seed}", seed, 20.0 + seed, {"variant": variant})
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    table = build_table(trials(load_runs("pooled", uri)))
+    assert table.rows.set_index("variant")["pooled_settings"].to_dict() == {
+        "RetNet": "trainer.max_steps = 4883 / 600",
+        "RWKV": "",
+    }
+    text = table.to_markdown()
+    assert "Warning: these rows average runs whose settings differ beyond the seed" in text
+    assert "`RetNet`: trainer.max_steps = 4883 / 600" in text and "`RWKV`" not in text.split("Warning")[1]
