@@ -342,3 +342,39 @@ def test_defaults_are_sized_for_the_machine_and_shown_in_help(capsys):
         parse_args(["decode", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "default on a GPU: 2048; on a CPU: 256" in text and "(default: 32000)" in text
+
+
+def test_another_process_on_the_gpu_is_counted_and_warned_about(tmp_path: Path, monkeypatch, capsys):
+    """A cell measured while another process held the GPU (a test suite compiling beside the benchmark once made one
+    table's step 1.8x the next one's) is marked in its row, the table's column and a warning under it; a GPU held by
+    this process alone shows no column."""
+    import experiments.bench as bench
+
+    seen = iter([0, 1, 0, 0])  # before and after each of two cells: another process appears during the first
+    monkeypatch.setattr(bench, "other_gpu_processes", lambda device: next(seen))
+    out = tmp_path / "train"
+    args = ["train", "--models", "transformer", "--tokens-per-step", "128", *TINY[:-6], *TINY[-4:], "--no-log"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = json.loads((out / "train.json").read_text())["rows"]
+    assert [r["shared_gpu"] for r in rows] == [1, 0]
+    table = (out / "train.md").read_text()
+    assert "| other GPU processes |" in table
+    assert "**Warning:** 1 of 2 cells ran while other processes held this GPU" in table
+    assert "warning: 1 other process(es) held the GPU while transformer at length 32 ran" in capsys.readouterr().err
+
+    monkeypatch.setattr(bench, "other_gpu_processes", lambda device: 0)
+    assert main([*args, "--out", str(tmp_path / "alone")]) == 0
+    table = (tmp_path / "alone" / "train.md").read_text()
+    assert "other GPU processes" not in table and "Warning" not in table
+
+
+def test_gpu_processes_are_counted_on_this_gpu_less_this_process():
+    from experiments.bench import count_other_processes
+
+    apps = ["GPU-aaaa-1111, 4242", "GPU-aaaa-1111, 5151", "GPU-bbbb-2222, 6060"]
+    assert count_other_processes(apps, "aaaa-1111", ours=True) == 1  # this process and one other on this GPU
+    assert count_other_processes(apps, "GPU-bbbb-2222", ours=False) == 1  # before this process holds a context
+    assert count_other_processes(apps, "", ours=True) == 2  # GPU unknown: every GPU counts
+    assert count_other_processes([], "aaaa-1111", ours=True) is None  # not even this process listed: hidden
+    assert count_other_processes(None, "aaaa-1111", ours=True) is None  # no nvidia-smi
+    assert count_other_processes(["GPU-aaaa-1111, 4242"], "aaaa-1111", ours=True) == 0

@@ -13,6 +13,9 @@ import ast
 import dataclasses
 import gc
 import platform
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,6 +180,7 @@ class CellRow:
     length: int
     batch: int
     status: str = "ok"
+    shared_gpu: int | None = None  # other processes seen holding the GPU while the cell ran (None: not visible)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,13 +193,67 @@ def spec_model(spec: ModelSpec, settings: BenchSettings, device: torch.device, d
 
 def run_cell(row: CellRow, measure: Callable[[], None], device: torch.device) -> None:
     """Measure one cell into ``row``; a failure becomes the row's status instead of losing the other cells (an OOM
-    keeps the status the measurement set: where it ran out), and the memory is freed for the next cell."""
+    keeps the status the measurement set: where it ran out), and the memory is freed for the next cell. Other
+    processes holding the GPU before or after the measurement are counted into ``row.shared_gpu``."""
+    before = other_gpu_processes(device)
     try:
         measure()
     except Exception as error:  # one failed cell must not lose the others
         if not is_oom(error):
             row.status = f"error: {error_line(error)}"
+    seen = [n for n in (before, other_gpu_processes(device)) if n is not None]
+    row.shared_gpu = max(seen) if seen else None
+    if row.shared_gpu:
+        print(
+            f"warning: {row.shared_gpu} other process(es) held the GPU while {row.model} at length {row.length} ran: "
+            "its timing includes that sharing",
+            file=sys.stderr,
+        )
     free_memory(device)
+
+
+def other_gpu_processes(device: torch.device) -> int | None:
+    """How many processes other than this one hold a context on ``device``'s GPU; None where that cannot be seen (a
+    CPU, no ``nvidia-smi``, or a container that shows no process at all, not even this one).
+
+    Why: a benchmark that shares its GPU measures the sharing, and nothing in its numbers says so (a test suite
+    compiling beside ``zoo-bench train`` made one table's Transformer step 446 ms and the next table's 253 ms)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
+    return count_other_processes(compute_apps(), uuid, torch.cuda.is_initialized())
+
+
+def compute_apps() -> list[str] | None:
+    """``nvidia-smi``'s list of processes holding a GPU context, one ``gpu_uuid, pid`` line each (None: no tool)."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        out = subprocess.run(
+            [tool, "--query-compute-apps=gpu_uuid,pid", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def count_other_processes(apps: list[str] | None, gpu_uuid: str, ours: bool) -> int | None:
+    """The processes of ``apps`` on the GPU ``gpu_uuid`` (all GPUs when unknown) less this one when it holds a context.
+
+    Counted, not matched by PID: inside a container ``nvidia-smi`` may list the host's PIDs, so this process is the
+    one context it holds, not a number it knows."""
+    if apps is None:
+        return None
+    mine = [a for a in apps if not gpu_uuid or gpu_uuid.removeprefix("GPU-") in a.split(",")[0]]
+    if ours and not mine:
+        return None  # not even this process is listed: processes are hidden from here
+    return max(0, len(mine) - int(ours))
 
 
 def resolve_device(name: str) -> torch.device:

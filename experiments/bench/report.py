@@ -45,6 +45,7 @@ COLUMNS = {
         ("state_mib", "state (MiB)", "{:,.1f}"),
         ("graph", "CUDA graph", "{}"),
         ("busy_pct", "GPU busy (%)", "{:.0f}"),
+        ("shared_gpu", "other GPU processes", "{}"),
         ("status", "status", "{}"),
     ],
     "train": [
@@ -59,10 +60,12 @@ COLUMNS = {
         ("loss", "loss", "{:.3f}"),
         ("first_step_s", "first step (s)", "{:.1f}"),
         ("busy_pct", "GPU busy (%)", "{:.0f}"),
+        ("shared_gpu", "other GPU processes", "{}"),
         ("status", "status", "{}"),
     ],
 }
 OPTIONAL = {"busy_pct", "mfu"}  # shown only when some row has a value (--profile on a GPU; a GPU of known peak)
+SHOWN_IF_POSITIVE = {"shared_gpu"}  # shown only when some row has a count above zero (a GPU shared with others)
 METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
     "train": ("step_ms", "tokens_per_s", "tflops", "mfu", "peak_mib", "loss", "first_step_s", "busy_pct"),
@@ -108,13 +111,24 @@ def ratio_table(kind: str, rows: list[dict[str, Any]], reference: str) -> str:
 
 
 def to_markdown(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], reference: str | None = None) -> str:
-    columns = [c for c in COLUMNS[kind] if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
+    columns = [
+        c
+        for c in COLUMNS[kind]
+        if not (c[0] in OPTIONAL and all(r.get(c[0]) is None for r in rows))
+        and not (c[0] in SHOWN_IF_POSITIVE and not any(r.get(c[0]) for r in rows))
+    ]
     body = [[format_cell(r[field], fmt) for field, _, fmt in columns] for r in rows]
     params = ", ".join(f"{name} {n / 1e6:,.1f}M" for name, n in meta.get("n_params", {}).items())
     text = f"**{kind}** on {meta['device']}; {meta['summary']}\n\n"
     if params:
         text += f"parameters: {params}\n\n"
     text += markdown([header for _, header, _ in columns], body)
+    shared = [r for r in rows if r.get("shared_gpu")]
+    if shared:
+        text += (
+            f"\n**Warning:** {len(shared)} of {len(rows)} cells ran while other processes held this GPU (column "
+            '"other GPU processes"): their timings include that sharing. Rerun them on an idle GPU.\n'
+        )
     if reference:
         ratios = ratio_table(kind, rows, reference)
         text += "\n" + ratios if ratios else f"\n(no cell where both {reference} and another model ran)\n"
