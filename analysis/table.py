@@ -159,6 +159,9 @@ class ResultTable:
             unmatched = [v for v, p in zip(self.rows["variant"], self.rows["paper_row"]) if not p]
             if unmatched:
                 notes.append(f"No paper row for: {', '.join(unmatched)}.")
+        budget = self.training_budget()
+        if budget:
+            notes.append(budget)
         pooled = [f"`{v}`: {p}" for v, p in zip(self.rows["variant"], self.rows["pooled_settings"]) if p]
         if pooled:
             notes.append(
@@ -166,6 +169,17 @@ class ResultTable:
                 f"seed noise alone: {'; '.join(pooled)}."
             )
         return notes
+
+    def training_budget(self) -> str:
+        """What every finished run trained on, when they agree: steps x tokens per optimiser step (the scale a
+        reader compares with the paper's, e.g. its 10k steps of 0.5M tokens); empty when runs differ or did not
+        record it (runs before ``train.tokens_per_step`` was logged)."""
+        ok = self.runs[self.runs["outcome"] == "ok"]
+        columns = ("params.trainer.max_steps", "params.train.tokens_per_step")
+        if ok.empty or any(c not in ok or ok[c].isna().any() or ok[c].nunique() != 1 for c in columns):
+            return ""
+        steps, tokens = (int(float(ok[c].iloc[0])) for c in columns)
+        return f"Every run trained {steps:,} steps of {tokens:,} tokens ({steps * tokens / 1e6:,.1f}M tokens)."
 
     def left_out(self) -> list[str]:
         """One line per run not averaged: its variant, seed, outcome, reason and run id (to find it in the UI)."""

@@ -363,3 +363,22 @@ def test_a_row_that_averages_different_settings_says_so(tmp_path):
     text = table.to_markdown()
     assert "Warning: these rows average runs whose settings differ beyond the seed" in text
     assert "`RetNet`: trainer.max_steps = 4883 / 600" in text and "`RWKV`" not in text.split("Warning")[1]
+
+
+def test_the_table_states_the_training_budget_its_runs_share(tmp_path):
+    """Steps x tokens per step, from what the runs logged, is the scale a reader sets against the paper's; it is left
+    out where runs differ or older runs did not record it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("budget", artifact_location=str(tmp_path / "artifacts"))
+    for variant in ("RetNet", "RWKV"):
+        for seed in (0, 1):
+            run_id = fake_run(client, experiment, f"+sweep=x seed={seed}", seed, 20.0 + seed, {"variant": variant})
+            params = {"trainer.max_steps": "4883", "train.tokens_per_step": "4096"}
+            client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    table = build_table(trials(load_runs("budget", uri)))
+    assert "Every run trained 4,883 steps of 4,096 tokens (20.0M tokens)." in table.to_markdown()
+
+    run_id = fake_run(client, experiment, "+sweep=x seed=2", 2, 22.0, {"variant": "RWKV"})  # an older run
+    client.log_batch(run_id, params=[Param("trainer.max_steps", "4883")])
+    assert "Every run trained" not in build_table(trials(load_runs("budget", uri))).to_markdown()
