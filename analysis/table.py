@@ -21,14 +21,14 @@ from analysis.paper import PaperRow, PaperTable, normalise_label
 # how a run is logged, not what it computes.
 NOT_A_VARIANT = ("seed", "hydra.", "logger.", "resume", "trainer.enable_progress_bar")
 BASELINE = "baseline"  # the label of the runs that override nothing the others do not
-# Recorded params that may differ between the runs of one row without changing what they computed: the seed a row
-# averages over; where, on what and how a run was launched, logged, checkpointed or resumed; numbers it measured.
+# Recorded params that may differ between the runs of one row without changing what they computed: what makes no
+# variant, and where, on what and how a run was launched, checkpointed or labelled; numbers it measured.
 NOT_A_SETTING = (
-    "seed", "name", "resume", "logger.", "callbacks.", "checkpoint_every", "compile", "final_validate",
-    "inject_failure", "init_from", "state_size_lengths", "sweep_name", "variant", "paper_table", "peak_tflops",
-    "perf.", "model.state_size.", "data.cache_dir", "data.num_workers", "data.tokenize_", "trainer.accelerator",
-    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
-    "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+    *NOT_A_VARIANT, "name", "callbacks.", "checkpoint_every", "compile", "final_validate", "inject_failure",
+    "init_from", "state_size_lengths", "sweep_name", "variant", "paper_table", "peak_tflops", "perf.",
+    "model.state_size.", "data.cache_dir", "data.num_workers", "data.tokenize_", "trainer.accelerator",
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
 )  # fmt: skip
 LENGTH_METRIC = re.compile(r"^val_len(\d+)/ppl$")
 SLICE_ACCURACY = re.compile(r"^slice/kv(\d+)-len(\d+)/acc$")  # MQAR's accuracy on one (pairs, length) setting

@@ -110,13 +110,17 @@ def ratio_table(kind: str, rows: list[dict[str, Any]], reference: str) -> str:
     return f"Relative to {reference} (same cell):\n\n" + markdown(header, body)
 
 
+def _shown(field: str, rows: list[dict[str, Any]]) -> bool:
+    """Whether a column is shown: an optional one needs a value in some row, a count a positive one."""
+    if field in OPTIONAL:
+        return any(r.get(field) is not None for r in rows)
+    if field in SHOWN_IF_POSITIVE:
+        return any(r.get(field) for r in rows)
+    return True
+
+
 def to_markdown(kind: str, rows: list[dict[str, Any]], meta: dict[str, Any], reference: str | None = None) -> str:
-    columns = [
-        c
-        for c in COLUMNS[kind]
-        if not (c[0] in OPTIONAL and all(r.get(c[0]) is None for r in rows))
-        and not (c[0] in SHOWN_IF_POSITIVE and not any(r.get(c[0]) for r in rows))
-    ]
+    columns = [c for c in COLUMNS[kind] if _shown(c[0], rows)]
     body = [[format_cell(r[field], fmt) for field, _, fmt in columns] for r in rows]
     params = ", ".join(f"{name} {n / 1e6:,.1f}M" for name, n in meta.get("n_params", {}).items())
     text = f"**{kind}** on {meta['device']}; {meta['summary']}\n\n"
