@@ -88,6 +88,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float | No
     return groups
 
 
+def fused_adamw(device: torch.device, precision: str) -> bool:
+    """Whether AdamW runs as one fused kernel: on CUDA (one launch for every parameter, where the default loops over
+    them in a few), except under float16 with a loss scaler, whose fused step unscales the gradients itself and so
+    cannot be clipped by Lightning first."""
+    return device.type == "cuda" and str(precision) != "16-mixed"
+
+
 def group_name(group: dict, weight_decay: float, lr: float | None) -> str:
     """What sets a group apart, as the learning-rate monitor's metric name (``lr-AdamW/no_decay-lr_x2``, not
     ``pg3``): decayed or not, and its own peak rate (as a multiple of the run's) or weight decay where it has one."""
@@ -207,7 +214,8 @@ class LanguageModelTask(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         groups = parameter_groups(self.model, o.weight_decay, o.lr)
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        fused = fused_adamw(next(self.model.parameters()).device, self.trainer.precision)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
         # a group's own "lr" is kept as its peak; the schedule scales every group alike
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, o.warmup_steps, self.total_steps, o.min_lr_ratio, o.schedule)

@@ -8,7 +8,7 @@ import torch
 from arch_zoo import ConfigError, FFNConfig, LanguageModel, ModelConfig, available_mixers, make_config, set_optim
 from arch_zoo.layers import ffn_kinds
 from arch_zoo.mixers.hyena import HyenaConfig
-from experiments.lit_module import lr_multiplier, parameter_groups
+from experiments.lit_module import fused_adamw, lr_multiplier, parameter_groups
 from tests.conftest import mixer_params
 
 
@@ -113,6 +113,15 @@ def test_linear_schedule_decays_in_equal_steps_to_the_floor():
     assert steps == pytest.approx([0.01] * 100)
     with pytest.raises(ValueError, match="choose one of cosine, linear"):
         lr_multiplier(20, warmup=10, total=110, min_ratio=0.0, schedule="step")
+
+
+def test_adamw_is_fused_on_cuda_unless_a_loss_scaler_unscales():
+    """The trainer's step is the benchmark's (one fused AdamW kernel on a GPU); float16's scaler would unscale the
+    gradients inside the fused step, after Lightning has clipped them, so it keeps the unfused loop."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_adamw(cuda, "bf16-mixed") and fused_adamw(cuda, "32-true") and fused_adamw(cuda, "bf16-true")
+    assert not fused_adamw(cuda, "16-mixed") and fused_adamw(cuda, "16-true")
+    assert not fused_adamw(cpu, "bf16-mixed") and not fused_adamw(cpu, "32-true")
 
 
 def test_state_size_sums_the_layers():
