@@ -37,6 +37,7 @@ core's output. Measured results: docs/results/kernels.md.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -511,6 +512,10 @@ def _precision(dtype: torch.dtype) -> str:
 # -> 0.873, 1.409 -> 1.488; 128 x 128 and 256 x 512 at 32768: 1.506 -> 5.557, 8.508 -> 13.591)
 SINGLE_BLOCK_PROGRAMS = 256
 
+# the narrowest value width the kernels are run at (a narrower one is padded): on an H100, a value width of one (bf16,
+# K = 256, batch 32 x 2048 tokens) made an illegal memory access where the same call padded to 16 did not (session 12)
+NARROWEST_VALUES = 16
+
 MAX_GRID_Z = 65535  # CUDA's limit on a grid's last axis (a split state pass puts batch x head x block there)
 
 # Tile choices can be pinned here (keys of _Plan's attributes) to time alternatives; empty in normal use.
@@ -566,7 +571,13 @@ class _Plan:
             per_block = B * H * triton.cdiv(V, self.bv_fwd)
             if self.single_block < 0:
                 self.single_block = int(self.narrowest_grid(B, H, K, V) >= SINGLE_BLOCK_PROGRAMS)
-            if self.single_block:
+            if self.bv_fwd < 64:
+                # one chunk per block on value tiles narrower than 64: on an H100 (bf16, K = 256, T = 2048), blocks
+                # of several chunks on 16-wide tiles gave outputs 50-70% off (a narrow call: RetNet's score
+                # normaliser at batch 16 and 32), and one block per sequence on 16- or 32-wide tiles made illegal
+                # memory accesses; one chunk per block was exact (session 12)
+                self.nc = 1
+            elif self.single_block:
                 self.nc = triton.cdiv(T, chunk)
             else:  # as many sub-chunks per stored state as keep >= ~4 waves of programs on a 132-SM GPU, at most 8
                 self.nc = 8
@@ -1118,6 +1129,13 @@ def retention_triton(
     if initial_state is not None and initial_state.shape != (B, H, K, V):
         raise ValueError(f"retention: initial_state must be {(B, H, K, V)}; got {tuple(initial_state.shape)}")
     scale = K**-0.5 if scale is None else float(scale)
+    if V < NARROWEST_VALUES:  # as one tile of the narrowest width: narrower values made illegal memory accesses
+        pad = NARROWEST_VALUES - V
+        s0 = None if initial_state is None else F.pad(initial_state, (0, pad))
+        o, final = retention_triton(
+            q, k, F.pad(v, (0, pad)), log_gamma, scale, s0, output_final_state, chunk_size, sub_chunks, recompute_states
+        )
+        return o[..., :V], None if final is None else final[..., :V]
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     q = _usable(q)
     s0 = initial_state.contiguous() if initial_state is not None else None

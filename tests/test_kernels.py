@@ -164,7 +164,8 @@ def test_dispatch_cpu():
 # scores reused mirrored by dk and dv (T a multiple of the chunk, with and without key pieces) or not, and the state
 # passes as one sweep per state tile (the others, with several blocks, sweep the blocks at once and chain them);
 # and one block per sequence (no state passes: the output kernels carry the state through the whole sequence), with
-# shared scores read as stored (T % C != 0) or mirrored, 256-wide key pieces, and the fused dk/dv kernel
+# shared scores read as stored (T % C != 0) or mirrored, 256-wide key pieces, and the fused dk/dv kernel; a value
+# width of one (padded to a 16-wide tile)
 INTERPRETER_CASES = [
     (2, 77, 2, 16, 32, 16, 2, ""),
     (1, 9, 2, 16, 16, 16, None, ""),
@@ -178,6 +179,7 @@ INTERPRETER_CASES = [
     (1, 45, 2, 64, 260, 16, None, "single"),
     (2, 48, 2, 16, 272, 16, None, "single"),
     (2, 77, 2, 16, 32, 16, None, "single"),
+    (1, 40, 2, 16, 1, 16, 2, ""),
 ]
 TILES = {
     "": {},  # few sequences: the state passes run split into blocks (state_split) where there are several
@@ -558,6 +560,20 @@ def test_one_block_per_sequence_where_every_launch_keeps_the_gpu_busy():
     assert blocks(8, 8192, 128, 128, single_block=1) == 1
 
 
+def test_narrow_value_tiles_run_one_chunk_per_block():
+    """On value tiles narrower than 64 (RetNet's score-normaliser call, value heads of 32 or less) every block is one
+    chunk, whatever the batch, and a narrower width than one tile is padded to it: on an H100 (bf16, K = 256, T =
+    2048) blocks of several chunks on 16-wide tiles gave outputs 50-70% off at batch 16 and 32, one block per sequence
+    made illegal memory accesses, and one chunk per block was exact (session 12). Wide tiles keep longer blocks."""
+    pytest.importorskip("triton")
+    from arch_zoo.kernels import retention_triton as rt
+
+    for B, K, V in ((16, 256, 16), (32, 256, 16), (64, 256, 16), (256, 16, 16), (32, 64, 32)):
+        plan = rt._Plan(B, 2048, 4, K, V, 64, None)
+        assert (plan.bv_fwd, plan.nc, plan.nb, plan.single_block) == (V, 1, 32, 0), (B, K, V)
+    assert rt._Plan(8, 2048, 4, 256, 512, 64, None).nc > 1  # 64-wide tiles: blocks of several chunks
+
+
 def test_kernels_read_dense_views_without_copying():
     """A compiled graph hands the kernels [B, T, H, D] views of [B, H, T, D] tensors: copying them would cost a
     pass over q, k and v per call; a view they cannot index (last dim strided, or holes) is copied."""
@@ -634,7 +650,7 @@ def test_benchmark_writes_each_cell_and_skips_a_method_past_its_time_limit(tmp_p
     notes = {(r.method, r.bench, r.T): r.note for r in rows}
     assert "CellTimeout" in notes["stuck", "fwd", 64] and "CellTimeout" in notes["stuck", "fwd+bwd", 64]
     assert notes["stuck", "fwd", 128] == "skipped: timed out at T=64 K=16 V=16"
-    assert all(r.ms == 1.0 for r in rows if r.method == "ours")
+    assert all(r.ms == 1.0 for r in rows if r.method == "ours"), [(r.bench, r.T, r.note) for r in rows]
     assert [n for *_, n in seen] == list(range(1, len(rows) + 1))  # the CSV grew by one row per cell
     assert "skipped: timed out" in (tmp_path / "retention_benchmark.md").read_text()
 
@@ -667,6 +683,10 @@ GPU_CASES = [
     (torch.bfloat16, (1, 1337, 2, 256, 512), "single"),
     (torch.bfloat16, (2, 1024, 2, 256, 512), "single"),
     (torch.bfloat16, (2, 2100, 4, 128, 128), "single"),
+    # narrow values at many sequences (RetNet's score-normaliser call at batch 32): several chunks per block on
+    # 16-wide tiles were 50-70% off here, and a width of one made an illegal memory access (session 12)
+    (torch.bfloat16, (32, 2048, 4, 256, 16), ""),
+    (torch.bfloat16, (32, 2048, 4, 256, 1), ""),
 ]
 
 
