@@ -29,6 +29,18 @@ def data_cache(tmp_path_factory) -> Path:
     return Path(os.environ.get("ARCH_ZOO_TEST_CACHE") or tmp_path_factory.mktemp("arch_zoo_cache"))
 
 
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, data_cache) -> dict[str, float]:
+    """The final metrics of ``RESUMABLE`` run through uninterrupted: what each stopped and relaunched run must end
+    with (one run for all of them: each is ten seconds of subprocess on the CI machine)."""
+    from tests.test_train import RESUMABLE, only_run, run_train
+
+    tmp = tmp_path_factory.mktemp("straight")
+    proc = run_train(tmp, data_cache, *RESUMABLE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(tmp)[1].data.metrics
+
+
 def mixer_params() -> list:
     """Every registered mixer as a pytest param (once: not again under an alias); those that cannot build on this
     machine are skipped with why."""

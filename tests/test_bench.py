@@ -5,6 +5,7 @@ and artifacts."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -30,6 +31,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_RETNET = ["--d-model", "64", "--layers", "2", "--vocab", "97", "--lengths", "32,64", "--steps", "3"]
 TINY_RETNET += ["--warmup", "1", "--set", "retnet.head_dim=16", "--device", "cpu"]
 TINY = [*TINY_RETNET, "--set", "transformer.n_heads=4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap():
+    """zoo-bench collects garbage before each cell (``free_memory``); in a test session holding every test module's
+    imports and leftovers, each collection walks all of them, seconds per command. What is alive before these tests
+    is set aside from those collections (``gc.freeze``); what a cell leaves is still collected."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 def tiny_model(name: str, dtype: torch.dtype = torch.float64, **mixer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ import mlflow
 import pytest
 
 from analysis.cli import main as zoo_table
-from tests.test_train import TINY, ZOO_TRAIN
+from tests.test_train import RESUMABLE, TINY, ZOO_TRAIN, finished
 
 SWEEP = [
     *TINY,
@@ -28,15 +29,7 @@ SWEEP = [
     "seed=0,1,2",
 ]
 # one run of 8 steps, checkpointed every 2
-SHORT = [
-    *TINY,
-    "model/mixer=transformer",
-    "trainer.max_steps=8",
-    "trainer.val_check_interval=4",
-    "checkpoint_every=2",
-    "logger.log_checkpoint=false",
-    "logger.experiment_name=faults",
-]
+SHORT = [*TINY, *RESUMABLE, "logger.experiment_name=faults"]
 
 
 def environment(cache: Path) -> dict[str, str]:
@@ -130,13 +123,10 @@ def checkpoint_step(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigint_checkpoints_marks_killed_exits_130_and_the_relaunch_matches_a_straight_run(tmp_path, data_cache):
-    single = SHORT
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    straight.mkdir(), stopped.mkdir()
-    reference = start(straight, data_cache, [*single, f"hydra.run.dir={straight}/run"], multirun=False)
-    assert reference.wait(timeout=600) == 0
-
+def test_sigint_checkpoints_marks_killed_exits_130_and_the_relaunch_matches_a_straight_run(
+    tmp_path, data_cache, straight_run
+):
+    single, stopped = SHORT, tmp_path
     # Ctrl+C as the 6th step starts: the step finishes, is checkpointed, and the process stops
     ctrl_c = "inject_failure={at_step: 5, kind: sigint}"
     proc = start(stopped, data_cache, [*single, ctrl_c, f"hydra.run.dir={stopped}/run"], multirun=False)
@@ -155,8 +145,7 @@ def test_sigint_checkpoints_marks_killed_exits_130_and_the_relaunch_matches_a_st
     assert again.returncode == 0, output[-3000:]
     (run,) = runs_of(stopped)  # the same run, finished
     assert run.info.status == "FINISHED"
-    (done,) = runs_of(straight)
-    assert run.data.metrics["val/loss"] == done.data.metrics["val/loss"]
+    assert run.data.metrics["val/loss"] == straight_run["val/loss"]
 
 
 @pytest.mark.slow
@@ -201,21 +190,20 @@ def test_a_broken_plugin_is_listed_with_its_error_and_everything_else_works(tmp_
     env = environment(data_cache)
     env["PYTHONPATH"] = os.pathsep.join([str(broken_plugin(tmp_path / "site")), env.get("PYTHONPATH", "")])
     env["COLUMNS"] = "300"
-    listing = subprocess.run(
-        [str(Path(ZOO_TRAIN).with_name("zoo-mixers"))], capture_output=True, text=True, env=env, timeout=300
-    )
+    commands = [  # the listing, a run of another mixer, a run of the broken one: side by side (two CI cores)
+        [str(Path(ZOO_TRAIN).with_name("zoo-mixers"))],
+        [ZOO_TRAIN, *TINY, "logger=none", "trainer.max_steps=1", f"hydra.run.dir={tmp_path}/run"],
+        [ZOO_TRAIN, *TINY, "logger=none", "model/mixer=broken_mixer"],
+    ]
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        for c in commands
+    ]
+    listing, trained, asked = (finished(p, timeout=300) for p in procs)
     assert listing.returncode == 0, listing.stderr[-3000:]
     assert "retnet" in listing.stdout and "transformer" in listing.stdout
     assert "broken_mixer" in listing.stdout and "needs libfoo 2.0" in listing.stdout
-    trained = subprocess.run(
-        [ZOO_TRAIN, *TINY, "logger=none", "trainer.max_steps=1", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
-    asked = subprocess.run(
-        [ZOO_TRAIN, *TINY, "logger=none", "model/mixer=broken_mixer"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
     assert asked.returncode != 0
     assert "broken_mixer" in asked.stderr and "needs libfoo 2.0" in asked.stderr
 
@@ -302,6 +290,31 @@ def run_once(tmp: Path, cache: Path, *args: str) -> tuple[int, str]:
     return proc.returncode, output
 
 
+@pytest.fixture(scope="module")
+def killed_once(tmp_path_factory, data_cache) -> tuple[Path, Path]:
+    """One ``SHORT`` run killed (-9) as its 6th step starts, and a copy of the folder it left: store, checkpoints."""
+    base = tmp_path_factory.mktemp("killed")
+    work, kept = base / "work", base / "kept"
+    work.mkdir()
+    code, output = run_once(work, data_cache, "inject_failure={at_step: 5, kind: kill}", f"hydra.run.dir={work}/r")
+    assert code == -signal.SIGKILL, output[-3000:]
+    shutil.copytree(work, kept)
+    return work, kept
+
+
+@pytest.fixture
+def killed(killed_once) -> Path:
+    """The folder of the killed run, as it left it, for a test to damage and relaunch: restored from the copy into
+    the same place, since the MLflow store records the run's output folder by its absolute path; the store is
+    written over in place, as this process's MLflow client may hold it open from an earlier test."""
+    work, kept = killed_once
+    for path in work.iterdir():
+        if path.name != "mlflow.db":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.copytree(kept, work, dirs_exist_ok=True)
+    return work
+
+
 def test_checkpoints_are_written_beside_the_target_and_the_previous_is_kept(tmp_path, monkeypatch):
     import torch
 
@@ -326,9 +339,8 @@ def test_checkpoints_are_written_beside_the_target_and_the_previous_is_kept(tmp_
 
 
 @pytest.mark.slow
-def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumes(tmp_path, data_cache):
-    code, _ = run_once(tmp_path, data_cache, "inject_failure={at_step: 5, kind: kill}", f"hydra.run.dir={tmp_path}/r")
-    assert code == -signal.SIGKILL
+def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumes(killed, data_cache):
+    tmp_path = killed
     newest = tmp_path / "r" / "checkpoints" / "last.ckpt"
     assert checkpoint_step(newest) == 4 and checkpoint_step(newest.with_name("last.prev.ckpt")) == 2
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # the disk filled up mid-write
@@ -344,10 +356,8 @@ def test_a_truncated_checkpoint_is_reported_and_the_previous_one_resumes(tmp_pat
 
 
 @pytest.mark.slow
-def test_with_every_checkpoint_damaged_the_fresh_start_command_is_given_and_never_undone(tmp_path, data_cache):
-    run_dir = f"hydra.run.dir={tmp_path}/r"
-    code, _ = run_once(tmp_path, data_cache, "inject_failure={at_step: 5, kind: kill}", run_dir)
-    assert code == -signal.SIGKILL
+def test_with_every_checkpoint_damaged_the_fresh_start_command_is_given_and_never_undone(killed, data_cache):
+    tmp_path, run_dir = killed, f"hydra.run.dir={killed}/r"
     for name in ("last.ckpt", "last.prev.ckpt"):
         (tmp_path / "r" / "checkpoints" / name).write_bytes(b"PK\x03\x04 garbage")
 
@@ -428,11 +438,8 @@ def test_a_store_password_reaches_no_param_tag_name_or_artifact(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_reads_no_checkpoint_outside_the_output_root(tmp_path, data_cache):
-    import shutil
-
-    code, _ = run_once(tmp_path, data_cache, "inject_failure={at_step: 5, kind: kill}", f"hydra.run.dir={tmp_path}/r")
-    assert code == -signal.SIGKILL
+def test_resume_reads_no_checkpoint_outside_the_output_root(killed, data_cache):
+    tmp_path = killed
     elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
     shutil.copytree(tmp_path / "r", elsewhere)
     (run,) = runs_of(tmp_path)

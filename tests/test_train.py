@@ -27,21 +27,40 @@ TINY = [
     "data.max_ood_tokens=2048",
 ]
 
+# 8 steps, checkpointed every 2: the run that the resume tests (here and in test_fault_injection.py) stop and relaunch
+RESUMABLE = [
+    "model/mixer=transformer",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+    "checkpoint_every=2",
+    "logger.log_checkpoint=false",
+]
 
-def run_train(tmp: Path, cache: Path, *overrides: str, plugin: bool = False) -> subprocess.CompletedProcess:
+
+def start_train(tmp: Path, cache: Path, *overrides: str, plugin: bool = False) -> subprocess.Popen:
+    """zoo-train started in ``tmp`` (its own MLflow store and run folder), not waited for: runs that do not depend
+    on each other run side by side, as a run is mostly single-threaded imports and the CI machine has two cores."""
     env = {**os.environ, "ARCH_ZOO_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     if plugin:
         env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_PATH), env.get("PYTHONPATH", "")])
     args = [*TINY, f"logger.tracking_uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={tmp}/run", *overrides]
-    return subprocess.run(
-        [ZOO_TRAIN, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp,
-        env=env,
+    return subprocess.Popen(
+        [ZOO_TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp, env=env
     )
+
+
+def finished(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_train(tmp: Path, cache: Path, *overrides: str, plugin: bool = False) -> subprocess.CompletedProcess:
+    return finished(start_train(tmp, cache, *overrides, plugin=plugin))
 
 
 def only_run(tmp: Path):
@@ -58,9 +77,17 @@ def artifacts(client, run_id: str, path: str = "") -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, data_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """One run of the default entry point (its folder and process), which the tests below only read or start from: a
+    run is ten seconds of imports and store set-up on the CI machine, whatever its few steps."""
+    tmp = tmp_path_factory.mktemp("default_run")
+    return tmp, run_train(tmp, data_cache, "data.eval_lengths=[128]", "peak_tflops=0.002")
+
+
 @pytest.mark.slow
-def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
-    proc = run_train(tmp_path, data_cache, "data.eval_lengths=[128]", "peak_tflops=0.002")
+def test_default_entry_point_trains_and_logs_everything(default_run):
+    tmp_path, proc = default_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unigram baseline" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     client, run = only_run(tmp_path)
@@ -109,15 +136,12 @@ def test_default_entry_point_trains_and_logs_everything(tmp_path, data_cache):
 
 
 @pytest.mark.slow
-def test_same_seed_reproduces_the_run(tmp_path, data_cache):
-    losses = []
-    for i in range(2):
-        folder = tmp_path / str(i)
-        folder.mkdir()
-        proc = run_train(folder, data_cache, "model/mixer=transformer", "seed=7", "logger.log_checkpoint=false")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        losses.append(only_run(folder)[1].data.metrics["val/loss"])
-    assert losses[0] == losses[1]
+def test_same_seed_reproduces_the_run(tmp_path, data_cache, straight_run):
+    """Another process with the same settings and seed as the straight run ends with its loss exactly."""
+    proc = run_train(tmp_path, data_cache, *RESUMABLE, "seed=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, run = only_run(tmp_path)
+    assert run.data.params["seed"] == "0" and run.data.metrics["val/loss"] == straight_run["val/loss"]
 
 
 @pytest.mark.slow
@@ -125,13 +149,15 @@ def test_tokens_per_step_accumulates_to_the_batch_it_names(tmp_path, data_cache)
     """``tokens_per_step=512`` at 4 windows of 64 tokens is an accumulation of 2: the same training as setting that
     accumulation by hand, logged with the effective accumulation and the tokens per optimiser step."""
     common = ["model/mixer=transformer", "seed=3", "trainer.max_steps=4", "trainer.val_check_interval=8"]
-    results = {}
+    procs = {}
     for name, how in (("tokens", "tokens_per_step=512"), ("by_hand", "+trainer.accumulate_grad_batches=2")):
-        folder = tmp_path / name
-        folder.mkdir()
-        proc = run_train(folder, data_cache, *common, how, "logger.log_checkpoint=false")
+        (tmp_path / name).mkdir()
+        procs[name] = start_train(tmp_path / name, data_cache, *common, how, "logger.log_checkpoint=false")
+    results = {}
+    for name, proc in procs.items():
+        proc = finished(proc)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = only_run(folder)[1].data
+        results[name] = only_run(tmp_path / name)[1].data
     for data in results.values():
         assert data.params["trainer.accumulate_grad_batches"] == "2"
         assert data.params["train.tokens_per_step"] == "512"
@@ -182,31 +208,20 @@ def metric(client, run_id: str, key: str) -> float:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_into_the_same_mlflow_run_with_the_same_result(tmp_path, data_cache):
-    common = [
-        "model/mixer=transformer",
-        "trainer.max_steps=8",
-        "trainer.val_check_interval=4",
-        "checkpoint_every=2",
-        "logger.log_checkpoint=false",
-    ]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    straight.mkdir(), broken.mkdir()
-    assert run_train(straight, data_cache, *common).returncode == 0
-    killed = run_train(broken, data_cache, *common, "inject_failure={at_step: 5, kind: kill}")
+def test_killed_run_resumes_into_the_same_mlflow_run_with_the_same_result(tmp_path, data_cache, straight_run):
+    killed = run_train(tmp_path, data_cache, *RESUMABLE, "inject_failure={at_step: 5, kind: kill}")
     assert killed.returncode != 0
-    client, run = only_run(broken)
+    client, run = only_run(tmp_path)
     assert run.info.status == "RUNNING"  # killed: nobody closed it
-    resumed = run_train(broken, data_cache, *common)
+    resumed = run_train(tmp_path, data_cache, *RESUMABLE)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming MLflow run" in resumed.stderr + resumed.stdout
-    client, run = only_run(broken)  # still one run
+    client, run = only_run(tmp_path)  # still one run
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert max(steps) == 7
-    _, reference = only_run(straight)
-    assert run.data.metrics["val/loss"] == reference.data.metrics["val/loss"]
-    assert run.data.metrics["ood/pydoc/loss"] == reference.data.metrics["ood/pydoc/loss"]
+    assert run.data.metrics["val/loss"] == straight_run["val/loss"]
+    assert run.data.metrics["ood/pydoc/loss"] == straight_run["ood/pydoc/loss"]
 
 
 @pytest.mark.slow
@@ -334,11 +349,13 @@ def loss_curves(tmp_path, data_cache, accelerator: str, parallel: list[str]) -> 
         "trainer.limit_val_batches=2",
         "logger.log_checkpoint=false",
     ]
-    curves = {}
+    procs = {}
     for name, extra in [("one", ["data.batch_size=4"]), ("parallel", [*parallel, "data.batch_size=2"])]:
-        tmp = tmp_path / name
-        tmp.mkdir()
-        proc = run_train(tmp, data_cache, *common, *extra)
+        (tmp_path / name).mkdir()
+        procs[name] = start_train(tmp_path / name, data_cache, *common, *extra)
+    curves = {}
+    for name, proc in procs.items():
+        tmp, proc = tmp_path / name, finished(proc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         client, run = only_run(tmp)
         assert run.info.status == "FINISHED"
@@ -445,13 +462,12 @@ def test_a_sweep_logs_the_paper_table_it_reproduces(tmp_path, data_cache):
     assert run.data.params["model.mixer.swish_gate"] == "false"  # what analysis matches the paper's row by
 
 
-def test_a_validation_at_the_last_step_is_not_repeated(tmp_path, data_cache):
+def test_a_validation_at_the_last_step_is_not_repeated(tmp_path, data_cache, default_run):
     """The final weights' metrics come from the fit's own last validation when it ran at the last step: one point
-    at the end of each curve, not a second pass over the validation data; otherwise one more validation runs."""
-    for interval, expected in ((4, [4]), (3, [3, 4])):
-        folder = tmp_path / str(interval)
-        folder.mkdir()
-        proc = run_train(folder, data_cache, "trainer.max_steps=4", f"trainer.val_check_interval={interval}")
+    at the end of each curve, not a second pass over the validation data; otherwise one more validation runs. (The
+    default run validates every 2 of its 4 steps.)"""
+    every_3 = run_train(tmp_path, data_cache, "trainer.max_steps=4", "trainer.val_check_interval=3")
+    for (folder, proc), expected in ((default_run, [2, 4]), ((tmp_path, every_3), [3, 4])):
         assert proc.returncode == 0, proc.stderr[-3000:]
         client, run = only_run(folder)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
@@ -460,24 +476,25 @@ def test_a_validation_at_the_last_step_is_not_repeated(tmp_path, data_cache):
 
 
 @pytest.mark.slow
-def test_a_run_warm_starts_from_another_run(tmp_path, data_cache):
+def test_a_run_warm_starts_from_another_run(data_cache, default_run):
     """``init_from=<run id>``: the new run starts from that run's final weights (at a learning rate of 1e-30 it ends
     with exactly them), is tagged with where it came from, and a model of another shape is refused naming what
     differs."""
-    first = run_train(tmp_path, data_cache, "seed=1")
+    tmp_path, first = default_run  # seed 0; the new run's own initialisation (seed 2) differs
     assert first.returncode == 0, first.stderr[-3000:]
     client, source = only_run(tmp_path)
-    folder = tmp_path / "second"
-    folder.mkdir()
+    folder, wider_folder = tmp_path / "second", tmp_path / "wider"
+    folder.mkdir(), wider_folder.mkdir()
     args = [f"init_from={source.info.run_id}", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    second = run_train(folder, data_cache, *args, "optim.lr=1e-30", "seed=2", "logger.experiment_name=warm")
+    second = start_train(folder, data_cache, *args, "optim.lr=1e-30", "seed=2", "logger.experiment_name=warm")
+    wider = start_train(wider_folder, data_cache, *args, "model.d_model=32", "logger.experiment_name=wider")
+    second, wider = finished(second), finished(wider)
     assert second.returncode == 0, second.stderr[-3000:]
     (run,) = client.search_runs([client.get_experiment_by_name("warm").experiment_id])
     assert run.data.tags["init_from_run_id"] == source.info.run_id and run.data.tags["init_from_step"] == "4"
     before = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     after = torch.load(folder / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    wider = run_train(folder, data_cache, *args, "model.d_model=32", "logger.experiment_name=wider")
     assert wider.returncode == 2
     assert "its model differs from this run's" in wider.stderr.strip().splitlines()[-1]
 
