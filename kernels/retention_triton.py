@@ -513,7 +513,8 @@ def _precision(dtype: torch.dtype) -> str:
 SINGLE_BLOCK_PROGRAMS = 256
 
 # the narrowest value width the kernels are run at (a narrower one is padded): on an H100, a value width of one (bf16,
-# K = 256, batch 32 x 2048 tokens) made an illegal memory access where the same call padded to 16 did not (session 12)
+# K = 256, batch 32 x 2048 tokens, blocks of four chunks) made an illegal memory access where the same call padded to
+# 16 did not; padded and on one-chunk blocks it was exact (session 12; unpadded on one-chunk blocks: not checked)
 NARROWEST_VALUES = 16
 
 MAX_GRID_Z = 65535  # CUDA's limit on a grid's last axis (a split state pass puts batch x head x block there)
