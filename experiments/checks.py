@@ -105,6 +105,12 @@ def micro_batches_per_step(tokens_per_step: int, batch_size: int, block_size: in
     return steps
 
 
+def windowed(data: DictConfig) -> bool:
+    """Whether a data config yields fixed windows (``batch_size`` of ``block_size`` tokens): only then is a batch a
+    number of tokens."""
+    return "block_size" in data and "batch_size" in data
+
+
 def check_tokens_per_step(cfg: DictConfig) -> None:
     """``tokens_per_step`` fixes the optimiser's batch in tokens and derives the accumulation from it: it cannot be
     set with an accumulation of its own, and one device's micro-batch must divide it (more devices are checked when
@@ -119,7 +125,7 @@ def check_tokens_per_step(cfg: DictConfig) -> None:
             f"tokens_per_step={tokens} and trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} both "
             "set the optimiser's batch; set one (tokens_per_step derives the accumulation)"
         )
-    if "block_size" not in cfg.data or "batch_size" not in cfg.data:
+    if not windowed(cfg.data):
         raise ConfigError(f"tokens_per_step needs a data config with block_size and batch_size ({cfg.data._target_})")
     micro_batches_per_step(tokens, cfg.data.batch_size, cfg.data.block_size)
 

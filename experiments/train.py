@@ -35,6 +35,7 @@ from experiments.checks import (
     check_tokens_per_step,
     check_tracking_uri,
     micro_batches_per_step,
+    windowed,
 )
 from experiments.compose import model_config
 from experiments.config_store import register_configs
@@ -227,7 +228,7 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
 def tokens_per_step_param(cfg: DictConfig, trainer: L.Trainer) -> dict[str, int]:
     """The optimiser's batch in tokens, over every rank and accumulated micro-batch: the number a paper's batch is
     compared with (windowed text data; others have no fixed tokens per sample)."""
-    if "block_size" not in cfg.data or "batch_size" not in cfg.data:
+    if not windowed(cfg.data):
         return {}
     tokens = cfg.data.batch_size * cfg.data.block_size * trainer.accumulate_grad_batches * trainer.world_size
     return {"train.tokens_per_step": tokens}
