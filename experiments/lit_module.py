@@ -215,6 +215,7 @@ class LanguageModelTask(L.LightningModule):
         o = self.optim
         groups = parameter_groups(self.model, o.weight_decay, o.lr)
         fused = fused_adamw(next(self.model.parameters()).device, self.trainer.precision)
+        # None, not False, off CUDA: an explicit False would also turn off torch's default multi-tensor loop
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
         # a group's own "lr" is kept as its peak; the schedule scales every group alike
         scheduler = torch.optim.lr_scheduler.LambdaLR(
