@@ -534,6 +534,7 @@ class _Plan:
         # programs in flight per SM), and 4 warps beat 8 at K = 256 (2.4 vs 3.0 ms forward at the paper's 256 x 512).
         self.bv_fwd = min(vp, 64, max(16, 16384 // kp))
         self.bv_bwd = min(kp, 64, max(16, 16384 // min(vp, 256)))
+        self.key_piece = 256  # widest key dim of one output-kernel call; wider ones run as pieces that add up
         self.warps_fwd = 4
         self.warps_bwd = 4
         # software pipelining of the output kernels' loads: at K = 256 its buffers crowd out the state tiles (one
@@ -600,7 +601,7 @@ class _Plan:
 
     FIELDS = (
         "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
-        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "single_block", "nc", "nb", "recompute",
+        "fused_dkv", "warps_dkv", "shared_scores", "state_split", "single_block", "nc", "nb", "recompute", "key_piece",
     )  # fmt: skip
 
     def as_list(self) -> list[int]:
@@ -809,9 +810,6 @@ def _chunk_output(
     return out
 
 
-KEY_PIECE = 256  # widest key dim of one output-kernel call: [64, 256] tiles; wider ones run as 256-wide pieces
-
-
 def _chunk_output_pieces(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -822,7 +820,7 @@ def _chunk_output_pieces(
     plan: _Plan,
     **kw,
 ) -> torch.Tensor:
-    """The output kernel with the key dim cut into 256-wide pieces, each piece adding into the output.
+    """The output kernel with the key dim cut into ``plan.key_piece``-wide pieces, each adding into the output.
 
     The result is linear in the key-dim pieces of (query . key) and of query G, so summing per-piece outputs is
     exact up to rounding. ``transposed``: the state is stored [value, key] (the backward's dq and dk use the
@@ -832,8 +830,8 @@ def _chunk_output_pieces(
     state_v = h.shape[-1] if h is not None else 0
     shared = kw.get("scores") is not None
     out = None
-    for lo in range(0, width, KEY_PIECE):
-        hi = min(lo + KEY_PIECE, width)
+    for lo in range(0, width, plan.key_piece):
+        hi = min(lo + plan.key_piece, width)
         layout = (lo, 1, state_v) if transposed else (lo * state_v, state_v, 1)
         skip = shared and lo > 0  # shared scores cover the whole key dim: the first piece adds them
         piece = (query[..., lo:hi], key[..., lo:hi], value, h, layout, log_gamma, plan)
