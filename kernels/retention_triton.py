@@ -573,11 +573,13 @@ class _Plan:
             per_block = B * H * triton.cdiv(V, self.bv_fwd)
             if self.single_block < 0:
                 self.single_block = int(self.narrowest_grid(B, H, K, V) >= SINGLE_BLOCK_PROGRAMS)
-            if self.bv_fwd < 64:
+            if self.bv_fwd < 64 or self.bv_bwd < min(64, kp):
                 # one chunk per block on value tiles narrower than 64: on an H100 (bf16, K = 256, T = 2048), blocks
                 # of several chunks on 16-wide tiles gave outputs 50-70% off (a narrow call: RetNet's score
                 # normaliser at batch 16 and 32), and one block per sequence on 16- or 32-wide tiles made illegal
-                # memory accesses; one chunk per block was exact (session 12)
+                # memory accesses; one chunk per block was exact (session 12). The backward's dq and dk did the
+                # same on pinned 16- and 32-wide tiles under a 512-wide key piece (session 13); by default their
+                # tiles are 64 wide, or the whole key dim where it is narrower
                 self.nc = 1
             elif self.single_block:
                 self.nc = triton.cdiv(T, chunk)

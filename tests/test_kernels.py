@@ -572,6 +572,13 @@ def test_narrow_value_tiles_run_one_chunk_per_block():
         plan = rt._Plan(B, 2048, 4, K, V, 64, None)
         assert (plan.bv_fwd, plan.nc, plan.nb, plan.single_block) == (V, 1, 32, 0), (B, K, V)
     assert rt._Plan(8, 2048, 4, 256, 512, 64, None).nc > 1  # 64-wide tiles: blocks of several chunks
+    # the backward's dq / dk tiles pinned narrower than the key dim (illegal memory accesses on an H100, session 13)
+    rt.TILE_OVERRIDES.update(bv_bwd=32, key_piece=512)
+    try:
+        assert rt._Plan(32, 2048, 4, 256, 512, 64, None).nc == 1
+    finally:
+        rt.TILE_OVERRIDES.clear()
+    assert rt._Plan(16, 2048, 4, 32, 64, 64, None).nc > 1  # whole-width 32-wide backward tiles keep longer blocks
 
 
 def test_kernels_read_dense_views_without_copying():
