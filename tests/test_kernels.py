@@ -702,6 +702,9 @@ GPU_CASES = [
     (torch.bfloat16, (16, 256, 16, 8, 16), ""),
     (torch.bfloat16, (8, 2048, 4, 256, 512), ""),
     (torch.bfloat16, (16, 2048, 4, 256, 16), ""),
+    # small heads at 2048 tokens: dq on whole-width 32- and 16-wide tiles in blocks of two and four chunks
+    (torch.bfloat16, (16, 2048, 4, 32, 64), ""),
+    (torch.bfloat16, (16, 2048, 8, 16, 64), ""),
 ]
 
 
