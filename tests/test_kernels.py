@@ -775,29 +775,36 @@ def test_dispatch_gpu_matches_fla():
 @pytest.mark.gpu
 def test_linear_attention_gpu_on_the_kernels():
     """Linear attention on our kernels, the core in float32 (default) and in bf16 (``half_core``: numerator and
-    normaliser from one call), against the same bf16 weights and inputs in float64 on the PyTorch forms. In bf16
-    the query projection's gradient, where the numerator's and the normaliser's parts nearly cancel, is ten times
-    less precise (6.6e-2 measured on an H100, 6.3e-3 with the float32 core): that bound is its own."""
+    normaliser from one call), against the same bf16 weights and inputs in float64 on the PyTorch forms, for two
+    losses. Under |y|^2 the query projection's gradient, whose numerator and normaliser parts cancel far more for an
+    upstream gradient along y, is ten times less precise in bf16 (6.6e-2 measured on an H100, 6.3e-3 with the float32
+    core): that bound is its own. Under a random upstream gradient, as a language model's is, the bf16 core is held
+    to the float32 core's bound (a float64 emulation of its rounding gives 7.0e-3; see
+    ``tests/test_linear_attention.py``)."""
     from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 
     x = torch.randn(2, 1100, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
-    results = {}
-    for name, kernel, half, dtype in (
-        ("float32", "triton", False, torch.bfloat16),
-        ("half", "triton", True, torch.bfloat16),
-        ("ref", "torch", False, torch.float64),
-    ):
-        torch.manual_seed(0)
-        config = LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel, half_core=half)
-        layer = LinearAttention(512, config).to(device="cuda", dtype=torch.bfloat16).to(dtype)
-        xi = x.to(dtype).detach().clone().requires_grad_()
-        y, state = layer(xi)
-        y.float().square().sum().backward()
-        results[name] = (y, state["S"], state["z"], xi.grad, layer.q_proj.weight.grad, layer.k_proj.weight.grad)
+    upstream = torch.randn(2, 1100, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).double()
     names = ["y", "S", "z", "dx", "dWq", "dWk"]
-    for name, bound_q in (("float32", 2e-2), ("half", 0.15)):
-        errors = {n: rel(a, b) for n, a, b in zip(names, results[name], results["ref"])}
-        assert all(e < (bound_q if n == "dWq" else 2e-2) for n, e in errors.items()), (name, errors)
+    for loss_name in ("square", "random"):
+        results = {}
+        for name, kernel, half, dtype in (
+            ("float32", "triton", False, torch.bfloat16),
+            ("half", "triton", True, torch.bfloat16),
+            ("ref", "torch", False, torch.float64),
+        ):
+            torch.manual_seed(0)
+            config = LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel, half_core=half)
+            layer = LinearAttention(512, config).to(device="cuda", dtype=torch.bfloat16).to(dtype)
+            xi = x.to(dtype).detach().clone().requires_grad_()
+            y, state = layer(xi)
+            loss = y.float().square().sum() if loss_name == "square" else (y.double() * upstream).sum()
+            loss.backward()
+            results[name] = (y, state["S"], state["z"], xi.grad, layer.q_proj.weight.grad, layer.k_proj.weight.grad)
+        for name in ("float32", "half"):
+            bound_q = 0.15 if (name, loss_name) == ("half", "square") else 2e-2
+            errors = {n: rel(a, b) for n, a, b in zip(names, results[name], results["ref"])}
+            assert all(e < (bound_q if n == "dWq" else 2e-2) for n, e in errors.items()), (loss_name, name, errors)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpreter-checks"]:
