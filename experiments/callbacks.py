@@ -1,5 +1,5 @@
 """Callbacks of a run: speed (tokens per second, model FLOPs, MFU) and peak memory as metrics, a progress bar in
-optimiser steps, and failures injected on purpose for the tests."""
+optimiser steps, the model summary with the model's declared FLOPs, and failures injected on purpose for the tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from experiments.hardware import matmul_precision, peak_tflops
 
@@ -22,6 +23,37 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class DeclaredFlopsSummary(RichModelSummary):
+    """Lightning's model summary, its "Total FLOPs" the model's declared forward FLOPs of one training sequence of
+    ``length`` tokens (:meth:`LanguageModel.flops_per_token` x ``length``; Lightning's own count where the model
+    declares none or the length is unknown).
+
+    Why: Lightning counts FLOPs by running an ``example_input_array`` under torch's FLOP counter. The model sets none,
+    so every run printed ``Total FLOPs: 0``, and that counter would not see the Triton kernels anyway."""
+
+    def __init__(self, length: int | None, max_depth: int = 1) -> None:
+        super().__init__(max_depth=max_depth)
+        self.length = length
+        self._declared: int | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        flops = pl_module.model.flops_per_token(self.length) if self.length else None
+        self._declared = None if flops is None else round(flops * self.length)
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **kwargs) -> None:  # fmt: skip
+        flops = total_flops
+        if self._declared is not None:  # Lightning's per-layer column is its own count: zeros without an example input
+            flops = self._declared
+            names = dict(summary_data)["Name"]
+            per_row = [get_human_readable_count(flops) if name == "model" else "-" for name in names]
+            summary_data = [(c, per_row if c == "FLOPs" else values) for c, values in summary_data]
+        RichModelSummary.summarize(
+            summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, flops, **kwargs
+        )
 
 
 class Throughput(L.Callback):

@@ -124,10 +124,11 @@ def make_logger(cfg: DictConfig, name: str, tags: dict[str, str], run_id: str | 
     return logger
 
 
-IGNORED_IN_RUN_KEY = ("hydra.", "resume", "inject_failure", "trainer.enable_progress_bar", "logger.")
+SHOWN = ("trainer.enable_progress_bar", "trainer.enable_model_summary")  # what a run prints, not what it computes
+IGNORED_IN_RUN_KEY = ("hydra.", "resume", "inject_failure", *SHOWN, "logger.")
 # What a trial computes does not depend on these: how it is shown, logged or labelled by a sweeper. (An injected
 # failure is part of a trial: a sweep over failures has as many trials as failures.)
-IGNORED_IN_CONFIG_KEY = ("resume", "logger", "name", "callbacks", "trainer.enable_progress_bar")
+IGNORED_IN_CONFIG_KEY = ("resume", "logger", "name", "callbacks", *SHOWN)
 # Settings added after runs were first keyed, each with the value at which a run computes what runs recorded before
 # it computed: at that value a setting stays out of the key, so a sweep relaunched after an upgrade still finds its
 # finished trials, and a table over older and newer runs counts each (config, seed) once. A new setting goes here

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -139,13 +139,15 @@ class Run:
 def configured_callbacks(cfg: DictConfig, logged: bool) -> list[L.Callback]:
     """The ``callbacks`` config group's Lightning callbacks (``callbacks/default.yaml``; a sweeper adds its own with
     ``+callbacks.NAME={_target_: ...}``), less those this run cannot take: Lightning refuses a progress bar when
-    ``trainer.enable_progress_bar=false`` and a learning-rate monitor without a logger."""
+    ``trainer.enable_progress_bar=false`` and a learning-rate monitor without a logger; a model summary is left out
+    when ``+trainer.enable_model_summary=false``."""
     built = [hydra.utils.instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
     return [
         callback
         for callback in built
         if not (isinstance(callback, ProgressBar) and not cfg.trainer.enable_progress_bar)
         and not (isinstance(callback, LearningRateMonitor) and not logged)
+        and not (isinstance(callback, ModelSummary) and cfg.trainer.get("enable_model_summary") is False)
     ]
 
 

@@ -51,3 +51,10 @@ def test_the_linear_attention_core_in_bf16_is_a_different_run():
     assert (
         key("model/mixer=linear_attention", "model.mixer.half_core=true") != RECORDED[("model/mixer=linear_attention",)]
     )
+
+
+@pytest.mark.parametrize("shown", ["trainer.enable_progress_bar=true", "+trainer.enable_model_summary=false"], ids=str)
+def test_what_a_run_prints_is_the_same_run(shown):
+    """A progress bar or a model summary changes what a run prints, not what it computes: a sweep relaunched with one
+    turned off still finds its finished trials (the model summary's callback joined the defaults in session 13)."""
+    assert key("model/mixer=retnet", shown) == RECORDED[("model/mixer=retnet",)]

@@ -441,6 +441,28 @@ def test_build_run_makes_a_run_without_fitting_it_with_the_configured_callbacks(
     assert not any(isinstance(c, Throughput) for c in run.trainer.callbacks)
 
 
+def test_model_summary_prints_the_declared_flops_of_a_training_sequence(tmp_path, data_cache, monkeypatch, capsys):
+    """Lightning's summary printed "Total FLOPs: 0" on every run (it counts only an example input, which the model
+    does not set); the run's summary gives the model's declared forward FLOPs of one training window instead, and
+    ``+trainer.enable_model_summary=false`` still turns the summary off."""
+    from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+    from experiments.callbacks import DeclaredFlopsSummary
+
+    run = built_run(tmp_path, data_cache, monkeypatch)
+    (summary,) = [c for c in run.trainer.callbacks if isinstance(c, DeclaredFlopsSummary)]
+    T = run.cfg.data.block_size
+    assert summary.length == T
+    capsys.readouterr()
+    summary.on_fit_start(run.trainer, run.task)
+    printed = capsys.readouterr().out
+    declared = get_human_readable_count(round(run.task.model.flops_per_token(T) * T))
+    assert f"Total FLOPs: {declared}" in printed and declared != "0", printed
+
+    run = built_run(tmp_path, data_cache, monkeypatch, "+trainer.enable_model_summary=false")
+    assert not any(isinstance(c, DeclaredFlopsSummary) for c in run.trainer.callbacks)
+
+
 def test_build_run_checks_the_mixer_config_once(tmp_path, data_cache, monkeypatch):
     """zoo-train checks the model's config before the data loads (a stand-in vocabulary), and the build takes the
     checked layer configs from that check instead of checking again, in the model or in each layer."""
