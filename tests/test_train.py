@@ -63,6 +63,19 @@ def run_train(tmp: Path, cache: Path, *overrides: str, plugin: bool = False) -> 
     return finished(start_train(tmp, cache, *overrides, plugin=plugin))
 
 
+def train_side_by_side(tmp: Path, cache: Path, runs: dict[str, list[str]]) -> dict[str, tuple]:
+    """Each named run started in its own folder under ``tmp``, all at once, then waited for: name -> (MLflow client,
+    its one run), each having exited cleanly."""
+    procs = {}
+    for name, overrides in runs.items():
+        (tmp / name).mkdir()
+        procs[name] = start_train(tmp / name, cache, *overrides)
+    for proc in procs.values():
+        proc = finished(proc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: only_run(tmp / name) for name in runs}
+
+
 def only_run(tmp: Path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("arch-zoo").experiment_id])
@@ -149,15 +162,11 @@ def test_tokens_per_step_accumulates_to_the_batch_it_names(tmp_path, data_cache)
     """``tokens_per_step=512`` at 4 windows of 64 tokens is an accumulation of 2: the same training as setting that
     accumulation by hand, logged with the effective accumulation and the tokens per optimiser step."""
     common = ["model/mixer=transformer", "seed=3", "trainer.max_steps=4", "trainer.val_check_interval=8"]
-    procs = {}
-    for name, how in (("tokens", "tokens_per_step=512"), ("by_hand", "+trainer.accumulate_grad_batches=2")):
-        (tmp_path / name).mkdir()
-        procs[name] = start_train(tmp_path / name, data_cache, *common, how, "logger.log_checkpoint=false")
-    results = {}
-    for name, proc in procs.items():
-        proc = finished(proc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = only_run(tmp_path / name)[1].data
+    ways = {"tokens": "tokens_per_step=512", "by_hand": "+trainer.accumulate_grad_batches=2"}
+    runs = train_side_by_side(
+        tmp_path, data_cache, {name: [*common, how, "logger.log_checkpoint=false"] for name, how in ways.items()}
+    )
+    results = {name: run.data for name, (_, run) in runs.items()}
     for data in results.values():
         assert data.params["trainer.accumulate_grad_batches"] == "2"
         assert data.params["train.tokens_per_step"] == "512"
@@ -349,15 +358,9 @@ def loss_curves(tmp_path, data_cache, accelerator: str, parallel: list[str]) -> 
         "trainer.limit_val_batches=2",
         "logger.log_checkpoint=false",
     ]
-    procs = {}
-    for name, extra in [("one", ["data.batch_size=4"]), ("parallel", [*parallel, "data.batch_size=2"])]:
-        (tmp_path / name).mkdir()
-        procs[name] = start_train(tmp_path / name, data_cache, *common, *extra)
+    runs = {"one": [*common, "data.batch_size=4"], "parallel": [*common, *parallel, "data.batch_size=2"]}
     curves = {}
-    for name, proc in procs.items():
-        tmp, proc = tmp_path / name, finished(proc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        client, run = only_run(tmp)
+    for name, (client, run) in train_side_by_side(tmp_path, data_cache, runs).items():
         assert run.info.status == "FINISHED"
         history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
         curves[name] = [m.value for m in history]
