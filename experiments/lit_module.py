@@ -227,14 +227,18 @@ class LanguageModelTask(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
         """Under FSDP a gradient's norm spans the shards, so only the sharded module can clip by it (Lightning's FSDP
-        precision plugin refuses norm clipping); every other strategy clips as Lightning does."""
+        precision plugin refuses norm clipping). Under bf16-mixed the fused AdamW's gradients are clipped as they
+        stand: Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales inside its step,
+        but bf16 has no loss scale, so there is nothing to unscale. Everything else clips as Lightning does."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
         from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.utilities import GradClipAlgorithmType
 
-        if (
-            gradient_clip_val
-            and gradient_clip_algorithm in (None, "norm")
-            and isinstance(self.trainer.strategy, FSDPStrategy)
-        ):
+        plugin, by_norm = self.trainer.precision_plugin, gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and isinstance(self.trainer.strategy, FSDPStrategy):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)

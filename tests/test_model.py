@@ -124,6 +124,43 @@ def test_adamw_is_fused_on_cuda_unless_a_loss_scaler_unscales():
     assert not fused_adamw(cpu, "bf16-mixed") and not fused_adamw(cpu, "32-true")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_bf16_mixed_clips_the_fused_adamw_as_it_clips_the_loop(tmp_path, monkeypatch, fused, algorithm):
+    """``trainer=gpu`` (bf16-mixed, clipping on) with the fused AdamW: Lightning's mixed-precision plugin refuses to
+    clip for an optimizer that unscales in its step, though bf16 has no scale, so every GPU run stopped at its first
+    step. Adam's first moment after one step is (1 - beta1) x the clipped gradient, whichever loop ran."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from experiments import lit_module
+
+    monkeypatch.setattr(lit_module, "fused_adamw", lambda device, precision: fused)  # the CPU runs both loops
+    torch.manual_seed(0)
+    task = lit_module.LanguageModelTask(
+        ModelConfig(vocab_size=61, d_model=32, n_layers=2, mixer=make_config("transformer")),
+        lit_module.OptimConfig(lr=1e-2, warmup_steps=1, betas=(0.9, 0.98)),
+        1,
+        [],
+        {},
+    )
+    tokens = torch.randint(61, (4, 17))
+    trainer = L.Trainer(
+        max_steps=1, precision="bf16-mixed", gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(task, DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4))
+    optimizer = trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is (True if fused else None)
+    moments = [optimizer.state[p]["exp_avg"] for p in task.parameters()]
+    if algorithm == "norm":
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for m in moments]))
+        assert total.item() == pytest.approx(0.1 * 1e-3, rel=1e-4)
+    else:
+        assert max(m.abs().max().item() for m in moments) == pytest.approx(0.1 * 1e-3, rel=1e-4)
+
+
 def test_state_size_sums_the_layers():
     model = tiny_model(small("transformer"))
     assert model.state_size(100) == sum(b.mixer.state_size(100) for b in model.blocks)
@@ -178,6 +215,7 @@ def test_gradient_clipping_by_norm_under_fsdp_goes_through_the_sharded_module():
     module, which knows the global norm; under any other strategy it clips as Lightning does."""
     from types import SimpleNamespace
 
+    from lightning.pytorch.plugins.precision import Precision
     from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
     from arch_zoo.mixers.retnet import RetNetConfig
@@ -190,12 +228,12 @@ def test_gradient_clipping_by_norm_under_fsdp_goes_through_the_sharded_module():
     task.clip_gradients = lambda *args: lightning.append(args[1:])
     fsdp = FSDPStrategy()
     fsdp.model = SimpleNamespace(clip_grad_norm_=sharded.append)
-    task._trainer = SimpleNamespace(strategy=fsdp)
+    task._trainer = SimpleNamespace(strategy=fsdp, precision_plugin=Precision())
     task.configure_gradient_clipping(optimizer, 0.5, "norm")
     task.configure_gradient_clipping(optimizer, 0.5, "value")  # clipping by value needs no global view
     assert sharded == [0.5] and lightning == [(0.5, "value")]
 
-    task._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"))
+    task._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), precision_plugin=Precision())
     task.configure_gradient_clipping(optimizer, 0.5, "norm")
     assert sharded == [0.5] and lightning == [(0.5, "value"), (0.5, "norm")]
 

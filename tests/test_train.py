@@ -389,6 +389,19 @@ def test_two_gpus_follow_the_single_gpu_loss_curve(tmp_path, data_cache, strateg
     assert curves["parallel"] == pytest.approx(curves["one"], rel=1e-3)
 
 
+@pytest.mark.gpu
+def test_a_gpu_run_trains_in_bf16_with_clipping_and_logs_its_mfu(tmp_path, data_cache):
+    """``trainer=gpu`` as users run it: bf16-mixed, gradients clipped, the fused AdamW. Its first step once failed
+    on every GPU (Lightning refused to clip for the fused AdamW); the run must finish and report its MFU."""
+    proc = run_train(
+        tmp_path, data_cache, "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "logger.log_checkpoint=false"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, run = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.params["trainer.gradient_clip_val"] == "1.0"
+    assert 0 < run.data.metrics["perf/mfu"] < 1 and run.data.metrics["val/loss"] < 10
+
+
 def test_under_fsdp_the_final_metrics_are_the_last_validations():
     """Lightning cannot run a second loop on an FSDP-sharded model (issue #19015): zoo-train reports the fit's last
     validation instead of failing after the whole run."""
