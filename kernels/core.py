@@ -21,6 +21,7 @@ The oracle these are tested against is ``reference.py``, written independently; 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,21 @@ def at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Half-precision tensors as float32, others unchanged: recurrent sums and decays need float32's range and digits
     (a decay such as 1 - 1/512 rounds to 1 in bfloat16; running sums and exponentials overflow in float16)."""
     return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
+def outside_autocast(form: Callable) -> Callable:
+    """Run ``form`` with autocast off. Under autocast (``bf16-mixed``) every product below would run in bf16 and
+    return bf16, float32 inputs or not: the forms' float32 sums, state included, became bf16 ones."""
+
+    @functools.wraps(form)
+    def run(q: torch.Tensor, *args, **kwargs):
+        device = q.device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return form(q, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return form(q, *args, **kwargs)
+
+    return run
 
 
 def _decay_factors(
@@ -64,6 +80,7 @@ def _scaled(x: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     return x if factor is None else x * factor[..., None]
 
 
+@outside_autocast
 def parallel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,6 +107,7 @@ def parallel(
     return o.to(out_dtype), state
 
 
+@outside_autocast
 def chunkwise(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,6 +167,7 @@ def chunkwise(
     return torch.cat(outputs, dim=2).to(out_dtype), (state if output_final_state else None)
 
 
+@outside_autocast
 def recurrent(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,6 +199,7 @@ Form = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 FORMS: dict[str, Form] = {"parallel": parallel, "chunkwise": chunkwise, "recurrent": recurrent}
 
 
+@outside_autocast
 def step(
     q: torch.Tensor,
     k: torch.Tensor,

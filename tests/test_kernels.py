@@ -129,6 +129,38 @@ def test_reference_with_a_decay_per_token_matches_the_loop():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+def test_the_pytorch_forms_keep_float32_under_autocast(form):
+    """``trainer=gpu`` runs under bf16 autocast, which would run the forms' products in bf16 and hand back a bf16
+    state whatever their float32 inputs (linear attention's default core trained that way on the GPU). The forms
+    turn it off: the same call gives the float32 result, forward and backward, state included."""
+    from arch_zoo.kernels import dispatch
+
+    torch.manual_seed(0)
+    q, k = torch.rand(2, 2, 200, 16), torch.rand(2, 2, 200, 16)
+    v, s0 = torch.randn(2, 2, 200, 17), torch.randn(2, 2, 16, 17)
+    lg = decays(2).float()
+
+    def call(autocast: bool):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, s = dispatch.decayed_linear_attention(
+                *leaves[:3], lg, backend="torch", form=form, initial_state=leaves[3]
+            )
+        (o.square().sum() + s.square().sum()).backward()
+        return [o, s, *(t.grad for t in leaves)]
+
+    exact, autocast = call(False), call(True)
+    assert autocast[1].dtype == torch.float32
+    for a, b in zip(autocast, exact):
+        assert rel(a, b) < 1e-6
+
+    x = torch.randn(5, 5)  # the forms leave autocast on for the caller
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dispatch.decayed_linear_attention(q, k, v, lg, backend="torch", form=form)
+        assert (x @ x).dtype == torch.bfloat16
+
+
 def test_dispatch_cpu():
     q, k, v, s0 = inputs(1, 20, 2, 8, 8, dtype=torch.float32)
     lg = decays(2).float()
