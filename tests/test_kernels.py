@@ -544,7 +544,10 @@ def test_linear_attention_half_core_keeps_bf16_on_the_kernels(monkeypatch):
         o, s = core.chunkwise(q.float(), k.float(), v.float(), log_decay, initial_state, output_final_state, 16)
         return o.to(v.dtype), s  # as the kernels return them: o in the inputs' dtype, the state in float32
 
-    monkeypatch.setattr(dispatch, "choose_backend", lambda backend, *a, **kw: backend if backend != "auto" else "torch")
+    # as on CUDA: auto takes our kernels wherever their tiles fit (float32 at this width too)
+    monkeypatch.setattr(
+        dispatch, "choose_backend", lambda backend, *a, **kw: backend if backend != "auto" else "triton"
+    )
     monkeypatch.setattr(dispatch, "on_kernels", kernels)
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
     outs = {}
@@ -554,6 +557,11 @@ def test_linear_attention_half_core_keeps_bf16_on_the_kernels(monkeypatch):
         layer = LinearAttention(64, config).to(torch.bfloat16)
         outs[name] = layer(x.to(torch.bfloat16))
     assert seen == [("triton", torch.float32, torch.float32, 17), ("triton", torch.bfloat16, torch.bfloat16, 17)]
+    # the default (auto, half_core): our kernels in bf16 for a bf16 layer; a float32 layer on the PyTorch forms,
+    # never on our float32 tiles (slow)
+    default = LinearAttention(64, LinearAttentionConfig(name="linear_attention", n_heads=4))
+    default(x), default.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert seen[2:] == [("triton", torch.bfloat16, torch.bfloat16, 17)]
     (y, state), (y_ref, state_ref) = outs["half"], outs["torch"]
     assert y.dtype == torch.bfloat16 and state["S"].dtype == state_ref["S"].dtype == torch.float32
     assert rel(y, y_ref) < 2e-2 and rel(state["S"], state_ref["S"]) < 2e-2 and rel(state["z"], state_ref["z"]) < 2e-2
@@ -806,7 +814,7 @@ def test_dispatch_gpu_matches_fla():
 
 @pytest.mark.gpu
 def test_linear_attention_gpu_on_the_kernels():
-    """Linear attention on our kernels, the core in float32 (default) and in bf16 (``half_core``: numerator and
+    """Linear attention on our kernels, the core in float32 and in bf16 (``half_core``, the default: numerator and
     normaliser from one call), against the same bf16 weights and inputs in float64 on the PyTorch forms, for two
     losses. Under |y|^2 the query projection's gradient, whose numerator and normaliser parts cancel far more for an
     upstream gradient along y, is ten times less precise in bf16 (6.6e-2 measured on an H100, 6.3e-3 with the float32

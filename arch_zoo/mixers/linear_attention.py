@@ -30,14 +30,21 @@ Config (defaults: the paper):
     mode: ``chunkwise`` (default), ``parallel`` or ``recurrent``: the form of a call. A continued call of one token
         always steps recurrently; a continued call of several tokens runs chunkwise unless ``mode`` is recurrent.
     chunk_size: tokens per chunk of the chunkwise form (64).
-    kernel: ``torch`` (default), ``auto``, ``triton`` or ``fla``: the core is retention's with no decay
-        (``arch_zoo.kernels``), so it has their backends. The PyTorch forms are the default because this layer runs
-        its core in float32 (its sums need the range), where our Triton tiles are slow: 358.6 against 50.7 ms per
-        training step at d_model 1024, 4 layers, 8 x 2048 tokens on an H100 (``zoo-bench train --models
-        linear_attention,la_torch=linear_attention --set la_torch.kernel=torch``).
+    kernel: ``auto`` (default), ``torch``, ``triton`` or ``fla``: the core is retention's with no decay
+        (``arch_zoo.kernels``), so it has their backends. ``auto``: our Triton kernels in bf16 (``half_core``) where
+        the layer runs in bf16 on CUDA, else the PyTorch forms in float32 (its sums need the range), never our
+        float32 tiles, which are slow: 358.6 against 50.7 ms per training step at d_model 1024, 4 layers, 8 x 2048
+        tokens on an H100 (``zoo-bench train --models linear_attention,la_torch=linear_attention --set
+        la_torch.kernel=torch``; the PyTorch forms' products then ran in bf16 under autocast, see below).
     half_core: on our kernels (``kernel=triton``, or ``auto`` on CUDA), run the core in the layer's bf16 instead of
-        float32 (false). The kernels accumulate in float32 and the normaliser's column of ones rides in the values'
-        last tile, so one call gives numerator and denominator. On an H100 (one layer, d_model 1024, 8 heads,
+        float32 (true). The kernels accumulate in float32, and the normaliser's column of ones rides in the values'
+        last tile, so one call gives numerator and denominator: the bf16 numerics of fla's chunk kernels and of
+        FlashAttention (scores and state rounded to bf16 before their products). Why it is the default: GPU Table 5's
+        setting trained to validation perplexity 3.656 on it against 3.848 on the PyTorch forms as they then ran
+        (three seeds each, paired, every seed lower; ``docs/results/table5_gpu``). Those forms ran under the run's
+        bf16 autocast, which made their products and their carried state bf16 (fixed since: the forms now run
+        outside autocast, truly float32); the true-float32 forms have not been trained on a GPU yet.
+        On an H100 (one layer, d_model 1024, 8 heads,
         8 x 2048 tokens, autocast bf16, forward + backward, a do_bench of the layer alone; not yet timed in a model:
         ``zoo-bench train --models linear_attention,la_half=linear_attention --set la_half.kernel=triton
         la_half.half_core=true``): 4.15 ms against 6.87 ms for the float32 PyTorch core. The price: the query
@@ -48,7 +55,8 @@ Config (defaults: the paper):
         much the parts cancel depends on the upstream gradient (|y|^2's runs along y) and on the values: emulated in
         float64 (``tests/test_linear_attention.py``), that layer's query gradient is off by 7.0e-3 under a random
         upstream gradient, but a second layer at initialisation under the model's own loss by 5.3e-2 (its values
-        share a component across tokens). Whether the bf16 core trains as well as the float32 core: not yet run.
+        share a component across tokens). At the Table 5 shape (zoo-bench, batch 32, H100) it gives 38.5% MFU
+        against 33.2% on the PyTorch forms (``docs/results/mfu.md``).
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
 
@@ -95,8 +103,8 @@ class LinearAttentionConfig(MixerConfig):
     eps: float = 1e-6
     mode: str = "chunkwise"  # parallel | chunkwise | recurrent
     chunk_size: int = 64
-    kernel: str = "torch"  # torch | auto | triton | fla: the shared core's backend (float32 here: see above)
-    half_core: bool = False  # on our kernels, the core in bf16 (faster; the query gradient less precise: see above)
+    kernel: str = "auto"  # auto | torch | triton | fla: the shared core's backend (auto: see above)
+    half_core: bool = True  # on our kernels, the core in bf16 with float32 sums (trained better on the GPU: see above)
     bias: bool = False
 
     def check(self, d_model: int) -> None:
@@ -155,6 +163,7 @@ class LinearAttention(TokenMixer):
             half = dispatch.choose_backend(c.kernel, x.device, form=form, dtype=v.dtype, dims=(d, d + 1)) == "triton"
         if not half:
             q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
+        backend = "triton" if half else "torch" if c.kernel == "auto" else c.kernel  # auto: not our float32 tiles
         s0 = None
         if c.normalize:  # a column of ones after v: the same product then also gives q . z
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
@@ -167,7 +176,7 @@ class LinearAttention(TokenMixer):
             k,
             v,
             None,
-            backend="triton" if half else c.kernel,
+            backend=backend,
             form=form,
             initial_state=s0,
             output_final_state=return_state,
