@@ -40,23 +40,22 @@ Config (defaults: the paper):
         float32 (true). The kernels accumulate in float32, and the normaliser's column of ones rides in the values'
         last tile, so one call gives numerator and denominator: the bf16 numerics of fla's chunk kernels and of
         FlashAttention (scores and state rounded to bf16 before their products). Why it is the default: GPU Table 5's
-        setting trained to validation perplexity 3.656 on it against 3.848 on the PyTorch forms as they then ran
-        (three seeds each, paired, every seed lower; ``docs/results/table5_gpu``). Those forms ran under the run's
+        setting trained to validation perplexity 3.656 on it against 3.847 on the PyTorch forms as they then ran
+        (three seeds each, every seed lower at 256 and 512 tokens, higher at 4x the training length;
+        ``docs/results/table5_gpu``). Those forms ran under the run's
         bf16 autocast, which made their products and their carried state bf16 (fixed since: the forms now run
         outside autocast, truly float32); the true-float32 forms have not been trained on a GPU yet.
-        On an H100 (one layer, d_model 1024, 8 heads,
-        8 x 2048 tokens, autocast bf16, forward + backward, a do_bench of the layer alone; not yet timed in a model:
-        ``zoo-bench train --models linear_attention,la_half=linear_attention --set la_half.kernel=triton
-        la_half.half_core=true``): 4.15 ms against 6.87 ms for the float32 PyTorch core. The price: the query
-        projection's gradient, in which the numerator's and the normaliser's parts nearly cancel, comes out of bf16
-        products: 6.6e-2 relative error against float64 under the loss |y|^2 (same bf16 weights; d_model 512,
-        4 heads, T = 1100), where the float32 core gives 6.3e-3 (other outputs and gradients: 4e-3 to 7e-3 on both;
-        the GPU test ``test_linear_attention_gpu_on_the_kernels`` repeats this). Off by default for that reason. How
-        much the parts cancel depends on the upstream gradient (|y|^2's runs along y) and on the values: emulated in
-        float64 (``tests/test_linear_attention.py``), that layer's query gradient is off by 7.0e-3 under a random
-        upstream gradient, but a second layer at initialisation under the model's own loss by 5.3e-2 (its values
-        share a component across tokens). At the Table 5 shape (zoo-bench, batch 32, H100) it gives 38.5% MFU
-        against 33.2% on the PyTorch forms (``docs/results/mfu.md``).
+        On an H100 (one layer, d_model 1024, 8 heads, 8 x 2048 tokens, autocast bf16, forward + backward, a
+        do_bench of the layer alone): 4.15 ms against 6.87 ms for the PyTorch forms (bf16 products under autocast
+        then). At the Table 5 shape (zoo-bench, batch 32, H100): 38.5% MFU against 33.2% (``docs/results/mfu.md``).
+        The price: the query projection's gradient, in which the numerator's and the normaliser's parts nearly
+        cancel, comes out of bf16 products: 6.6e-2 relative error against float64 under the loss |y|^2 (same bf16
+        weights; d_model 512, 4 heads, T = 1100), where our float32 tiles give 6.3e-3 (other outputs and gradients:
+        4e-3 to 7e-3 on both; the GPU test ``test_linear_attention_gpu_on_the_kernels`` repeats this). How much the
+        parts cancel depends on the upstream gradient (|y|^2's runs along y) and on the values: emulated in float64
+        (``tests/test_linear_attention.py``), that layer's query gradient is off by 7.0e-3 under a random upstream
+        gradient, but a second layer at initialisation under the model's own loss by 5.3e-2 (its values share a
+        component across tokens). ``half_core=false`` keeps the float32 core (on ``auto``: the PyTorch forms).
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
 
