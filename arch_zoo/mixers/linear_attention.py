@@ -42,9 +42,9 @@ Config (defaults: the paper):
         FlashAttention (scores and state rounded to bf16 before their products). Why it is the default: GPU Table 5's
         setting trained to validation perplexity 3.656 on it against 3.847 on the PyTorch forms as they then ran
         (three seeds each, every seed lower at 256 and 512 tokens, higher at 4x the training length;
-        ``docs/results/table5_gpu``). Those forms ran under the run's
-        bf16 autocast, which made their products and their carried state bf16 (fixed since: the forms now run
-        outside autocast, truly float32); the true-float32 forms have not been trained on a GPU yet.
+        ``docs/results/table5_gpu``). Those forms ran under the run's bf16 autocast, which made their products and
+        their carried state bf16 (fixed since: the forms now run outside autocast, truly float32); the true-float32
+        forms have not been trained on a GPU yet.
         On an H100 (one layer, d_model 1024, 8 heads, 8 x 2048 tokens, autocast bf16, forward + backward, a
         do_bench of the layer alone): 4.15 ms against 6.87 ms for the PyTorch forms (bf16 products under autocast
         then). At the Table 5 shape (zoo-bench, batch 32, H100): 38.5% MFU against 33.2% (``docs/results/mfu.md``).
