@@ -96,9 +96,9 @@ def on_kernels(
 
     A trained or per-token decay goes over per token (fla's ``g``: a learnable one is spread over the tokens so
     that its gradient flows back); no decay is a decay of zero. Value widths are padded to the kernels' tile. A width
-    past a whole number of tiles (linear attention's normaliser column of ones after its values) is padded into the
-    last tile of one call where our kernels take the padded width (half precision: up to 512), so one call gives
-    numerator and denominator; otherwise (float32 past 128, fla) it is split off and run as a second, narrow call."""
+    past a whole number of tiles (say 128 + 1) is padded into the last tile of one call where our kernels take the
+    padded width (half precision: up to 512); otherwise (float32 past 128, fla) the rest is split off and run as a
+    second, narrow call."""
     B, H, T, _ = q.shape
     if log_decay is None:
         log_decay = torch.zeros(H, device=q.device, dtype=torch.float32)

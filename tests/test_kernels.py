@@ -352,7 +352,7 @@ def interpreter_checks() -> dict[str, float]:
         y, state = forward(xi)
         y.square().sum().backward()
         outs[kernel] = (y, state["kv"], xi.grad, layer.q_proj.weight.grad)
-    # linear attention on the same core (no decay, its normaliser's column of ones split off): the Triton path too
+    # linear attention on the same core (no decay; its normaliser beside the core): the Triton path too
     from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 
     linear = {}
@@ -368,8 +368,8 @@ def interpreter_checks() -> dict[str, float]:
         linear[kernel] = (y, state["S"], state["z"], xi.grad, layer.q_proj.weight.grad)
     dispatch.retention = retention_core
     dispatch.choose_backend = choose
-    # values and the normaliser's column of ones (16 + 1) padded into one 32-wide call, not a second narrow one
-    results["linear_attention/one_call"] = 0.0 if calls == [32] else math.inf
+    # the values alone (16 wide, one tile): the normaliser is computed beside the core, not as a column of ones
+    results["linear_attention/one_call"] = 0.0 if calls == [16] else math.inf
     for name, a, b in zip(["y", "state", "dx", "dWq"], outs["triton"], outs["torch"]):
         results[f"layer/{name}"] = rel(a, b)
     for name, a, b in zip(["y", "S", "z", "dx", "dWq"], linear["triton"], linear["torch"]):
@@ -532,8 +532,9 @@ def test_linear_attention_runs_on_the_triton_kernels(interpreter_results):
 
 def test_linear_attention_half_core_keeps_bf16_on_the_kernels(monkeypatch):
     """With ``half_core`` a bf16 layer on our kernels (which accumulate in float32) hands the core bf16 tensors, the
-    normaliser's column of ones with them in one call; without it, or on the PyTorch forms, the core runs in
-    float32. (The kernels themselves in bf16 are checked on the GPU: the interpreter's bf16 products are wrong.)"""
+    values alone (the normaliser is computed beside the core, in float32); without it, or on the PyTorch forms, the
+    core runs in float32. (The kernels themselves in bf16 are checked on the GPU: the interpreter's bf16 products
+    are wrong.)"""
     from arch_zoo.kernels import core, dispatch
     from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 
@@ -556,12 +557,12 @@ def test_linear_attention_half_core_keeps_bf16_on_the_kernels(monkeypatch):
         config = LinearAttentionConfig(name="linear_attention", n_heads=4, kernel=kernel, half_core=half)
         layer = LinearAttention(64, config).to(torch.bfloat16)
         outs[name] = layer(x.to(torch.bfloat16))
-    assert seen == [("triton", torch.float32, torch.float32, 17), ("triton", torch.bfloat16, torch.bfloat16, 17)]
+    assert seen == [("triton", torch.float32, torch.float32, 16), ("triton", torch.bfloat16, torch.bfloat16, 16)]
     # the default (auto, half_core): our kernels in bf16 for a bf16 layer; a float32 layer on the PyTorch forms,
     # never on our float32 tiles (slow)
     default = LinearAttention(64, LinearAttentionConfig(name="linear_attention", n_heads=4))
     default(x), default.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert seen[2:] == [("triton", torch.bfloat16, torch.bfloat16, 17)]
+    assert seen[2:] == [("triton", torch.bfloat16, torch.bfloat16, 16)]
     (y, state), (y_ref, state_ref) = outs["half"], outs["torch"]
     assert y.dtype == torch.bfloat16 and state["S"].dtype == state_ref["S"].dtype == torch.float32
     assert rel(y, y_ref) < 2e-2 and rel(state["S"], state_ref["S"]) < 2e-2 and rel(state["z"], state_ref["z"]) < 2e-2
@@ -814,13 +815,13 @@ def test_dispatch_gpu_matches_fla():
 
 @pytest.mark.gpu
 def test_linear_attention_gpu_on_the_kernels():
-    """Linear attention on our kernels, the core in float32 and in bf16 (``half_core``, the default: numerator and
-    normaliser from one call), against the same bf16 weights and inputs in float64 on the PyTorch forms, for two
-    losses. Under |y|^2 the query projection's gradient, whose numerator and normaliser parts cancel far more for an
-    upstream gradient along y, is ten times less precise in bf16 (6.6e-2 measured on an H100, 6.3e-3 with the float32
-    core): that bound is its own. Under a random upstream gradient the bf16 core is held to the float32 core's bound
-    (a float64 emulation of its rounding gives 7.0e-3 there; ``tests/test_linear_attention.py`` shows a case that
-    such a bound would not cover: a deeper layer whose values share a component across tokens)."""
+    """Linear attention on our kernels, the core in float32 and in bf16 (``half_core``, the default; the normaliser
+    beside the core in float32 either way), against the same bf16 weights and inputs in float64 on the PyTorch
+    forms, for two losses. Under |y|^2 the query projection's gradient, whose numerator and normaliser parts cancel
+    far more for an upstream gradient along y, is ten times less precise in bf16 (6.6e-2 measured on an H100, 6.3e-3
+    with the float32 core): that bound is its own. Under a random upstream gradient the bf16 core is held to the
+    float32 core's bound (a float64 emulation of its rounding gives 7.0e-3 there; ``tests/test_linear_attention.py``
+    shows a case that such a bound would not cover: a deeper layer whose values share a component across tokens)."""
     from arch_zoo.mixers.linear_attention import LinearAttention, LinearAttentionConfig
 
     x = torch.randn(2, 1100, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()

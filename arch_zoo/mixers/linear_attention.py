@@ -12,10 +12,10 @@ The paper's ``phi(x) = elu(x) + 1`` keeps features positive, so the normaliser `
 layer is an average of values like softmax attention (without the ``1/sqrt(dk)`` scaling: the feature map replaces
 the exponential, not the logits).
 
-Training forms (``mode``): ``parallel``, the masked quadratic form ``((Q K^T) * M) [v | 1]``: ``O(T^2 d)`` time,
+Training forms (``mode``): ``parallel``, the masked quadratic form ``((Q K^T) * M) v``: ``O(T^2 d)`` time,
 ``O(T^2)`` memory per head; ``chunkwise``, quadratic inside chunks of ``chunk_size`` tokens with ``(S, z)`` carried
-across them: ``O(T L d + T d^2 / H)``. The normaliser is the same product with a column of ones appended to ``v``,
-so numerator and denominator come out of one pass. Decoding form (``recurrent``): the recurrence above,
+across them: ``O(T L d + T d^2 / H)``. The normaliser is computed beside the core, in float32: a running sum of
+the keys and one dot product per token. Decoding form (``recurrent``): the recurrence above,
 ``O(d^2 / H)`` per token. State per sequence: ``S`` and ``z``, ``H dk dv + H dk = d^2 / H + d`` numbers, constant in
 ``T``. All forms continue from a state and compute the same function.
 
@@ -37,24 +37,26 @@ Config (defaults: the paper):
         tokens on an H100 (``zoo-bench train --models linear_attention,la_torch=linear_attention --set
         la_torch.kernel=torch``; the PyTorch forms' products then ran in bf16 under autocast, see below).
     half_core: on our kernels (``kernel=triton``, or ``auto`` on CUDA), run the core in the layer's bf16 instead of
-        float32 (true). The kernels accumulate in float32, and the normaliser's column of ones rides in the values'
-        last tile, so one call gives numerator and denominator: the bf16 numerics of fla's chunk kernels and of
-        FlashAttention (scores and state rounded to bf16 before their products). Why it is the default: GPU Table 5's
-        setting trained to validation perplexity 3.656 on it against 3.847 on the PyTorch forms as they then ran
-        (three seeds each, every seed lower at 256 and 512 tokens, higher at 4x the training length;
-        ``docs/results/table5_gpu``). Those forms ran under the run's bf16 autocast, which made their products and
-        their carried state bf16 (fixed since: the forms now run outside autocast, truly float32); the true-float32
-        forms have not been trained on a GPU yet.
+        float32 (true). The kernels accumulate in float32 (the bf16 numerics of fla's chunk kernels and of
+        FlashAttention: scores and state rounded to bf16 before their products); the normaliser is float32 either
+        way. Why it is the default: GPU Table 5's setting trained to validation perplexity 3.656 on it against 3.847
+        on the PyTorch forms as they then ran (three seeds each, every seed lower at 256 and 512 tokens, higher at 4x
+        the training length; ``docs/results/table5_gpu``). Those forms ran under the run's bf16 autocast, which made
+        their products and their carried state bf16 (fixed since: the forms now run outside autocast, truly
+        float32); the true-float32 forms have not been trained on a GPU yet. Both runs had the normaliser inside
+        the core (a column of ones after the values, in the core's precision).
         On an H100 (one layer, d_model 1024, 8 heads, 8 x 2048 tokens, autocast bf16, forward + backward, a
         do_bench of the layer alone): 4.15 ms against 6.87 ms for the PyTorch forms (bf16 products under autocast
-        then). At the Table 5 shape (zoo-bench, batch 32, H100): 38.5% MFU against 33.2% (``docs/results/mfu.md``).
-        The price: the query projection's gradient, in which the numerator's and the normaliser's parts nearly
-        cancel, comes out of bf16 products: 6.6e-2 relative error against float64 under the loss |y|^2 (same bf16
-        weights; d_model 512, 4 heads, T = 1100), where our float32 tiles give 6.3e-3 (other outputs and gradients:
-        4e-3 to 7e-3 on both; the GPU test ``test_linear_attention_gpu_on_the_kernels`` repeats this). How much the
-        parts cancel depends on the upstream gradient (|y|^2's runs along y) and on the values: emulated in float64
-        (``tests/test_linear_attention.py``), that layer's query gradient is off by 7.0e-3 under a random upstream
-        gradient, but a second layer at initialisation under the model's own loss by 5.3e-2 (its values share a
+        then). At the Table 5 shape (zoo-bench, batch 32, H100): 38.5% MFU against 33.2% (``docs/results/mfu.md``;
+        both with the normaliser inside the core).
+        The price: the query projection's gradient, in which the core's and the normaliser's parts nearly cancel,
+        takes the core's part from bf16 products: 6.6e-2 relative error against float64 under the loss |y|^2 (same
+        bf16 weights; d_model 512, 4 heads, T = 1100; measured with the normaliser in the core too), where our
+        float32 tiles give 6.3e-3 (other outputs and gradients: 4e-3 to 7e-3 on both; the GPU test
+        ``test_linear_attention_gpu_on_the_kernels`` repeats this). How much the parts cancel depends on the
+        upstream gradient (|y|^2's runs along y) and on the values: emulated in float64 with the normaliser exact
+        (``tests/test_linear_attention.py``), that layer's query gradient is off by 5.4e-3 under a random upstream
+        gradient, but a second layer at initialisation under the model's own loss by 3.9e-2 (its values share a
         component across tokens). ``half_core=false`` keeps the float32 core (on ``auto``: the PyTorch forms).
     bias: biases on the four projections (false: the paper's equations ``Q = x W_Q``; its code has them).
 """
@@ -90,6 +92,24 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "identity": lambda x: x,
 }
+
+
+def _normalized(
+    numerator: torch.Tensor, q: torch.Tensor, k: torch.Tensor, z0: torch.Tensor | None, eps: float, final: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``numerator_i / (q_i . z_i + eps)`` with ``z_i = z0 + sum_{j <= i} k_j``, in float32 at least, and the last
+    ``z`` (when ``final``).
+
+    Why not the core: the normaliser is a running sum of keys and one dot product per token, element-wise work. As
+    a column of ones after the values it widened the core's value dim from 128 to 144 (padded to a tile), which our
+    kernels run as 256: a third value block in the forward, a key dim of 256 in the backward's dq and dk, and the
+    fused dk/dv kernel out of reach. Here it is also exact to float32 whatever the core's precision."""
+    dtype = torch.promote_types(numerator.dtype, torch.float32)
+    z = torch.cumsum(k.to(dtype), dim=-2)
+    if z0 is not None:
+        z = z + z0.to(dtype)[..., None, :]
+    denominator = (q.to(dtype) * z).sum(-1, keepdim=True) + eps
+    return numerator.to(dtype) / denominator, (z[..., -1, :].clone() if final else None)
 
 
 @dataclass
@@ -159,17 +179,10 @@ class LinearAttention(TokenMixer):
         form = self.form(T, continued=state is not None)
         half = c.half_core and v.dtype == torch.bfloat16  # on our kernels only, which accumulate in float32
         if half:
-            half = dispatch.choose_backend(c.kernel, x.device, form=form, dtype=v.dtype, dims=(d, d + 1)) == "triton"
+            half = dispatch.choose_backend(c.kernel, x.device, form=form, dtype=v.dtype, dims=(d, d)) == "triton"
         if not half:
             q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
         backend = "triton" if half else "torch" if c.kernel == "auto" else c.kernel  # auto: not our float32 tiles
-        s0 = None
-        if c.normalize:  # a column of ones after v: the same product then also gives q . z
-            v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
-            s0 = None if state is None else torch.cat((state["S"], state["z"][..., None]), dim=-1)
-        elif state is not None:
-            s0 = state["S"]
-
         o, s = dispatch.decayed_linear_attention(
             q,
             k,
@@ -177,19 +190,15 @@ class LinearAttention(TokenMixer):
             None,
             backend=backend,
             form=form,
-            initial_state=s0,
+            initial_state=None if state is None else state["S"],
             output_final_state=return_state,
             chunk_size=c.chunk_size,
         )
-        if c.normalize:  # the division in float32 at least (from half_core's bf16 numerator and normaliser)
-            o = o.to(torch.promote_types(o.dtype, torch.float32))
-            o = o[..., :d] / (o[..., d:] + c.eps)
-        y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, self.d_model))
-        if not return_state:
-            return y, None
+        z = None
         if c.normalize:
-            return y, {"S": s[..., :d], "z": s[..., d]}
-        return y, {"S": s, "z": None}
+            o, z = _normalized(o, q, k, None if state is None else state["z"], c.eps, return_state)
+        y = self.out_proj(o.to(x.dtype).transpose(1, 2).reshape(B, T, self.d_model))
+        return y, ({"S": s, "z": z} if return_state else None)
 
     def form(self, n_tokens: int, continued: bool) -> str:
         """The form of a call: a continued single token steps recurrently; a continued prompt runs chunkwise (memory
@@ -201,11 +210,10 @@ class LinearAttention(TokenMixer):
 
     def flops_per_token(self, seq_len: int) -> float:
         """The four projections plus the core in the configured form (chunks counted at most ``core.MODEL_CHUNK`` long,
-        the kernels' chunk; the normaliser is one more value column)."""
+        the kernels' chunk). The normaliser, a running sum and a dot product per token, is element-wise work: not
+        counted, as element-wise work is not anywhere."""
         c = self.config
-        heads = core.model_flops(
-            self.form(seq_len, False), seq_len, self.head_dim, self.head_dim + int(c.normalize), c.chunk_size
-        )
+        heads = core.model_flops(self.form(seq_len, False), seq_len, self.head_dim, self.head_dim, c.chunk_size)
         return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.out_proj) + self.n_heads * heads / seq_len
 
     def state_size(self, seq_len: int) -> int:

@@ -75,7 +75,7 @@ def profile_step(
         )
         lines += [f"  {kind:<18} {ms:9.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    lines += ["", events.table(sort_by=sort_by, row_limit=30, max_name_column_width=80)]
+    lines += ["", events.table(sort_by=sort_by, row_limit=50, max_name_column_width=100)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return busy
