@@ -314,9 +314,14 @@ class LanguageModel(nn.Module):
 
 
 COMPILE_SCOPES = ("model", "blocks")
+# torch.compile's modes. max-autotune-no-cudagraphs: Inductor times Triton templates against the vendor libraries for
+# each matrix product (with the element-wise work after it fused in) and keeps the fastest, at the cost of a compile
+# that is minutes longer; max-autotune and reduce-overhead also capture CUDA graphs, whose static buffers the
+# training step's fresh tensors must be copied into
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
-def compile_model(model: LanguageModel, scope: str = "model") -> LanguageModel:
+def compile_model(model: LanguageModel, scope: str = "model", mode: str = "default") -> LanguageModel:
     """``torch.compile`` a language model in place, at one of two scopes; returns the model.
 
     In place (``nn.Module.compile``), not wrapped: ``model.loss`` calls the model itself, which a wrapper's
@@ -325,10 +330,13 @@ def compile_model(model: LanguageModel, scope: str = "model") -> LanguageModel:
     forward pass, fusing across blocks; the longest compile, growing with depth. ``blocks``: every block compiled on
     its own; identical blocks share one compiled graph, so a deep model compiles about as fast as one block, at the
     cost of the fusions across block boundaries. Either way the loss is compiled on its own, so the float32 logits
-    and their log-softmax are fused rather than written out (a [tokens, vocab] float32 tensor each)."""
+    and their log-softmax are fused rather than written out (a [tokens, vocab] float32 tensor each). ``mode``: one of
+    :data:`COMPILE_MODES`, for every graph."""
     if scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile scope {scope!r} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
-    model._cross_entropy = torch.compile(token_cross_entropy)
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile mode {mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
+    model._cross_entropy = torch.compile(token_cross_entropy, mode=mode)
     for module in [model] if scope == "model" else model.blocks:
-        module.compile()
+        module.compile(mode=mode)
     return model

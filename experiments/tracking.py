@@ -138,6 +138,7 @@ KEY_NEUTRAL: dict[str, object] = {
     "tokens_per_step": None,
     "optim.schedule": "cosine",
     "model.mixer.half_core": False,
+    "compile_mode": "default",
 }
 
 

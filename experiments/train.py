@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from arch_zoo import ModelConfig
 from arch_zoo.contract import MixerConfig
 from arch_zoo.errors import ConfigError
-from arch_zoo.model import COMPILE_SCOPES, compile_model
+from arch_zoo.model import COMPILE_MODES, COMPILE_SCOPES, compile_model
 from experiments import interrupts
 from experiments.callbacks import InjectFailure
 from experiments.checkpoints import AtomicCheckpointIO
@@ -99,6 +99,8 @@ def check(cfg: DictConfig) -> Settings:
         check_tracking_uri(tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile_scope not in COMPILE_SCOPES:
         raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode={cfg.compile_mode} is unknown; choose one of {', '.join(COMPILE_MODES)}")
     if cfg.float32_matmul_precision not in MATMUL_PRECISIONS:
         raise ConfigError(
             f"float32_matmul_precision={cfg.float32_matmul_precision} is unknown; choose one of "
@@ -175,7 +177,7 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
     if cfg.get("init_from"):  # before compiling: the weights' names are the plain model's
         init_tags = init_weights_from(task.model, str(cfg.init_from), tracking_uri(cfg.logger.tracking_uri))
     if cfg.compile:
-        task.model = compile_model(task.model, cfg.compile_scope)
+        task.model = compile_model(task.model, cfg.compile_scope, cfg.compile_mode)
     mixer_name = model_cfg.mixer.name
     overrides = list(hydra_cfg.overrides.task)
     name = cfg.name or run_name(str(cfg.get("variant") or mixer_name), overrides, swept_keys())

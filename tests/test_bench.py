@@ -198,6 +198,25 @@ def test_train_command_measures_a_full_step_per_length(tmp_path: Path):
     assert {"train.md", "train.png", "train.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def test_train_compile_mode_reaches_the_compiled_model_and_the_table(tmp_path: Path, monkeypatch):
+    """``--compile --compile-mode max-autotune-no-cudagraphs``: each model is compiled in that mode (torch.compile
+    itself is stubbed out: a compile on the CPU is minutes), and the table's summary says so."""
+    from experiments.bench import train as bench_train
+
+    seen = []
+    monkeypatch.setattr(bench_train, "compile_model", lambda model, scope, mode: seen.append((scope, mode)) or model)
+    out = tmp_path / "train"
+    args = ["train", "--models", "retnet", "--tokens-per-step", "128", *TINY_RETNET, "--no-log", "--out", str(out)]
+    args += ["--compile", "--compile-scope", "blocks", "--compile-mode", "max-autotune-no-cudagraphs"]
+    assert main(args) == 0
+    assert seen == [("blocks", "max-autotune-no-cudagraphs")] * 2  # a call per cell (the second finds it compiled)
+    assert "torch.compile (blocks, mode max-autotune-no-cudagraphs)" in (out / "train.md").read_text()
+    with pytest.raises(ValueError, match="compile mode 'fast' is unknown"):
+        bench_train.TrainSettings(
+            d_model=8, n_layers=1, vocab_size=8, lengths=[8], steps=1, warmup=0, compile_mode="fast"
+        )
+
+
 def test_train_profile_writes_where_a_step_went_and_logs_it(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "train"

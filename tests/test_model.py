@@ -261,6 +261,8 @@ def test_compiling_block_by_block_keeps_the_function_and_the_parameter_names():
     assert all(block._compiled_call_impl is not None for block in compiled.blocks)
     with pytest.raises(ConfigError, match="choose one of model, blocks"):
         compile_model(compiled, "layers")
+    with pytest.raises(ConfigError, match="compile mode 'fast' is unknown; choose one of default, max-autotune"):
+        compile_model(compiled, "blocks", "fast")
 
 
 @pytest.mark.parametrize("mixer", ["retnet", "transformer"])

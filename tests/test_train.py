@@ -547,6 +547,29 @@ def test_the_progress_bar_counts_steps_not_a_negative_epoch():
     assert bar._get_train_description(0).strip() == "train (600 steps)"
 
 
+def test_compile_mode_reaches_every_compiled_graph_and_an_unknown_one_is_refused(tmp_path, data_cache, monkeypatch):
+    """``compile=true compile_mode=max-autotune-no-cudagraphs``: the run compiles its model in that mode (the blocks and
+    the loss, :func:`arch_zoo.model.compile_model`); a mode torch.compile does not have is refused with the choices
+    before anything is built."""
+    from hydra import compose, initialize_config_module
+    from torch import nn
+
+    from arch_zoo.errors import ConfigError
+    from experiments import train as train_module
+
+    seen = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    monkeypatch.setattr("torch.compile", lambda fn, **kw: seen.append((fn.__name__, kw)) or fn)
+    mode = "max-autotune-no-cudagraphs"
+    run = built_run(tmp_path, data_cache, monkeypatch, "compile=true", "compile_scope=blocks", f"compile_mode={mode}")
+    blocks = run.task.model.config.n_layers
+    assert seen == [("token_cross_entropy", {"mode": mode})] + [("Block", {"mode": mode})] * blocks
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        bad = compose("train", [*TINY, "logger=none", "compile=true", "compile_mode=fast"])
+    with pytest.raises(ConfigError, match="compile_mode=fast is unknown; choose one of default, max-autotune-no-cud"):
+        train_module.check(bad)
+
+
 def test_float32_matmul_precision_is_set_for_the_run_and_restored(tmp_path, data_cache, monkeypatch):
     """``float32_matmul_precision=high`` runs the fit with TF32 float32 products (what stays float32 under autocast),
     the process's setting comes back afterwards, and a value torch does not know is refused with the choices."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from arch_zoo.errors import ConfigError
-from arch_zoo.model import COMPILE_SCOPES
+from arch_zoo.model import COMPILE_MODES, COMPILE_SCOPES
 from experiments.bench import device_label, parse_models, resolve_device, resolve_dtype
 from experiments.bench.decode import DecodeSettings, run_decode
 from experiments.bench.report import finish, log, log_run, write_outputs
@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="model",
         help="with --compile: one graph for the model and loss, or each block in place (a shorter compile)",
     )
+    train.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="with --compile: torch.compile's mode (max-autotune-no-cudagraphs: products tuned; a longer compile)",
+    )
     args = parser.parse_args(argv)
     machine = (
         "gpu" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -207,14 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.amp == "auto":
             amp = torch.bfloat16 if device.type == "cuda" else None
         settings = TrainSettings(
-            **shared, tokens_per_step=args.tokens_per_step, amp=amp, lr=args.lr, compile_scope=args.compile_scope
+            **shared,
+            tokens_per_step=args.tokens_per_step,
+            amp=amp,
+            lr=args.lr,
+            compile_scope=args.compile_scope,
+            compile_mode=args.compile_mode,
         )
         with float32_matmul_precision(args.float32_matmul_precision):
             rows = [r.as_dict() for r in run_train(specs, settings, device, log)]
         summary = (
             f"{shape}, fp32 weights, autocast {str(amp).removeprefix('torch.') if amp else 'off'}, AdamW; "
             f"{args.tokens_per_step} tokens per step; median of {args.steps} steps after {args.warmup}"
-            + (f"; torch.compile ({args.compile_scope})" if args.compile else "")
+            + (f"; torch.compile ({args.compile_scope}, mode {args.compile_mode})" if args.compile else "")
             + f"; float32 matmul precision {args.float32_matmul_precision}"
         )
     n_params = {r["model"]: r["n_params"] for r in rows}

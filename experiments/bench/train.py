@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from arch_zoo.model import compile_model
+from arch_zoo.model import COMPILE_MODES, compile_model
 from experiments.bench import (
     BenchSettings,
     CellRow,
@@ -54,6 +54,11 @@ class TrainSettings(BenchSettings):
     amp: torch.dtype | None = torch.bfloat16  # None: no autocast (the CPU default)
     lr: float = 1e-4
     compile_scope: str = "model"  # model: one graph with the loss; blocks: each block in place (arch_zoo.model)
+    compile_mode: str = "default"  # torch.compile's mode (arch_zoo.model.COMPILE_MODES)
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {self.compile_mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
 
 
 def _step_fn(
@@ -64,12 +69,13 @@ def _step_fn(
     amp: torch.dtype | None,
     compile: bool = False,
     compile_scope: str = "model",
+    compile_mode: str = "default",
 ) -> Callable[[], torch.Tensor]:
     loss_fn = model.loss
     if compile and compile_scope == "model":
-        loss_fn = torch.compile(model.loss)
+        loss_fn = torch.compile(model.loss, mode=compile_mode)
     elif compile:
-        compile_model(model, compile_scope)  # in place; a later cell finds its blocks compiled already
+        compile_model(model, compile_scope, compile_mode)  # in place; a later cell finds its blocks compiled already
 
     def step() -> torch.Tensor:
         try:
@@ -90,7 +96,14 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     tokens = torch.randint(settings.vocab_size, (row.batch, row.length + 1), device=device, generator=generator)
     step = _step_fn(
-        model, optimizer, tokens[:, :-1], tokens[:, 1:], settings.amp, settings.compile, settings.compile_scope
+        model,
+        optimizer,
+        tokens[:, :-1],
+        tokens[:, 1:],
+        settings.amp,
+        settings.compile,
+        settings.compile_scope,
+        settings.compile_mode,
     )
     t0 = time.perf_counter()
     step()
