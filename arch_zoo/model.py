@@ -315,9 +315,9 @@ class LanguageModel(nn.Module):
 
 COMPILE_SCOPES = ("model", "blocks")
 # torch.compile's modes. max-autotune-no-cudagraphs: Inductor times Triton templates against the vendor libraries for
-# each matrix product (with the element-wise work after it fused in) and keeps the fastest, at the cost of a compile
-# that is minutes longer; max-autotune and reduce-overhead also capture CUDA graphs, whose static buffers the
-# training step's fresh tensors must be copied into
+# each matrix product (with the element-wise work after it fused in) and keeps the fastest, at the cost of a longer
+# compile (each product shape is timed); max-autotune and reduce-overhead also capture CUDA graphs, whose static
+# buffers the training step's fresh tensors must be copied into
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
 
