@@ -139,6 +139,7 @@ KEY_NEUTRAL: dict[str, object] = {
     "optim.schedule": "cosine",
     "model.mixer.half_core": False,
     "compile_mode": "default",
+    "model.mixer.fused_projections": False,
 }
 
 

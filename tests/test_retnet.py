@@ -261,6 +261,30 @@ def test_continued_call_forms():
     assert mixer.form(9, True) == "recurrent"
 
 
+@pytest.mark.parametrize("swish_gate", [True, False], ids=["gate", "no_gate"])
+def test_fused_projections_are_the_same_function_with_the_same_parameters(swish_gate):
+    """``fused_projections`` makes q, k, v and the gate one product (a speed setting): the same parameters (a
+    checkpoint loads either way), and in float64 the same outputs, states and gradients in every form, a prompt then
+    single tokens included (a single token takes the four products, which copy no weights)."""
+    plain = make(swish_gate=swish_gate)
+    fused = make(swish_gate=swish_gate, fused_projections=True)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    fused.load_state_dict(plain.state_dict())
+    x = inputs(torch.float64, length=20)
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        pieces = {}
+        for name, mixer in (("plain", plain), ("fused", fused)):
+            mixer.zero_grad()
+            y, state = run(mixer, x[:, :17], mode)
+            y_next, _ = run(mixer, x[:, 17:18], mode, state)
+            (y.square().sum() + y_next.sum()).backward()
+            grads = {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}
+            pieces[name] = (y, y_next, state["kv"], grads)
+        (y, y_next, kv, grads), (y_f, y_next_f, kv_f, grads_f) = pieces["plain"], pieces["fused"]
+        assert rel_err(y_f, y) < 1e-13 and rel_err(y_next_f, y_next) < 1e-13 and rel_err(kv_f, kv) < 1e-13, mode
+        assert grads_f.keys() == grads.keys() and all(rel_err(grads_f[n], grads[n]) < 1e-12 for n in grads), mode
+
+
 def test_float32_long_sequence():
     """Closed-form normalisers keep float32 exact well beyond toy lengths (chunk 64, partial last chunk)."""
     mixer = make(torch.float32, chunk_size=64)

@@ -42,7 +42,13 @@ def test_keys_recorded_before_later_settings_are_unchanged(overrides):
 
 @pytest.mark.parametrize(
     "setting",
-    ["optim.schedule=linear", "tokens_per_step=4096", "float32_matmul_precision=high", "compile_mode=max-autotune"],
+    [
+        "optim.schedule=linear",
+        "tokens_per_step=4096",
+        "float32_matmul_precision=high",
+        "compile_mode=max-autotune",
+        "model.mixer.fused_projections=true",
+    ],
     ids=str,
 )
 def test_a_later_setting_away_from_its_neutral_value_is_a_different_run(setting):

@@ -85,6 +85,10 @@ class RetNetConfig(MixerConfig):
     # our kernels keep no block states for the backward pass and sweep k, v again for them: less training memory
     # (the paper's heads at 8k tokens: 33.5 MB a layer and sequence), one more state pass per layer
     recompute_states: bool = False
+    # q, k, v and the gate as one product of x with their weights side by side (the parameters stay four Linears, so
+    # checkpoints and the torchscale mapping are unchanged): one input-gradient product in the backward instead of
+    # four and their sum. The same function; only the rounding of half-precision products may differ
+    fused_projections: bool = False
     n_heads: int = 4  # the paper's 200M model: d_model 1024 / 4 heads = key head dim 256
     head_dim: int | None = None  # key dim per head; set, it wins over n_heads (n_heads = d_model / head_dim)
     value_factor: float = 2.0  # value head dim = value_factor * head_dim
@@ -360,14 +364,26 @@ class RetNet(TokenMixer):
             return "recurrent"
         return "chunkwise" if continued else mode
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k, v and the gate's input (None without a gate), as four products or as one (``fused_projections``;
+        not for a single token, where putting the weights side by side would copy them every decoding step)."""
+        projs = [p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj) if p is not None]
+        if not self.config.fused_projections or x.shape[1] == 1:
+            outs = [p(x) for p in projs]
+        else:
+            weight = torch.cat([p.weight for p in projs])
+            outs = F.linear(x, weight).split([p.out_features for p in projs], dim=-1)
+        return outs[0], outs[1], outs[2], outs[3] if len(outs) > 3 else None
+
     def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = True) -> tuple[torch.Tensor, Any]:
         c = self.config
         B, T, _ = x.shape
         H, dk, dv = self.n_heads, self.key_dim, self.value_dim
         offset = 0 if state is None else state["offset"]  # a 0-d tensor on x's device (an int in older states)
-        q = self.q_proj(x).view(B, T, H, dk).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, H, dk).transpose(1, 2) * dk**-0.5
-        v = self.v_proj(x).view(B, T, H, dv).transpose(1, 2)
+        q, k, v, g = self._project(x)
+        q = q.view(B, T, H, dk).transpose(1, 2)
+        k = k.view(B, T, H, dk).transpose(1, 2) * dk**-0.5
+        v = v.view(B, T, H, dv).transpose(1, 2)
         if c.xpos:
             # in q's dtype, not x's: under autocast the projections are already half precision
             name = ("xpos", self.config.xpos_base, dk)
@@ -412,8 +428,8 @@ class RetNet(TokenMixer):
         if self.group_norm is not None:
             o = self.group_norm(o)
         y = o.transpose(1, 2).reshape(B, T, H * dv)
-        if self.g_proj is not None:
-            y = F.silu(self.g_proj(x)) * y
+        if g is not None:
+            y = F.silu(g) * y
         y = self.out_proj(y)
         if not return_state:
             return y, None
