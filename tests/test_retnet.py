@@ -853,3 +853,19 @@ def test_recomputed_block_states_give_the_kept_states_gradients():
         results[recompute] = (y.float(), x.grad, mixer.q_proj.weight.grad)
     for got, want in zip(results[True], results[False]):
         assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_fused_projections_on_the_gpu_under_bf16_autocast():
+    """One product for q, k, v and the gate (``fused_projections``) on the kernels under bf16 autocast, against four:
+    the same function up to the products' bf16 rounding, in outputs and in every gradient."""
+    results = {}
+    for fused in (False, True):
+        mixer = make(torch.float32, head_dim=16, kernel="triton", chunk_size=64, fused_projections=fused).cuda()
+        x = inputs(torch.float32, length=1000).cuda().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = mixer(x, return_state=False)
+        y.float().pow(2).mean().backward()
+        results[fused] = (y.float(), x.grad, *(p.grad for p in (mixer.q_proj.weight, mixer.g_proj.weight)))
+    for got, want in zip(results[True], results[False]):
+        assert torch.isfinite(got).all() and rel_err(got, want) < 2e-2
