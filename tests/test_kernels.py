@@ -576,19 +576,25 @@ def test_triton_reads_transposed_layouts_in_place(interpreter_results):
     assert_within(interpreter_results, "strided/", 5)
 
 
+def planned(B: int, T: int, K: int, V: int, **tiles):
+    """The kernels' plan of a call with 8 heads and 64-token chunks, with ``tiles`` pinned (as ``--tiles`` does)."""
+    pytest.importorskip("triton")
+    from arch_zoo.kernels import retention_triton as rt
+
+    rt.TILE_OVERRIDES.update(tiles)
+    try:
+        return rt._Plan(B, T, 8, K, V, 64, None)
+    finally:
+        rt.TILE_OVERRIDES.clear()
+
+
 def test_one_block_per_sequence_where_every_launch_keeps_the_gpu_busy():
     """One block per sequence (no state passes) where the narrowest output-kernel launch has 256 programs or more
     (the paper's 256 x 512 at 65,536 tokens of T = 2048 or 8192); fewer, longer sequences keep their stored block
     states; the override turns it either way."""
-    pytest.importorskip("triton")
-    from arch_zoo.kernels import retention_triton as rt
 
     def blocks(B, T, K, V, **tiles):
-        rt.TILE_OVERRIDES.update(tiles)
-        try:
-            plan = rt._Plan(B, T, 8, K, V, 64, None)
-        finally:
-            rt.TILE_OVERRIDES.clear()
+        plan = planned(B, T, K, V, **tiles)
         assert plan.single_block == (plan.nb == 1)
         return plan.nb
 
@@ -607,15 +613,9 @@ def test_full_width_dkv_state_is_split_with_four_stages_when_one_block_per_seque
     from 1.040 to 0.787 ms on an H100 (B 32 x T 2048, 8 heads, bf16; linear attention's and any 128-wide head's
     training call). Where the plan keeps stored block states, at other widths, or where a tile is pinned, nothing
     changes."""
-    pytest.importorskip("triton")
-    from arch_zoo.kernels import retention_triton as rt
 
     def plan(B, T, K, V, **tiles):
-        rt.TILE_OVERRIDES.update(tiles)
-        try:
-            p = rt._Plan(B, T, 8, K, V, 64, None)
-        finally:
-            rt.TILE_OVERRIDES.clear()
+        p = planned(B, T, K, V, **tiles)
         return p.single_block, p.fused_dkv, p.stages
 
     assert plan(32, 2048, 128, 128) == (1, 0, 4)

@@ -840,18 +840,21 @@ def test_kernel_auto_takes_the_reference_where_the_kernels_tiles_do_not_fit():
     assert rel_err(on_gpu.cpu(), on_cpu) < 1e-4
 
 
+def bf16_kernel_run(**switches) -> tuple[torch.Tensor, ...]:
+    """A small RetNet on the kernels under bf16 autocast, forward and backward on the GPU: its output and the
+    gradients of the input, the query projection and the gate."""
+    mixer = make(torch.float32, head_dim=16, kernel="triton", chunk_size=64, **switches).cuda()
+    x = inputs(torch.float32, length=1000).cuda().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, _ = mixer(x, return_state=False)
+    y.float().pow(2).mean().backward()
+    return y.float(), x.grad, mixer.q_proj.weight.grad, mixer.g_proj.weight.grad
+
+
 @pytest.mark.gpu
 def test_recomputed_block_states_give_the_kept_states_gradients():
     """``recompute_states=true`` (less training memory) changes what the kernels keep, not what they compute."""
-    results = {}
-    for recompute in (False, True):
-        mixer = make(torch.float32, head_dim=16, kernel="triton", chunk_size=64, recompute_states=recompute).cuda()
-        x = inputs(torch.float32, length=1000).cuda().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, _ = mixer(x, return_state=False)
-        y.float().pow(2).mean().backward()
-        results[recompute] = (y.float(), x.grad, mixer.q_proj.weight.grad)
-    for got, want in zip(results[True], results[False]):
+    for got, want in zip(bf16_kernel_run(recompute_states=True), bf16_kernel_run(recompute_states=False)):
         assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
@@ -859,13 +862,5 @@ def test_recomputed_block_states_give_the_kept_states_gradients():
 def test_fused_projections_on_the_gpu_under_bf16_autocast():
     """One product for q, k, v and the gate (``fused_projections``) on the kernels under bf16 autocast, against four:
     the same function up to the products' bf16 rounding, in outputs and in every gradient."""
-    results = {}
-    for fused in (False, True):
-        mixer = make(torch.float32, head_dim=16, kernel="triton", chunk_size=64, fused_projections=fused).cuda()
-        x = inputs(torch.float32, length=1000).cuda().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, _ = mixer(x, return_state=False)
-        y.float().pow(2).mean().backward()
-        results[fused] = (y.float(), x.grad, *(p.grad for p in (mixer.q_proj.weight, mixer.g_proj.weight)))
-    for got, want in zip(results[True], results[False]):
+    for got, want in zip(bf16_kernel_run(fused_projections=True), bf16_kernel_run(fused_projections=False)):
         assert torch.isfinite(got).all() and rel_err(got, want) < 2e-2
