@@ -7,11 +7,12 @@ Each row times one method at one shape (bf16, ``--tokens`` tokens per batch, 8 h
 ``triton.testing.do_bench`` (median over repeats, inputs rotated so the L2 cache does not flatter small shapes).
 The floor of a row is ``max(flops / matmul rate, bytes / copy bandwidth)`` with both ceilings measured on the
 same GPU at the start, the flops those of the chunkwise algorithm (64-token chunks) and the bytes each input read
-once and each output written once; "floor %" is floor / time. The table is printed, written as Markdown and CSV
-under ``--out`` (rewritten as each row finishes, so a run cut short keeps what it measured), and logged to MLflow
-(params, one metric per row, the table as an artifact). ``--cell-timeout`` bounds each cell (first call, compile and
-autotuning included): fla's first backward compiles for minutes, and a method that runs out of time is skipped at
-the larger shapes after it.
+once and each output written once; "floor %" is floor / time. Each row of ours notes the plan it ran (blocks per
+sequence, dk/dv fused or split, pipelining stages, value tiles), so that a table tells its plans apart. The table
+is printed, written as Markdown and CSV under ``--out`` (rewritten as each row finishes, so a run cut short keeps
+what it measured), and logged to MLflow (params, one metric per row, the table as an artifact). ``--cell-timeout``
+bounds each cell (first call, compile and autotuning included): fla's first backward compiles for minutes, and a
+method that runs out of time is skipped at the larger shapes after it.
 """
 
 from __future__ import annotations
@@ -188,6 +189,21 @@ def _ours_with(tiles: dict[str, int], lg: torch.Tensor, scale: float) -> Callabl
     return ours
 
 
+def plan_note(B: int, T: int, H: int, K: int, V: int, method: str) -> str:
+    """What plan our kernels run a cell with (the default's, or a ``--tiles`` variant's, named in ``method``)."""
+    from arch_zoo.kernels import retention_triton as rt
+
+    text = method.partition("[")[2].rstrip("]")
+    saved = dict(rt.TILE_OVERRIDES)
+    rt.TILE_OVERRIDES.clear()
+    rt.TILE_OVERRIDES.update(parse_tiles(text) if text else {})
+    try:
+        return rt._Plan(B, T, H, K, max(V, rt.NARROWEST_VALUES), CHUNK, None).summary()
+    finally:
+        rt.TILE_OVERRIDES.clear()
+        rt.TILE_OVERRIDES.update(saved)
+
+
 def retention_methods(H: int, T: int, K: int, variants: list[str] = ()) -> dict[str, Callable]:
     """name -> f(q, k, v) -> o for every method in the table; each is built lazily so a missing package is a note.
     ``variants``: tile choices of ours (``--tiles``), each a row of its own."""
@@ -288,6 +304,9 @@ def bench_retention(
                 finally:
                     sets = None
                 attn = name.startswith("SDPA")
+                note = "attention flops" if attn else ("gamma fixed by H" if "fla" in name else "")
+                if name.startswith("ours"):
+                    note = plan_note(B, T, H, K, V, name)
                 flops = (attention_flops if attn else retention_flops)(B, T, H, K, V, backward)
                 nbytes = retention_bytes(B, T, H, K, V, backward)
                 floor = max(flops / (peak_tflops * 1e9), nbytes / (peak_gbs * 1e6))
@@ -303,7 +322,7 @@ def bench_retention(
                     tflops=flops / ms / 1e9,
                     gbs=nbytes / ms / 1e6,
                     floor_pct=100 * floor / ms,
-                    note="attention flops" if attn else ("gamma fixed by H" if "fla" in name else ""),
+                    note=note,
                 )
                 add(row)
                 log(f"  {bench:8s} {name:24s} T={T:6d} K={K} V={V}: {ms:8.3f} ms  floor {row.floor_pct:5.1f}%")

@@ -611,6 +611,22 @@ class _Plan:
         # o and dv: value blocks of bv_fwd columns; dq and dk (each 256-wide key piece a launch): bv_bwd over K
         return B * H * min(triton.cdiv(V, self.bv_fwd), triton.cdiv(K, self.bv_bwd))
 
+    def summary(self) -> str:
+        """The choices that move a call's time, in words (the benchmark's note on each of its rows)."""
+        chunks = f"{self.nc} chunk" + "s" * (self.nc > 1)
+        blocks = "one block per sequence" if self.nb == 1 else f"{self.nb} blocks of {chunks}"
+        parts = [
+            blocks,
+            f"dk/dv {'fused' if self.fused_dkv else 'split'}",
+            f"{self.stages} stage{'s' if self.stages != 1 else ''}",
+            f"value tiles {self.bv_fwd}/{self.bv_bwd}",
+        ]
+        if self.shared_scores:
+            parts.append("shared scores")
+        if self.recompute:
+            parts.append("states recomputed")
+        return ", ".join(parts)
+
     FIELDS = (
         "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
         "fused_dkv", "warps_dkv", "shared_scores", "state_split", "single_block", "nc", "nb", "recompute", "key_piece",

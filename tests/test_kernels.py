@@ -727,13 +727,23 @@ def test_benchmark_writes_each_cell_and_skips_a_method_past_its_time_limit(tmp_p
     assert "CellTimeout" in notes["stuck", "fwd", 64] and "CellTimeout" in notes["stuck", "fwd+bwd", 64]
     assert notes["stuck", "fwd", 128] == "skipped: timed out at T=64 K=16 V=16"
     assert all(r.ms == 1.0 for r in rows if r.method == "ours"), [(r.bench, r.T, r.note) for r in rows]
+    assert notes["ours", "fwd+bwd", 128] == "2 blocks of 1 chunk, dk/dv fused, 2 stages, value tiles 16/16"
     assert [n for *_, n in seen] == list(range(1, len(rows) + 1))  # the CSV grew by one row per cell
     assert "skipped: timed out" in (tmp_path / "retention_benchmark.md").read_text()
 
 
 def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
     pytest.importorskip("triton")
-    from arch_zoo.kernels.benchmark import main, parse_tiles
+    from arch_zoo.kernels.benchmark import main, parse_tiles, plan_note
+
+    # each row of ours says which plan ran: the default's or its variant's (a table then tells the plans apart)
+    assert plan_note(32, 2048, 8, 128, 128, "ours (triton)") == (
+        "one block per sequence, dk/dv split, 4 stages, value tiles 64/64"
+    )
+    assert plan_note(32, 2048, 8, 128, 128, "ours [fused_dkv=1,single_block=0]") == (
+        "4 blocks of 8 chunks, dk/dv fused, 2 stages, value tiles 64/64"
+    )
+    assert plan_note(32, 2048, 4, 256, 1, "ours (triton)").startswith("32 blocks of 1 chunk,")
 
     assert parse_tiles("stages=2,shared_scores=0") == {"stages": 2, "shared_scores": 0}
     with pytest.raises(SystemExit) as exit_:
