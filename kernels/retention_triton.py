@@ -573,16 +573,6 @@ class _Plan:
             per_block = B * H * triton.cdiv(V, self.bv_fwd)
             if self.single_block < 0:
                 self.single_block = int(self.narrowest_grid(B, H, K, V) >= SINGLE_BLOCK_PROGRAMS)
-            if self.single_block and kp * vp == 16384:
-                # the fused dk/dv kernel at its register limit (K = V = 128) sweeping whole sequences: one program
-                # per sequence and head is too few. Split dk and dv (twice the programs, each still one block per
-                # sequence) with four load stages, which fit only without the fused kernel. On an H100 (bf16, fwd +
-                # bwd, session 16): B 32 x T 2048, 8 heads: 1.040 -> 0.787 ms (split alone 0.917, four stages
-                # alone out of shared memory); the stored-state plans (B 8 at T 2048 or 8192) and 64 x 64 did not gain
-                if "fused_dkv" not in TILE_OVERRIDES:
-                    self.fused_dkv = 0
-                if "stages" not in TILE_OVERRIDES and not self.fused_dkv:
-                    self.stages = 4
             if self.bv_fwd < 64 or self.bv_bwd < min(64, kp):
                 # one chunk per block on value tiles narrower than 64: on an H100 (bf16, K = 256, T = 2048), blocks
                 # of several chunks on 16-wide tiles gave outputs 50-70% off (a narrow call: RetNet's score
@@ -593,6 +583,16 @@ class _Plan:
                 self.nc = 1
             elif self.single_block:
                 self.nc = triton.cdiv(T, chunk)
+                if kp * vp == 16384:
+                    # the fused dk/dv kernel at its register limit (K = V = 128) sweeping whole sequences: one
+                    # program per sequence and head is too few. Split dk and dv (twice the programs, each still one
+                    # block per sequence) with four load stages, which fit only without the fused kernel. On an H100
+                    # (bf16, fwd + bwd, session 16): B 32 x T 2048, 8 heads: 1.040 -> 0.787 ms (split alone 0.917,
+                    # four stages alone out of shared memory); stored-state plans and 64 x 64 did not gain
+                    if "fused_dkv" not in TILE_OVERRIDES:
+                        self.fused_dkv = 0
+                    if "stages" not in TILE_OVERRIDES and not self.fused_dkv:
+                        self.stages = 4
             else:  # as many sub-chunks per stored state as keep >= ~4 waves of programs on a 132-SM GPU, at most 8
                 self.nc = 8
                 while self.nc > 1 and triton.cdiv(T, chunk * self.nc) * per_block < 4 * 132:

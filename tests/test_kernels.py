@@ -626,6 +626,7 @@ def test_full_width_dkv_state_is_split_with_four_stages_when_one_block_per_seque
     assert plan(32, 2048, 128, 128, fused_dkv=1) == (1, 1, 2)  # four stages do not fit beside the fused kernel
     assert plan(32, 2048, 128, 128, stages=3) == (1, 0, 3)
     assert plan(32, 2048, 128, 128, single_block=0) == (0, 1, 2)
+    assert plan(32, 2048, 128, 128, bv_fwd=32) == (0, 1, 2)  # narrow tiles run a chunk per block (session 12)
 
 
 def test_narrow_value_tiles_run_one_chunk_per_block():
