@@ -526,7 +526,9 @@ TILE_OVERRIDES: dict[str, int] = {}
 class _Plan:
     """Tile sizes for one call, chosen from the head dims: a state tile must fit in registers."""
 
-    def __init__(self, B: int, T: int, H: int, K: int, V: int, chunk: int, sub_chunks: int | None) -> None:
+    def __init__(
+        self, B: int, T: int, H: int, K: int, V: int, chunk: int, sub_chunks: int | None, half: bool = True
+    ) -> None:
         self.chunk = chunk
         kp, vp = _pow2(K), _pow2(V)
         # o and dv hold a [pow2(K), bv_fwd] float32 state, dq and dk a [256-wide key piece, bv_bwd] one. Measured
@@ -583,12 +585,13 @@ class _Plan:
                 self.nc = 1
             elif self.single_block:
                 self.nc = triton.cdiv(T, chunk)
-                if kp * vp == 16384:
+                if kp * vp == 16384 and half:
                     # the fused dk/dv kernel at its register limit (K = V = 128) sweeping whole sequences: one
                     # program per sequence and head is too few. Split dk and dv (twice the programs, each still one
                     # block per sequence) with four load stages, which fit only without the fused kernel. On an H100
                     # (bf16, fwd + bwd, session 16): B 32 x T 2048, 8 heads: 1.040 -> 0.787 ms (split alone 0.917,
-                    # four stages alone out of shared memory); stored-state plans and 64 x 64 did not gain
+                    # four stages alone out of shared memory); stored-state plans and 64 x 64 did not gain. Half
+                    # precision only: float32 tiles take twice the shared memory a stage, and were not measured
                     if "fused_dkv" not in TILE_OVERRIDES:
                         self.fused_dkv = 0
                     if "stages" not in TILE_OVERRIDES and not self.fused_dkv:
@@ -1166,7 +1169,7 @@ def retention_triton(
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     q = _usable(q)
     s0 = initial_state.contiguous() if initial_state is not None else None
-    plan = _Plan(B, T, H, K, V, chunk_size, sub_chunks)
+    plan = _Plan(B, T, H, K, V, chunk_size, sub_chunks, half=q.dtype != torch.float32)
     plan.recompute = int(recompute_states or plan.recompute)
     tiles = plan.as_list()
     o, final, _, _ = _retention_op(q, _like(_usable(k), q), _usable(v), lg, scale, s0, output_final_state, tiles)

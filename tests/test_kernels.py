@@ -576,14 +576,14 @@ def test_triton_reads_transposed_layouts_in_place(interpreter_results):
     assert_within(interpreter_results, "strided/", 5)
 
 
-def planned(B: int, T: int, K: int, V: int, **tiles):
+def planned(B: int, T: int, K: int, V: int, half: bool = True, **tiles):
     """The kernels' plan of a call with 8 heads and 64-token chunks, with ``tiles`` pinned (as ``--tiles`` does)."""
     pytest.importorskip("triton")
     from arch_zoo.kernels import retention_triton as rt
 
     rt.TILE_OVERRIDES.update(tiles)
     try:
-        return rt._Plan(B, T, 8, K, V, 64, None)
+        return rt._Plan(B, T, 8, K, V, 64, None, half=half)
     finally:
         rt.TILE_OVERRIDES.clear()
 
@@ -611,11 +611,11 @@ def test_full_width_dkv_state_is_split_with_four_stages_when_one_block_per_seque
     """At K = V = 128 the fused dk/dv kernel holds its whole [K, V] state in registers and, one block per sequence, has
     one program per sequence and head: split into dk and dv with four load stages it took the core's forward + backward
     from 1.040 to 0.787 ms on an H100 (B 32 x T 2048, 8 heads, bf16; linear attention's and any 128-wide head's
-    training call). Where the plan keeps stored block states, at other widths, or where a tile is pinned, nothing
-    changes."""
+    training call). Where the plan keeps stored block states, at other widths, in float32, or where a tile is pinned,
+    nothing changes."""
 
-    def plan(B, T, K, V, **tiles):
-        p = planned(B, T, K, V, **tiles)
+    def plan(B, T, K, V, half=True, **tiles):
+        p = planned(B, T, K, V, half, **tiles)
         return p.single_block, p.fused_dkv, p.stages
 
     assert plan(32, 2048, 128, 128) == (1, 0, 4)
@@ -627,6 +627,7 @@ def test_full_width_dkv_state_is_split_with_four_stages_when_one_block_per_seque
     assert plan(32, 2048, 128, 128, stages=3) == (1, 0, 3)
     assert plan(32, 2048, 128, 128, single_block=0) == (0, 1, 2)
     assert plan(32, 2048, 128, 128, bv_fwd=32) == (0, 1, 2)  # narrow tiles run a chunk per block (session 12)
+    assert plan(32, 2048, 128, 128, half=False) == (1, 1, 2)  # float32 tiles: twice the shared memory, not measured
 
 
 def test_narrow_value_tiles_run_one_chunk_per_block():
