@@ -177,14 +177,8 @@ def _ours_with(tiles: dict[str, int], lg: torch.Tensor, scale: float) -> Callabl
     def ours(q, k, v):
         from arch_zoo.kernels import retention_triton as rt
 
-        saved = dict(rt.TILE_OVERRIDES)
-        rt.TILE_OVERRIDES.clear()
-        rt.TILE_OVERRIDES.update(tiles)
-        try:  # the backward pass keeps the tiles its forward call chose
+        with rt.pinned_tiles(tiles):  # the backward pass keeps the tiles its forward call chose
             return rt.retention_triton(q, k, v, lg, scale)[0]
-        finally:
-            rt.TILE_OVERRIDES.clear()
-            rt.TILE_OVERRIDES.update(saved)
 
     return ours
 
@@ -194,14 +188,8 @@ def plan_note(B: int, T: int, H: int, K: int, V: int, method: str) -> str:
     from arch_zoo.kernels import retention_triton as rt
 
     text = method.partition("[")[2].rstrip("]")
-    saved = dict(rt.TILE_OVERRIDES)
-    rt.TILE_OVERRIDES.clear()
-    rt.TILE_OVERRIDES.update(parse_tiles(text) if text else {})
-    try:
+    with rt.pinned_tiles(parse_tiles(text) if text else {}):
         return rt._Plan(B, T, H, K, max(V, rt.NARROWEST_VALUES), CHUNK, None).summary()
-    finally:
-        rt.TILE_OVERRIDES.clear()
-        rt.TILE_OVERRIDES.update(saved)
 
 
 def retention_methods(H: int, T: int, K: int, variants: list[str] = ()) -> dict[str, Callable]:

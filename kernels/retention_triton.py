@@ -36,6 +36,9 @@ core's output. Measured results: docs/results/kernels.md.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -521,6 +524,19 @@ MAX_GRID_Z = 65535  # CUDA's limit on a grid's last axis (a split state pass put
 
 # Tile choices can be pinned here (keys of _Plan's attributes) to time alternatives; empty in normal use.
 TILE_OVERRIDES: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def pinned_tiles(tiles: dict[str, int]) -> Iterator[None]:
+    """``TILE_OVERRIDES`` set to ``tiles`` for the calls (and plans) made inside, and restored after."""
+    saved = dict(TILE_OVERRIDES)
+    TILE_OVERRIDES.clear()
+    TILE_OVERRIDES.update(tiles)
+    try:
+        yield
+    finally:
+        TILE_OVERRIDES.clear()
+        TILE_OVERRIDES.update(saved)
 
 
 class _Plan:

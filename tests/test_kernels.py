@@ -581,11 +581,8 @@ def planned(B: int, T: int, K: int, V: int, half: bool = True, **tiles):
     pytest.importorskip("triton")
     from arch_zoo.kernels import retention_triton as rt
 
-    rt.TILE_OVERRIDES.update(tiles)
-    try:
+    with rt.pinned_tiles(tiles):
         return rt._Plan(B, T, 8, K, V, 64, None, half=half)
-    finally:
-        rt.TILE_OVERRIDES.clear()
 
 
 def test_one_block_per_sequence_where_every_launch_keeps_the_gpu_busy():
