@@ -600,7 +600,7 @@ class _Plan:
                 # tiles are 64 wide, or the whole key dim where it is narrower
                 self.nc = 1
             elif self.single_block:
-                self.nc = triton.cdiv(T, chunk)
+                self.nc = triton.cdiv(T, self.chunk)
                 if kp * vp == 16384 and half:
                     # the fused dk/dv kernel at its register limit (K = V = 128) sweeping whole sequences: one
                     # program per sequence and head is too few. Split dk and dv (twice the programs, each still one
@@ -614,9 +614,9 @@ class _Plan:
                         self.stages = 4
             else:  # as many sub-chunks per stored state as keep >= ~4 waves of programs on a 132-SM GPU, at most 8
                 self.nc = 8
-                while self.nc > 1 and triton.cdiv(T, chunk * self.nc) * per_block < 4 * 132:
+                while self.nc > 1 and triton.cdiv(T, self.chunk * self.nc) * per_block < 4 * 132:
                     self.nc //= 2
-        self.nb = triton.cdiv(T, chunk * self.nc)
+        self.nb = triton.cdiv(T, self.chunk * self.nc)
         self.single_block = int(self.nb == 1)  # what the call does, whichever way nc was set
         if self.state_split < 0:
             self.state_split = int(4 * programs < 264 and self.nb > 1 and B * H * self.nb <= MAX_GRID_Z)

@@ -212,6 +212,7 @@ INTERPRETER_CASES = [
     (2, 48, 2, 16, 272, 16, None, "single"),
     (2, 77, 2, 16, 32, 16, None, "single"),
     (1, 40, 2, 16, 1, 16, 2, ""),
+    (2, 70, 2, 16, 272, 16, None, "chunk32"),
 ]
 TILES = {
     "": {},  # few sequences: the state passes run split into blocks (state_split) where there are several
@@ -219,6 +220,7 @@ TILES = {
     "shared": {"shared_scores": 1, "fused_dkv": 0},
     "recomputed": {"shared_scores": 0, "fused_dkv": 0},
     "single": {"single_block": 1},
+    "chunk32": {"chunk": 32, "single_block": 1},  # a pinned chunk, twice the call's: blocks made of it
 }
 
 
@@ -625,6 +627,16 @@ def test_full_width_dkv_state_is_split_with_four_stages_when_one_block_per_seque
     assert plan(32, 2048, 128, 128, single_block=0) == (0, 1, 2)
     assert plan(32, 2048, 128, 128, bv_fwd=32) == (0, 1, 2)  # narrow tiles run a chunk per block (session 12)
     assert plan(32, 2048, 128, 128, half=False) == (1, 1, 2)  # float32 tiles: twice the shared memory, not measured
+
+
+def test_a_pinned_chunk_sets_the_blocks_it_runs():
+    """A chunk pinned as a tile (``--tiles chunk=128``) is what the block count is made of: one block per sequence is
+    T / 128 chunks, not T / 64 of which half ran past the sequence's end, masked but timed."""
+    for T in (2048, 2047):
+        single = planned(32, T, 256, 512, chunk=128)
+        assert (single.chunk, single.nc, single.nb) == (128, 16, 1)
+    stored = planned(1, 8192, 256, 512, chunk=128)  # few sequences: stored block states of up to 8 chunks
+    assert stored.nb * stored.nc * stored.chunk >= 8192 > (stored.nb - 1) * stored.nc * stored.chunk
 
 
 def test_narrow_value_tiles_run_one_chunk_per_block():
