@@ -245,13 +245,12 @@ def interpreter_checks() -> dict[str, float]:
     for case in INTERPRETER_CASES:
         for with_state in (False, True):
             B, T, H, K, V, chunk, nc, tiles = case
-            rt.TILE_OVERRIDES.clear()
-            rt.TILE_OVERRIDES.update(TILES[tiles])
             q, k, v, s0 = inputs(B, T, H, K, V, dtype=torch.float32, seed=T + K + V)
             lg, scale = decays(H).float(), K**-0.5
             leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([s0.clone().requires_grad_()] * with_state)
             s0_arg = leaves[3] if with_state else None
-            o, s = retention_triton(*leaves[:3], lg, scale, s0_arg, True, chunk_size=chunk, sub_chunks=nc)
+            with rt.pinned_tiles(TILES[tiles]):  # the backward pass runs on the tiles its forward call chose
+                o, s = retention_triton(*leaves[:3], lg, scale, s0_arg, True, chunk_size=chunk, sub_chunks=nc)
             ref = [x.detach().double().requires_grad_() for x in leaves]
             ref_s0 = ref[3] if with_state else None
             o_ref, s_ref = retention_parallel_reference(*ref[:3], lg.double(), scale, ref_s0, True)
@@ -264,7 +263,6 @@ def interpreter_checks() -> dict[str, float]:
             results[f"{prefix}/final"] = rel(s, s_ref)
             for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
                 results[f"{prefix}/{name}"] = rel(a.grad, b.grad)
-    rt.TILE_OVERRIDES.clear()
 
     # only the output used: the reversed sweep starts from zero and no final state is made
     q, k, v, _ = inputs(1, 50, 2, 16, 16, dtype=torch.float32, seed=3)
@@ -305,17 +303,16 @@ def interpreter_checks() -> dict[str, float]:
 
     q, k, v, s0 = inputs(1, 40, 2, 16, 24, dtype=torch.float32, seed=9)
     for nc, shared in ((2, 0), (None, 1)):
-        rt.TILE_OVERRIDES["shared_scores"] = shared
         leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-        opcheck(
-            rt._retention_op, (*leaves[:3], lg, 0.25, leaves[3], True, rt._Plan(1, 40, 2, 16, 24, 16, nc).as_list())
-        )
 
         def core(q, k, v, s0, nc=nc):
             return retention_triton(q, k, v, lg, 0.25, s0, True, chunk_size=16, sub_chunks=nc)
 
-        o, s = torch.compile(core, fullgraph=True, backend="aot_eager")(*leaves)
-        (o.square().sum() + s.sum()).backward()
+        with rt.pinned_tiles({"shared_scores": shared}):
+            tiles = rt._Plan(1, 40, 2, 16, 24, 16, nc).as_list()
+            opcheck(rt._retention_op, (*leaves[:3], lg, 0.25, leaves[3], True, tiles))
+            o, s = torch.compile(core, fullgraph=True, backend="aot_eager")(*leaves)
+            (o.square().sum() + s.sum()).backward()
         ref = [x.double().requires_grad_() for x in (q, k, v, s0)]
         o_ref, s_ref = retention_parallel_reference(*ref[:3], lg.double(), 0.25, ref[3], True)
         (o_ref.square().sum() + s_ref.sum()).backward()
@@ -323,7 +320,6 @@ def interpreter_checks() -> dict[str, float]:
         results[f"compiled/nc{nc}/final"] = rel(s, s_ref)
         for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
             results[f"compiled/nc{nc}/{name}"] = rel(a.grad, b.grad)
-    rt.TILE_OVERRIDES.clear()
 
     # symbolic shapes (a compiler's automatic dynamic lengths): two lengths through one compiled function
     def core_t(q, k, v):
@@ -378,11 +374,10 @@ def interpreter_checks() -> dict[str, float]:
         results[f"linear_attention/{name}"] = rel(a, b)
 
     # the backward pass runs on the forward's tiles, whatever the overrides are by then
-    rt.TILE_OVERRIDES.update({"shared_scores": 1, "fused_dkv": 0, "nc": 2})  # by default: 1 block state each chunk
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    o, _ = retention_triton(*leaves, lg, 0.25, chunk_size=16)
-    rt.TILE_OVERRIDES.clear()
-    o.square().sum().backward()
+    with rt.pinned_tiles({"shared_scores": 1, "fused_dkv": 0, "nc": 2}):  # by default: 1 block state each chunk
+        o, _ = retention_triton(*leaves, lg, 0.25, chunk_size=16)
+    o.square().sum().backward()  # the overrides are gone by now
     ref = [x.double().requires_grad_() for x in (q, k, v)]
     retention_parallel_reference(*ref, lg.double(), 0.25)[0].square().sum().backward()
     for name, a, b in zip(["dq", "dk", "dv"], leaves, ref):
@@ -652,11 +647,8 @@ def test_narrow_value_tiles_run_one_chunk_per_block():
         assert (plan.bv_fwd, plan.nc, plan.nb, plan.single_block) == (V, 1, 32, 0), (B, K, V)
     assert rt._Plan(8, 2048, 4, 256, 512, 64, None).nc > 1  # 64-wide tiles: blocks of several chunks
     # the backward's dq / dk tiles pinned narrower than the key dim (illegal memory accesses on an H100, session 13)
-    rt.TILE_OVERRIDES.update(bv_bwd=32, key_piece=512)
-    try:
+    with rt.pinned_tiles({"bv_bwd": 32, "key_piece": 512}):
         assert rt._Plan(32, 2048, 4, 256, 512, 64, None).nc == 1
-    finally:
-        rt.TILE_OVERRIDES.clear()
     assert rt._Plan(16, 2048, 4, 32, 64, 64, None).nc > 1  # whole-width 32-wide backward tiles keep longer blocks
 
 
@@ -811,11 +803,8 @@ def test_triton_gpu_against_float64(dtype, shape, tiles, with_state):
     lg = decays(H).cuda()
     scale = K**-0.5
     leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)][: 3 + with_state]
-    rt.TILE_OVERRIDES.update(TILES[tiles])
-    try:
+    with rt.pinned_tiles(TILES[tiles]):
         o, s = rt.retention_triton(*leaves[:3], lg.float(), scale, leaves[3] if with_state else None, with_state)
-    finally:
-        rt.TILE_OVERRIDES.clear()
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     s0_ref = ref_leaves[3] if with_state else None
     o_ref, s_ref = retention_chunkwise_reference(*ref_leaves[:3], lg, scale, s0_ref, True, chunk_size=256)
