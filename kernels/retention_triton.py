@@ -640,6 +640,8 @@ class _Plan:
             f"{self.stages} stage{'s' if self.stages != 1 else ''}",
             f"value tiles {self.bv_fwd}/{self.bv_bwd}",
         ]
+        if self.chunk != CHUNK:
+            parts.append(f"{self.chunk}-token chunks")
         if self.shared_scores:
             parts.append("shared scores")
         if self.recompute:

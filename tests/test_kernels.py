@@ -747,6 +747,9 @@ def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
         "4 blocks of 8 chunks, dk/dv fused, 2 stages, value tiles 64/64"
     )
     assert plan_note(32, 2048, 4, 256, 1, "ours (triton)").startswith("32 blocks of 1 chunk,")
+    assert plan_note(32, 2048, 8, 256, 512, "ours [chunk=128]") == (  # a chunk other than 64 tokens is named
+        "one block per sequence, dk/dv split, 1 stage, value tiles 64/64, 128-token chunks, shared scores"
+    )
 
     assert parse_tiles("stages=2,shared_scores=0") == {"stages": 2, "shared_scores": 0}
     with pytest.raises(SystemExit) as exit_:
