@@ -120,6 +120,77 @@ def test_fft_conv_gradcheck():
     assert torch.autograd.gradcheck(fft_causal_conv, (u, k, skip))
 
 
+@pytest.mark.parametrize("kernel_len", [9, 3, 12])  # full length, a short filter, taps past the input (dropped)
+def test_fft_conv_gradients_with_a_broadcast_filter_and_a_strided_input(kernel_len):
+    """The hand-written backward (two correlations) against gradcheck, where the filter broadcasts over batch and a
+    channel dim (H3's SSM: ``u [B, H, d*d, T]``, ``k [H, 1, T]``) and ``u`` is a time-strided view, as the mixers
+    pass it."""
+    torch.manual_seed(0)
+    u = torch.randn(2, 9, 3, 2, dtype=torch.float64).permute(0, 2, 3, 1).requires_grad_()  # [B, H, C, T], T strided
+    k = torch.randn(3, 1, kernel_len, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fft_causal_conv, (u, k))
+
+
+def test_the_fft_convolution_backward_runs_real_transforms_on_contiguous_rows():
+    """Autograd's gradient of ``rfft`` ran a complex-to-complex transform over a zero-filled full spectrum (on an H100,
+    H3's copies and transforms were a third of its step). The hand-written backward runs real transforms only, each
+    on contiguous rows, even where the mixer hands over a time-strided view."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Transforms(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, bool]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = "aten::_fft_r2c" if func.name() == "arch_zoo::rfft_rows" else func.name()  # the op around r2c
+            if name.startswith("aten::_fft"):
+                self.calls.append((name, args[0].is_contiguous()))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    u = torch.randn(2, 37, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()  # [B, C, T], T strided
+    k = torch.randn(3, 37, dtype=torch.float64, requires_grad=True)
+    y = fft_causal_conv(u, k, torch.randn(3, dtype=torch.float64))
+    with Transforms() as backward:
+        y.backward(torch.randn_like(y))
+    names = [name for name, _ in backward.calls]
+    assert "aten::_fft_c2c" not in names, names
+    assert names.count("aten::_fft_r2c") == 3 and names.count("aten::_fft_c2r") == 2, names  # dy, u, k; du, dk
+    assert all(contiguous for _, contiguous in backward.calls), backward.calls
+    op = torch.ops.arch_zoo.rfft_rows.default
+    assert torch.Tag.needs_contiguous_strides in op.tags  # a compiled graph hands the transform contiguous rows
+    torch.library.opcheck(op, (torch.randn(2, 3, 40), 64))
+
+
+def test_the_fft_convolution_compiles_to_the_eager_values_and_gradients():
+    torch.manual_seed(0)
+    u = torch.randn(2, 33, 4).transpose(1, 2).requires_grad_()
+    k = torch.randn(4, 33, requires_grad=True)
+    skip = torch.randn(4)
+    dy = torch.randn(2, 4, 33)
+    grads = []
+    for fn in (fft_causal_conv, torch.compile(fft_causal_conv, fullgraph=True)):
+        y = fn(u, k, skip)
+        grads.append((y, *torch.autograd.grad(y, (u, k), dy)))
+    for compiled, eager in zip(grads[1], grads[0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fft_conv_gradients_of_half_inputs_come_back_in_their_dtype():
+    """bf16 inputs are transformed in float32 and their gradients returned in bf16, at bf16's precision."""
+    torch.manual_seed(0)
+    u64 = torch.randn(2, 4, 50, dtype=torch.float64, requires_grad=True)
+    k64 = torch.randn(4, 50, dtype=torch.float64, requires_grad=True)
+    u, k = (x.detach().bfloat16().requires_grad_() for x in (u64, k64))
+    dy = torch.randn(2, 4, 50, dtype=torch.float64)
+    fft_causal_conv(u, k).backward(dy.bfloat16())
+    naive_causal_conv(u64, k64).backward(dy)
+    assert u.grad.dtype == k.grad.dtype == torch.bfloat16
+    assert rel_err(u.grad.double(), u64.grad) < 2e-2
+    assert rel_err(k.grad.double(), k64.grad) < 2e-2
+
+
 # ---- the diagonal SSM -----------------------------------------------------------------------------------------------
 
 
