@@ -265,3 +265,24 @@ def test_fft_conv_is_what_the_mixer_uses_for_training():
     expected = naive_causal_conv(v, h) + mixer.filter_bias[:, None] * v
     with torch.no_grad():
         assert rel_err(fft_causal_conv(v, h, mixer.filter_bias), expected) < 1e-12
+
+
+def test_the_short_conv_compiles_to_the_eager_values_and_gradients():
+    """Compiled, the short convolution runs as shifted products (one fused kernel) instead of PyTorch's depthwise
+    kernels: the same values and gradients, from a fresh start and from a history."""
+    torch.manual_seed(0)
+    conv = ShortCausalConv(6, 3)
+    x = torch.randn(2, 17, 6).transpose(1, 2).requires_grad_()  # the mixer's [B, C, T] view of [B, T, C]
+    history = torch.randn(2, 6, 2)
+    dy = torch.randn(2, 6, 17)
+    results = []
+    for fn in (conv, torch.compile(conv, fullgraph=True)):
+        for h in (None, history):
+            y, new_history = fn(x, h)
+            results.append((y, new_history, *torch.autograd.grad(y, (x, conv.weight, conv.bias), dy)))
+    for compiled, eager in zip(results[2:], results[:2]):
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", torch.bfloat16):  # float32 inputs come out in autocast's dtype, as from F.conv1d
+        dtypes = [fn(x)[0].dtype for fn in (conv, torch.compile(conv, fullgraph=True))]
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
