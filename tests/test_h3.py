@@ -164,6 +164,8 @@ def test_the_fft_convolution_backward_runs_real_transforms_on_contiguous_rows():
 
 
 def test_the_fft_convolution_compiles_to_the_eager_values_and_gradients():
+    """Traced whole (the Function and the transform operator's shape function), it gives eager's values and
+    gradients."""
     torch.manual_seed(0)
     u = torch.randn(2, 33, 4).transpose(1, 2).requires_grad_()
     k = torch.randn(4, 33, requires_grad=True)
