@@ -46,6 +46,11 @@ Config (defaults: RWKV-4):
         recurrently.
     chunk_size: tokens per chunk of the chunkwise form (32): larger chunks mean fewer sequential steps but
         ``O(T L C)`` multiply-adds; 16-64 is fastest on a CPU.
+    kernel: ``auto`` (default), ``torch`` or ``triton``: where a whole sequence's WKV runs outside ``recurrent``
+        mode. ``triton`` is the fused kernel (``arch_zoo.kernels.wkv_triton``: the recurrence in registers, one
+        launch forward and one backward, float32 inside); ``torch`` the chunkwise form above. ``auto`` takes the
+        kernel on CUDA, except for a call that must carry a gradient through a state (a given state, or the final
+        one returned while gradients are on), which the kernel does not; ``triton`` refuses those calls.
     init_n_layers: the depth over which the layer-dependent initialisation is spread (RWKV's ``n_layer``). Unset,
         a model fills in its own depth; a layer built on its own uses 16, the depth of the RetNet paper's
         comparison models. Layers past it start like the last one.
@@ -73,10 +78,12 @@ from torch import nn
 
 from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
 from arch_zoo.flops import linear_flops
+from arch_zoo.kernels import dispatch
 from arch_zoo.layers import FFNConfig, at_least_float32, register_ffn
 from arch_zoo.registry import register_mixer
 
 MODES = ("chunkwise", "recurrent")
+WKV_BACKENDS = ("auto", "torch", "triton")
 INIT_N_LAYERS = 16
 
 WKVState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (a, b, p), each [B, C]
@@ -271,6 +278,7 @@ class RWKVConfig(MixerConfig):
 
     mode: str = "chunkwise"  # chunkwise | recurrent
     chunk_size: int = 32
+    kernel: str = "auto"  # auto | torch | triton: the fused WKV kernel for whole sequences (auto: on CUDA)
     init_n_layers: int | None = None  # depth that RWKV-4's layer-dependent init is spread over (None: the model's)
     zero_init: bool = True  # W_k, W_r, W_o start at zero (RWKV-4)
     decay_lr_scale: float = 2.0  # RWKV-LM v4: time_decay trains at 2x the learning rate
@@ -286,6 +294,8 @@ class RWKVConfig(MixerConfig):
     def check(self, d_model: int) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"rwkv: mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.kernel not in WKV_BACKENDS:
+            raise ConfigError(f"rwkv: kernel={self.kernel!r} is not one of {', '.join(WKV_BACKENDS)}")
         if self.chunk_size < 1:
             raise ConfigError(f"rwkv: chunk_size={self.chunk_size} must be at least 1")
         if self.init_n_layers is not None and self.init_n_layers < 1:
@@ -352,6 +362,10 @@ class RWKV(TokenMixer):
         wkv_state = None if state is None else (state["a"], state["b"], state["p"])
         if self.config.mode == "recurrent" or (state is not None and T == 1):
             wkv, wkv_state = wkv_recurrent(w, self.time_first, k, v, wkv_state, return_state)
+        elif self._on_kernel(x.device, through_state=wkv_state is not None or return_state):
+            from arch_zoo.kernels.wkv_triton import wkv_triton
+
+            wkv, wkv_state = wkv_triton(w, self.time_first, k, v, wkv_state, return_state)
         else:
             wkv, wkv_state = wkv_chunkwise(w, self.time_first, k, v, wkv_state, return_state, self.config.chunk_size)
         y = self.output(torch.sigmoid(r) * wkv.to(x.dtype))
@@ -360,15 +374,22 @@ class RWKV(TokenMixer):
         a, b, p = wkv_state
         return y, {"x": x[:, -1], "a": a, "b": b, "p": p}
 
+    def _on_kernel(self, device: torch.device, through_state: bool = False) -> bool:
+        """Whether a whole sequence's WKV runs on the fused kernel (see the ``kernel`` field)."""
+        c = self.config
+        if c.mode == "recurrent" or dispatch.choose_backend(c.kernel, device) != "triton":
+            return False
+        return c.kernel == "triton" or not (through_state and torch.is_grad_enabled())
+
     def state_size(self, seq_len: int) -> int:
         return 4 * self.d_model  # last x for the token shift; WKV's numerator, denominator and max exponent
 
     def flops_per_token(self, seq_len: int) -> float:
         """The four projections, plus (chunkwise) the chunk-local sums: one ``[L, L]`` decay matrix times numerator
-        and denominator inputs per channel, over the sequence padded to whole chunks. The recurrent form and the
-        rest of WKV are element-wise."""
+        and denominator inputs per channel, over the sequence padded to whole chunks. The recurrent form, the fused
+        kernel (which runs the recurrence: where the weights are, it runs) and the rest of WKV are element-wise."""
         projections = linear_flops(self.key, self.value, self.receptance, self.output)
-        if self.config.mode == "recurrent":
+        if self.config.mode == "recurrent" or self._on_kernel(self.key.weight.device):
             return projections
         L = max(1, min(self.config.chunk_size, seq_len))
         padded = -(-seq_len // L) * L
