@@ -2,6 +2,7 @@
 
     python -m arch_zoo.kernels.benchmark                      # the full table (CUDA), logged to MLflow
     python -m arch_zoo.kernels.benchmark --quick              # two shapes, for a smoke run
+    python -m arch_zoo.kernels.benchmark --wkv --lengths 2048  # RWKV-4's WKV kernel against the chunkwise form
 
 Each row times one method at one shape (bf16, ``--tokens`` tokens per batch, 8 heads) with
 ``triton.testing.do_bench`` (median over repeats, inputs rotated so the L2 cache does not flatter small shapes).
@@ -378,6 +379,91 @@ def bench_decode(shapes: list[tuple[int, int, int, int]], peak_gbs: float, log) 
     return rows
 
 
+def wkv_methods() -> dict[str, Callable]:
+    """RWKV-4's WKV: the fused kernel, and the chunkwise PyTorch form it replaced (eager and compiled)."""
+    from arch_zoo.kernels.wkv_triton import wkv_triton
+    from arch_zoo.mixers.rwkv import wkv_chunkwise
+
+    def chunkwise(w, u, k, v):
+        return wkv_chunkwise(w, u, k, v, output_final_state=False)[0]
+
+    return {  # the eager form first: the others' notes give their speed-up over it
+        "torch chunkwise": chunkwise,
+        "ours (triton)": lambda w, u, k, v: wkv_triton(w, u, k, v, output_final_state=False)[0],
+        "torch.compile chunkwise": torch.compile(chunkwise),
+    }
+
+
+def bench_wkv(
+    shapes: list[tuple[int, int, int]],
+    peak_gbs: float,
+    log,
+    only: list[str] | None = None,
+    sink: Callable[[Row], None] | None = None,
+    cell_timeout: float | None = None,
+) -> list[Row]:
+    """WKV at ``(B, T, C)`` (bf16 k, v; float32 decays ``-exp(linspace(-5, 3))`` as RWKV-4's init spreads them).
+    It is element-wise, so the floor is bytes alone: k and v read and y written (fwd); k, v and dy read and dk,
+    dv written besides (fwd+bwd). The note gives the speed-up over the eager chunkwise form at the same shape."""
+    rows: list[Row] = []
+    for B, T, C in shapes:
+        base: dict[str, float] = {}
+        for name, fn in wkv_methods().items():
+            if only and not any(o in name for o in only):
+                continue
+            for backward in (False, True):
+                bench = "wkv fwd+bwd" if backward else "wkv fwd"
+                gen = torch.Generator(device="cuda").manual_seed(T)
+                w = -torch.exp(torch.linspace(-5, 3, C, device="cuda")).requires_grad_(backward)
+                u = torch.full((C,), -1.2, device="cuda", requires_grad=backward)
+                k, v, dy = (torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+                k.requires_grad_(backward), v.requires_grad_(backward)
+
+                def run(_, fn=fn, backward=backward):
+                    if backward:  # gradients returned, not accumulated into .grad
+                        torch.autograd.grad(fn(w, u, k, v), (w, u, k, v), dy)
+                    else:
+                        with torch.no_grad():
+                            fn(w, u, k, v)
+
+                try:
+                    with time_limit(cell_timeout):
+                        run(None)
+                        torch.cuda.synchronize()
+                        ms = _time(run, [()])
+                except Exception as err:
+                    msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
+                    rows.append(Row(bench, name, T, B, 1, C, C, None, note=msg))
+                    if sink is not None:
+                        sink(rows[-1])
+                    log(f"  {bench:12s} {name:28s} T={T:6d} C={C}: failed ({msg})")
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                nbytes = B * T * C * 2 * (8 if backward else 3)
+                if name == "torch chunkwise":
+                    base[bench] = ms
+                note = f"{base[bench] / ms:.1f}x the eager chunkwise form" if bench in base else ""
+                row = Row(
+                    bench,
+                    name,
+                    T,
+                    B,
+                    1,
+                    C,
+                    C,
+                    ms,
+                    gbs=nbytes / ms / 1e6,
+                    floor_pct=100 * nbytes / (peak_gbs * 1e6) / ms,
+                    note=note,
+                )
+                rows.append(row)
+                if sink is not None:
+                    sink(row)
+                log(f"  {bench:12s} {name:28s} T={T:6d} C={C}: {ms:8.3f} ms  floor {row.floor_pct:5.1f}%")
+    return rows
+
+
 def _fmt(x: float | None, digits: int) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -440,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra rows of ours with these tile choices, e.g. stages=2,shared_scores=0 (see retention_triton)",
     )
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument(
+        "--wkv",
+        action="store_true",
+        help="time RWKV-4's WKV instead (ours against the chunkwise form) at B = tokens / T and --channels",
+    )
+    p.add_argument("--channels", type=int, default=1024, help="WKV's channels (d_model) for --wkv")
     p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell, compile included (0: no limit)")
     p.add_argument("--quick", action="store_true", help="T=2048 at K=V=128 and the paper's 256x512 only")
     p.add_argument("--no-mlflow", action="store_true")
@@ -477,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.tokens} tokens per batch, {args.heads} heads, bf16.\n\n"
     )
     files = RowFiles(args.out, header)
-    rows = bench_retention(shapes, ceilings, log, args.methods, args.tiles, files.add, args.cell_timeout or None)
+    if args.wkv:
+        wkv_shapes = [(max(1, args.tokens // T), T, args.channels) for T in lengths]
+        rows = bench_wkv(wkv_shapes, ceilings[1], log, args.methods, files.add, args.cell_timeout or None)
+        args.no_decode = True
+    else:
+        rows = bench_retention(shapes, ceilings, log, args.methods, args.tiles, files.add, args.cell_timeout or None)
     if not args.no_decode:
         for row in bench_decode([(args.decode_batch, args.heads, K, V) for K, V in dims], ceilings[1], log):
             rows.append(row)
