@@ -401,6 +401,7 @@ def bench_wkv(
     only: list[str] | None = None,
     sink: Callable[[Row], None] | None = None,
     cell_timeout: float | None = None,
+    device: str = "cuda",
 ) -> list[Row]:
     """WKV at ``(B, T, C)`` (bf16 k, v; float32 decays ``-exp(linspace(-5, 3))`` as RWKV-4's init spreads them).
     It is element-wise, so the floor is bytes alone: k and v read and y written (fwd); k, v and dy read and dk,
@@ -413,10 +414,10 @@ def bench_wkv(
                 continue
             for backward in (False, True):
                 bench = "wkv fwd+bwd" if backward else "wkv fwd"
-                gen = torch.Generator(device="cuda").manual_seed(T)
-                w = -torch.exp(torch.linspace(-5, 3, C, device="cuda")).requires_grad_(backward)
-                u = torch.full((C,), -1.2, device="cuda", requires_grad=backward)
-                k, v, dy = (torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+                gen = torch.Generator(device=device).manual_seed(T)
+                w = -torch.exp(torch.linspace(-5, 3, C, device=device)).requires_grad_(backward)
+                u = torch.full((C,), -1.2, device=device, requires_grad=backward)
+                k, v, dy = (torch.randn(B, T, C, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
                 k.requires_grad_(backward), v.requires_grad_(backward)
 
                 def run(_, fn=fn, backward=backward):
@@ -429,7 +430,8 @@ def bench_wkv(
                 try:
                     with time_limit(cell_timeout):
                         run(None)
-                        torch.cuda.synchronize()
+                        if device == "cuda":
+                            torch.cuda.synchronize()
                         ms = _time(run, [()])
                 except Exception as err:
                     msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__

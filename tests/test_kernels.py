@@ -735,6 +735,34 @@ def test_benchmark_writes_each_cell_and_skips_a_method_past_its_time_limit(tmp_p
     assert "skipped: timed out" in (tmp_path / "retention_benchmark.md").read_text()
 
 
+def test_wkv_benchmark_rows_speedups_and_a_failing_method(tmp_path, monkeypatch):
+    """``--wkv``'s rows: bytes-only floors, each method's speed-up over the eager chunkwise form, and a method that
+    fails is a row with its error (run here on the CPU with made-up timings)."""
+    from arch_zoo.kernels import benchmark
+    from arch_zoo.mixers.rwkv import wkv_chunkwise, wkv_recurrent
+
+    def broken(w, u, k, v):
+        raise RuntimeError("no kernel here")
+
+    times = iter([4.0, 8.0, 1.0, 2.0])  # chunkwise fwd, fwd+bwd; ours fwd, fwd+bwd
+    methods = {
+        "torch chunkwise": lambda w, u, k, v: wkv_chunkwise(w, u, k.float(), v.float(), output_final_state=False)[0],
+        "ours (triton)": lambda w, u, k, v: wkv_recurrent(w, u, k.float(), v.float(), output_final_state=False)[0],
+        "broken": broken,
+    }
+    monkeypatch.setattr(benchmark, "wkv_methods", lambda: methods)
+    monkeypatch.setattr(benchmark, "_time", lambda fn, sets: next(times))
+    files = benchmark.RowFiles(tmp_path, "header\n\n")
+    rows = benchmark.bench_wkv([(2, 16, 8)], 1000.0, lambda m: None, sink=files.add, device="cpu")
+    got = {(r.method, r.bench): r for r in rows}
+    assert got["ours (triton)", "wkv fwd"].note == "4.0x the eager chunkwise form"
+    assert got["ours (triton)", "wkv fwd+bwd"].note == "4.0x the eager chunkwise form"
+    assert got["ours (triton)", "wkv fwd"].gbs == pytest.approx(2 * 16 * 8 * 2 * 3 / 1.0 / 1e6)
+    assert got["ours (triton)", "wkv fwd+bwd"].floor_pct == pytest.approx(100 * 2 * 16 * 8 * 2 * 8 / 1e9 / 2.0)
+    assert got["broken", "wkv fwd"].ms is None and "no kernel here" in got["broken", "wkv fwd"].note
+    assert (tmp_path / "retention_benchmark.csv").read_text().count("\n") == 1 + len(rows)
+
+
 def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
     pytest.importorskip("triton")
     from arch_zoo.kernels.benchmark import main, parse_tiles, plan_note
