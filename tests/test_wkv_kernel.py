@@ -131,19 +131,20 @@ def kernel_calls(monkeypatch) -> list[dict]:
 
 def test_auto_trains_on_the_kernel_and_keeps_states_off_it_when_they_need_gradients(kernel_calls):
     torch.manual_seed(0)
-    mixer = build_mixer({"name": "rwkv", "zero_init": False}, 16).double()
-    x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+    mixer = build_mixer({"name": "rwkv", "zero_init": False}, 16)
+    x = torch.randn(2, 12, 16, requires_grad=True)
     y, _ = mixer(x, return_state=False)  # a training call
     assert kernel_calls == [{"state": False, "final": False, "grad": True}]
-    chunkwise = build_mixer({"name": "rwkv", "kernel": "torch"}, 16).double()
+    chunkwise = build_mixer({"name": "rwkv", "kernel": "torch"}, 16)
     chunkwise.load_state_dict(mixer.state_dict())
     torch.testing.assert_close(y, chunkwise(x, return_state=False)[0])  # what the kernel stands in for
 
     _, state = mixer(x, return_state=True)  # a gradient through the final state: the chunkwise form
     mixer(x, state, return_state=False)  # and through a given state
+    mixer.double()(x.double(), return_state=False)  # float64: the kernel computes in float32
     assert len(kernel_calls) == 1
     with torch.no_grad():  # generation: states carry no gradient, the kernel takes them
-        _, state = mixer(x, return_state=True)
+        _, state = mixer.float()(x, return_state=True)
         mixer(x, state, return_state=True)
     assert kernel_calls[1:] == [
         {"state": False, "final": True, "grad": False},

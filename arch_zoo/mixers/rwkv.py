@@ -28,6 +28,9 @@ whole sequence (``e^{(t-1) w} sum_i e^{k_i - i w} v_i``) needs exponents of size
 decays and ``T = 2048``) whose float32 rounding alone is a relative error of ~1e-3. Chunked float32 agrees with
 float64 to ~1e-7.
 
+On CUDA a whole sequence runs on a fused kernel instead (``kernel``, below): the recurrence with the state in
+registers, one launch forward and one backward, the same function in float32 (``arch_zoo/kernels/wkv_triton.py``).
+
 Decoding form: RWKV's recurrence, ``O(C)`` per token besides the projections. State per sequence: the last token's
 ``x`` (for the shift) and WKV's numerator ``a``, denominator ``b`` and max exponent ``p`` (numerator ``a e^p``,
 denominator ``b e^p``): ``4 * d_model`` numbers, constant in ``T``. A call with several tokens continues from a state
@@ -49,8 +52,9 @@ Config (defaults: RWKV-4):
     kernel: ``auto`` (default), ``torch`` or ``triton``: where a whole sequence's WKV runs outside ``recurrent``
         mode. ``triton`` is the fused kernel (``arch_zoo.kernels.wkv_triton``: the recurrence in registers, one
         launch forward and one backward, float32 inside); ``torch`` the chunkwise form above. ``auto`` takes the
-        kernel on CUDA, except for a call that must carry a gradient through a state (a given state, or the final
-        one returned while gradients are on), which the kernel does not; ``triton`` refuses those calls.
+        kernel on CUDA, except in float64 and for a call that must carry a gradient through a state (a given state,
+        or the final one returned while gradients are on), which the kernel does not; ``triton`` refuses those
+        calls.
     init_n_layers: the depth over which the layer-dependent initialisation is spread (RWKV's ``n_layer``). Unset,
         a model fills in its own depth; a layer built on its own uses 16, the depth of the RetNet paper's
         comparison models. Layers past it start like the last one.
@@ -362,7 +366,7 @@ class RWKV(TokenMixer):
         wkv_state = None if state is None else (state["a"], state["b"], state["p"])
         if self.config.mode == "recurrent" or (state is not None and T == 1):
             wkv, wkv_state = wkv_recurrent(w, self.time_first, k, v, wkv_state, return_state)
-        elif self._on_kernel(x.device, through_state=wkv_state is not None or return_state):
+        elif self._on_kernel(k, through_state=wkv_state is not None or return_state):
             from arch_zoo.kernels.wkv_triton import wkv_triton
 
             wkv, wkv_state = wkv_triton(w, self.time_first, k, v, wkv_state, return_state)
@@ -374,12 +378,15 @@ class RWKV(TokenMixer):
         a, b, p = wkv_state
         return y, {"x": x[:, -1], "a": a, "b": b, "p": p}
 
-    def _on_kernel(self, device: torch.device, through_state: bool = False) -> bool:
-        """Whether a whole sequence's WKV runs on the fused kernel (see the ``kernel`` field)."""
+    def _on_kernel(self, k: torch.Tensor, through_state: bool = False) -> bool:
+        """Whether a whole sequence's WKV (keys like ``k``) runs on the fused kernel (see the ``kernel`` field).
+        ``auto`` leaves float64 to the chunkwise form: the kernel computes in float32."""
         c = self.config
-        if c.mode == "recurrent" or dispatch.choose_backend(c.kernel, device) != "triton":
+        if c.mode == "recurrent" or dispatch.choose_backend(c.kernel, k.device) != "triton":
             return False
-        return c.kernel == "triton" or not (through_state and torch.is_grad_enabled())
+        if c.kernel == "triton":
+            return True
+        return k.dtype != torch.float64 and not (through_state and torch.is_grad_enabled())
 
     def state_size(self, seq_len: int) -> int:
         return 4 * self.d_model  # last x for the token shift; WKV's numerator, denominator and max exponent
@@ -389,7 +396,7 @@ class RWKV(TokenMixer):
         and denominator inputs per channel, over the sequence padded to whole chunks. The recurrent form, the fused
         kernel (which runs the recurrence: where the weights are, it runs) and the rest of WKV are element-wise."""
         projections = linear_flops(self.key, self.value, self.receptance, self.output)
-        if self.config.mode == "recurrent" or self._on_kernel(self.key.weight.device):
+        if self.config.mode == "recurrent" or self._on_kernel(self.key.weight):
             return projections
         L = max(1, min(self.config.chunk_size, seq_len))
         padded = -(-seq_len // L) * L
