@@ -50,6 +50,16 @@ STAGES = 4  # tokens in flight per sweep
 
 
 @triton.jit
+def _program_channels(w_ptr, u_ptr, C, BLOCK_C: tl.constexpr):
+    """This program's channels (and which exist), its sequence, and their decays and bonuses in float32."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return cols, col_ok, tl.program_id(1).to(tl.int64), w, u
+
+
+@triton.jit
 def _wkv_forward_kernel(
     k_ptr,
     v_ptr,
@@ -66,11 +76,7 @@ def _wkv_forward_kernel(
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    seq = tl.program_id(1).to(tl.int64)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, seq, w, u = _program_channels(w_ptr, u_ptr, C, BLOCK_C)
     state = seq * C + cols
     if HAS_S0:  # [3, B, C]: numerator, denominator, exponent
         a = tl.load(s0_ptr + state, mask=col_ok, other=0.0)
@@ -121,11 +127,7 @@ def _wkv_backward_kernel(
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    seq = tl.program_id(1).to(tl.int64)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, seq, w, u = _program_channels(w_ptr, u_ptr, C, BLOCK_C)
 
     # forward sweep: the states and their derivatives by w; y and log D to the scratch; du and dw summed
     a = tl.zeros([BLOCK_C], dtype=tl.float32)
