@@ -467,21 +467,30 @@ def assert_within(results: dict[str, float], prefix: str, count: int, bound: flo
     assert len(errors) == count and all(e < bound for e in errors.values()), errors
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, float]:
+def checks_in_interpreter(script: str, flag: str) -> dict[str, float]:
+    """Run ``python script flag`` with TRITON_INTERPRET=1 and return the name -> error dict its last line prints
+    (a fresh process: see :func:`interpreter_checks`). Skips below Triton 3.9, whose interpreter these were checked
+    with."""
     triton = pytest.importorskip("triton")
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
         pytest.skip(
-            f"checked with Triton 3.9's interpreter; triton {triton.__version__}'s (3.6 seen) fails on these kernels"
+            f"checked with Triton 3.9's interpreter; triton {triton.__version__}'s (3.6 seen) fails on the retention "
+            "kernels"
         )
     root = str(KERNEL_FILE.parents[1])
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, __file__, "--interpreter-checks"]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, script, flag], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0:
-        pytest.fail(f"interpreter checks crashed:\n{proc.stderr[-3000:]}")
+        pytest.fail(f"interpreter checks ({flag}) crashed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, float]:
+    return checks_in_interpreter(__file__, "--interpreter-checks")
 
 
 @pytest.mark.parametrize("case", INTERPRETER_CASES, ids=case_id)

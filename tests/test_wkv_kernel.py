@@ -10,10 +10,7 @@ test_rwkv.py), asserted 2e-4.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +18,8 @@ import torch
 from arch_zoo import ConfigError, build_mixer
 from arch_zoo.kernels import dispatch
 from arch_zoo.mixers.rwkv import wkv_recurrent
+from tests.test_kernels import checks_in_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
 # (B, T, C, key scale): channels short of one block and past two (masked lanes), one token, a key spread of ~100
 KERNEL_CASES = [(2, 37, 40, 1.0), (1, 50, 130, 30.0), (2, 1, 8, 1.0), (1, 300, 64, 3.0)]
 
@@ -78,16 +75,7 @@ def kernel_checks() -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def kernel_results() -> dict[str, float]:
-    triton = pytest.importorskip("triton")
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
-        pytest.skip(f"checked with Triton 3.9's interpreter; triton {triton.__version__} may run these differently")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, __file__, "--kernel-checks"]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.fail(f"kernel checks crashed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return checks_in_interpreter(__file__, "--kernel-checks")
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "B{}_T{}_C{}_k{:g}".format(*c))
