@@ -127,6 +127,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _error_note(err: Exception) -> str:
+    """A failed cell's note: the exception's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
+
+
 class RowFiles:
     """The table so far as Markdown and CSV under ``out``, rewritten after every row."""
 
@@ -283,7 +288,7 @@ def bench_retention(
                         torch.cuda.synchronize()
                         ms = _time(run, sets)
                 except Exception as err:  # a method that cannot run a shape is a row with a note, not a crash
-                    msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
+                    msg = _error_note(err)
                     if isinstance(err, CellTimeout):
                         timed_out[name, bench] = f"T={T} K={K} V={V}"
                     add(Row(bench, name, T, B, H, K, V, None, note=msg))
@@ -369,7 +374,7 @@ def bench_decode(shapes: list[tuple[int, int, int, int]], peak_gbs: float, log) 
                     else:
                         ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
                 except Exception as err:
-                    msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
+                    msg = _error_note(err)
                     rows.append(Row("decode", label, 1, B, H, K, V, None, note=msg))
                     log(f"  decode {label:42s} B={B} K={K} V={V}: failed ({msg})")
                     continue
@@ -407,9 +412,16 @@ def bench_wkv(
     It is element-wise, so the floor is bytes alone: k and v read and y written (fwd); k, v and dy read and dk,
     dv written besides (fwd+bwd). The note gives the speed-up over the eager chunkwise form at the same shape."""
     rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if sink is not None:
+            sink(row)
+
+    methods = wkv_methods()  # once: the compiled form compiles at its first shape, not again at every shape
     for B, T, C in shapes:
         base: dict[str, float] = {}
-        for name, fn in wkv_methods().items():
+        for name, fn in methods.items():
             if only and not any(o in name for o in only):
                 continue
             for backward in (False, True):
@@ -434,10 +446,8 @@ def bench_wkv(
                             torch.cuda.synchronize()
                         ms = _time(run, [()])
                 except Exception as err:
-                    msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}" if str(err) else type(err).__name__
-                    rows.append(Row(bench, name, T, B, 1, C, C, None, note=msg))
-                    if sink is not None:
-                        sink(rows[-1])
+                    msg = _error_note(err)
+                    add(Row(bench, name, T, B, 1, C, C, None, note=msg))
                     log(f"  {bench:12s} {name:28s} T={T:6d} C={C}: failed ({msg})")
                     continue
                 finally:
@@ -446,22 +456,9 @@ def bench_wkv(
                 if name == "torch chunkwise":
                     base[bench] = ms
                 note = f"{base[bench] / ms:.1f}x the eager chunkwise form" if bench in base else ""
-                row = Row(
-                    bench,
-                    name,
-                    T,
-                    B,
-                    1,
-                    C,
-                    C,
-                    ms,
-                    gbs=nbytes / ms / 1e6,
-                    floor_pct=100 * nbytes / (peak_gbs * 1e6) / ms,
-                    note=note,
-                )
-                rows.append(row)
-                if sink is not None:
-                    sink(row)
+                floor_pct = 100 * nbytes / (peak_gbs * 1e6) / ms
+                row = Row(bench, name, T, B, 1, C, C, ms, gbs=nbytes / ms / 1e6, floor_pct=floor_pct, note=note)
+                add(row)
                 log(f"  {bench:12s} {name:28s} T={T:6d} C={C}: {ms:8.3f} ms  floor {row.floor_pct:5.1f}%")
     return rows
 
@@ -574,10 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.wkv:
         wkv_shapes = [(max(1, args.tokens // T), T, args.channels) for T in lengths]
         rows = bench_wkv(wkv_shapes, ceilings[1], log, args.methods, files.add, args.cell_timeout or None)
-        args.no_decode = True
     else:
         rows = bench_retention(shapes, ceilings, log, args.methods, args.tiles, files.add, args.cell_timeout or None)
-    if not args.no_decode:
+    if not (args.no_decode or args.wkv):  # the decode step is retention's
         for row in bench_decode([(args.decode_batch, args.heads, K, V) for K, V in dims], ceilings[1], log):
             rows.append(row)
             files.add(row)
