@@ -379,10 +379,11 @@ class RWKV(TokenMixer):
         return y, {"x": x[:, -1], "a": a, "b": b, "p": p}
 
     def _on_kernel(self, k: torch.Tensor, through_state: bool = False) -> bool:
-        """Whether a whole sequence's WKV (keys like ``k``) runs on the fused kernel (see the ``kernel`` field).
-        ``auto`` leaves float64 to the chunkwise form: the kernel computes in float32."""
+        """Whether a whole sequence's WKV (keys like ``k``) runs on the fused kernel rather than the chunkwise form
+        (see the ``kernel`` field; the callers have already sent ``recurrent`` mode to the recurrence). ``auto``
+        leaves float64 to the chunkwise form: the kernel computes in float32."""
         c = self.config
-        if c.mode == "recurrent" or dispatch.choose_backend(c.kernel, k.device) != "triton":
+        if dispatch.choose_backend(c.kernel, k.device) != "triton":
             return False
         if c.kernel == "triton":
             return True
@@ -394,7 +395,8 @@ class RWKV(TokenMixer):
     def flops_per_token(self, seq_len: int) -> float:
         """The four projections, plus (chunkwise) the chunk-local sums: one ``[L, L]`` decay matrix times numerator
         and denominator inputs per channel, over the sequence padded to whole chunks. The recurrent form, the fused
-        kernel (which runs the recurrence: where the weights are, it runs) and the rest of WKV are element-wise."""
+        kernel (it runs the recurrence; counted where the weights' device and dtype put it) and the rest of WKV are
+        element-wise."""
         projections = linear_flops(self.key, self.value, self.receptance, self.output)
         if self.config.mode == "recurrent" or self._on_kernel(self.key.weight):
             return projections
