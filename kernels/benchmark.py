@@ -133,11 +133,11 @@ def _error_note(err: Exception) -> str:
 
 
 class RowFiles:
-    """The table so far as Markdown and CSV under ``out``, rewritten after every row."""
+    """The table so far as Markdown and CSV under ``out`` (``name.md``, ``name.csv``), rewritten after every row."""
 
-    def __init__(self, out: Path, header: str) -> None:
+    def __init__(self, out: Path, header: str, name: str = "retention_benchmark") -> None:
         out.mkdir(parents=True, exist_ok=True)
-        self.md, self.csv, self.header = out / "retention_benchmark.md", out / "retention_benchmark.csv", header
+        self.md, self.csv, self.header = out / f"{name}.md", out / f"{name}.csv", header
         self.rows: list[Row] = []
 
     def add(self, row: Row) -> None:
@@ -489,11 +489,13 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def log_mlflow(rows: list[Row], params: dict, table: str, csv_path: Path, experiment: str) -> None:
-    """One MLflow run: the setup as params, one metric per timed row, the table and CSV as artifacts."""
+    """One MLflow run: the setup as params, one metric per timed row, the table and CSV as artifacts (the run and
+    the table named after the CSV: ``retention_benchmark`` or ``wkv_benchmark``)."""
     import mlflow
 
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"retention-{time.strftime('%Y%m%d-%H%M%S')}"):
+    kind = csv_path.stem.removesuffix("_benchmark")
+    with mlflow.start_run(run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"):
         mlflow.log_params(params)
         for r in rows:
             if r.ms is None:
@@ -505,7 +507,7 @@ def log_mlflow(rows: list[Row], params: dict, table: str, csv_path: Path, experi
             mlflow.log_metric(key + "/ms", r.ms)
             if r.floor_pct is not None:
                 mlflow.log_metric(key + "/floor_pct", r.floor_pct)
-        mlflow.log_text(table, "retention_benchmark.md")
+        mlflow.log_text(table, csv_path.with_suffix(".md").name)
         mlflow.log_artifact(str(csv_path))
 
 
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, triton {_version('triton')}, fla {_version('fla-core')}; "
         f"{args.tokens} tokens per batch, {args.heads} heads, bf16.\n\n"
     )
-    files = RowFiles(args.out, header)
+    files = RowFiles(args.out, header, "wkv_benchmark" if args.wkv else "retention_benchmark")
     if args.wkv:
         wkv_shapes = [(max(1, args.tokens // T), T, args.channels) for T in lengths]
         rows = bench_wkv(wkv_shapes, ceilings[1], log, args.methods, files.add, args.cell_timeout or None)

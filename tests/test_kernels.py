@@ -761,7 +761,7 @@ def test_wkv_benchmark_rows_speedups_and_a_failing_method(tmp_path, monkeypatch)
     }
     monkeypatch.setattr(benchmark, "wkv_methods", lambda: methods)
     monkeypatch.setattr(benchmark, "_time", lambda fn, sets: next(times))
-    files = benchmark.RowFiles(tmp_path, "header\n\n")
+    files = benchmark.RowFiles(tmp_path, "header\n\n", "wkv_benchmark")
     rows = benchmark.bench_wkv([(2, 16, 8)], 1000.0, lambda m: None, sink=files.add, device="cpu")
     got = {(r.method, r.bench): r for r in rows}
     assert got["ours (triton)", "wkv fwd"].note == "4.0x the eager chunkwise form"
@@ -769,7 +769,7 @@ def test_wkv_benchmark_rows_speedups_and_a_failing_method(tmp_path, monkeypatch)
     assert got["ours (triton)", "wkv fwd"].gbs == pytest.approx(2 * 16 * 8 * 2 * 3 / 1.0 / 1e6)
     assert got["ours (triton)", "wkv fwd+bwd"].floor_pct == pytest.approx(100 * 2 * 16 * 8 * 2 * 8 / 1e9 / 2.0)
     assert got["broken", "wkv fwd"].ms is None and "no kernel here" in got["broken", "wkv fwd"].note
-    assert (tmp_path / "retention_benchmark.csv").read_text().count("\n") == 1 + len(rows)
+    assert (tmp_path / "wkv_benchmark.csv").read_text().count("\n") == 1 + len(rows)
 
 
 def test_benchmark_tile_variants_parse_and_bad_ones_name_the_choices(capsys):
