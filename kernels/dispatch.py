@@ -7,7 +7,8 @@ takes ours on CUDA where their tiles take the dtype and head dims, and the PyTor
 
 Two entry points: :func:`decayed_linear_attention` in the mixers' head-first layout (what RetNet and linear
 attention call), and :func:`retention` in the kernels' ``[B, T, H, D]`` layout with a scale (fla's signature, for
-the benchmark); plus :func:`retention_step`, the decoding step.
+the benchmark); plus :func:`retention_step`, the decoding step, and :func:`key_sum_read`, RetNet's score
+normaliser on the kernels.
 """
 
 from __future__ import annotations
@@ -80,6 +81,28 @@ def decayed_linear_attention(
             return run(q, k, v, log_decay, initial_state, output_final_state, chunk_size)
         return run(q, k, v, log_decay, initial_state, output_final_state)
     return on_kernels(q, k, v, log_decay, chosen, initial_state, output_final_state, recompute_states)
+
+
+def key_sum_read(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    log_decay: torch.Tensor,
+    backend: str,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RetNet's score-normaliser read ``q_t . z_t`` (``z_t = gamma z_{t-1} + k_t``: the core with v = 1), head-first,
+    without gradients: ``([B, H, T, 1], final z [B, H, K] | None)``. ``backend`` is a resolved kernel backend (not
+    ``torch``): ``triton`` with a fixed decay per head runs ``key_sum_triton``, which splits the key dim, where the
+    core's kernels would pad the value width of one to a whole tile; otherwise the core runs on a column of ones."""
+    if backend == "triton" and log_decay.dim() == 1 and not log_decay.requires_grad:
+        s, z = _triton_key_sum(q.transpose(1, 2), k.transpose(1, 2), log_decay, initial_state, output_final_state)
+        return s[..., None], z
+    B, H, T, _ = q.shape
+    z0 = None if initial_state is None else initial_state[..., None]
+    s, z = on_kernels(q, k, q.new_ones(B, H, T, 1), log_decay, backend, z0, output_final_state)
+    return s, None if z is None else z[..., 0]
 
 
 def on_kernels(
@@ -159,6 +182,13 @@ def _triton_chunkwise(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | Non
     from arch_zoo.kernels.retention_triton import retention_triton  # imported late: Triton is for CUDA only
 
     return retention_triton(*args, **kwargs)
+
+
+def _triton_key_sum(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Our key-sum read kernel, behind its registered operator."""
+    from arch_zoo.kernels.key_sum_triton import key_sum_triton  # imported late: Triton is for CUDA only
+
+    return key_sum_triton(*args)
 
 
 def _fla_chunk(q, k, v, scale, initial_state, output_final_state, **decay) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -681,6 +681,12 @@ def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, mon
     def kernels_in_float64(q, k, v, log_gamma, scale, initial_state, output_final_state, recompute_states=False):
         return retention_parallel_reference(q, k, v, log_gamma, scale, initial_state, output_final_state)
 
+    def key_sum_in_float64(q, k, log_gamma, initial_state, output_final_state):  # the core on a column of ones
+        z0 = None if initial_state is None else initial_state[..., None]
+        ones = q.new_ones(*q.shape[:3], 1)
+        s, z = retention_parallel_reference(q, k, ones, log_gamma, 1.0, z0, output_final_state)
+        return s[..., 0].transpose(1, 2), None if z is None else z[..., 0]
+
     mixer = make(**switches)
     x = inputs(torch.float64, length=19).requires_grad_(True)
     results = {}
@@ -688,6 +694,7 @@ def test_mixer_through_the_kernel_adapter_matches_the_pytorch_core(switches, mon
         if path == "adapter":  # the mixer and the dispatch take the Triton path, which a float64 stand-in computes
             monkeypatch.setattr(dispatch, "choose_backend", lambda *a, **kw: "triton")
             monkeypatch.setattr(dispatch, "_triton_chunkwise", kernels_in_float64)
+            monkeypatch.setattr(dispatch, "_triton_key_sum", key_sum_in_float64)
         x.grad = None
         mixer.zero_grad()
         y1, state = run(mixer, x[:, :11], "chunkwise")

@@ -479,15 +479,21 @@ class RetNet(TokenMixer):
         # a half-precision state (state_dtype) enters the core's arithmetic as float32
         kv0 = None if state is None else at_least_float32(state["kv"])[0]
         if c.score_norm and backend != "torch":
-            # the kernels read the key sum in a call of its own, without autograd (the normaliser is detached): no
-            # copy of the values with a column of ones, and no backward for the narrow call
+            # on the kernels the key sum is read in a call of its own, without autograd (the normaliser is
+            # detached): no copy of the values with a column of ones, and no backward for it
             o, kv = core(q, k, v, kv0)
             with torch.no_grad():
-                z0 = None if state is None else state["z"][..., None]
-                score_sum, z = core(q, k, v.new_ones(B, H, T, 1), z0)
+                score_sum, z = dispatch.key_sum_read(
+                    q,
+                    k,
+                    log_decay,
+                    backend,
+                    initial_state=None if state is None else state["z"],
+                    output_final_state=return_state,
+                )
             if not return_state:
                 return o, score_sum, None
-            return o, score_sum, {"kv": self._stored(kv), "z": None if z is None else z[..., 0], "r": None}
+            return o, score_sum, {"kv": self._stored(kv), "z": z, "r": None}
         # one core call gives q.S and, through a column of ones appended to v, the key-sum read q.z
         if c.score_norm:
             v = torch.cat((v, v.new_ones(B, H, T, 1)), dim=-1)
