@@ -7,7 +7,7 @@ channel mix) look at the previous token: ``forward(x, state=None, return_state=T
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,3 +191,54 @@ def _rotary_slice(
 def _(name, inv_freq, start, length, dtype):
     shape = (length, inv_freq.shape[0])
     return inv_freq.new_empty(shape, dtype=dtype), inv_freq.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("arch_zoo::summed_input_grad", mutates_args=())
+def _summed_input_grad(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i grads[i] @ weights[i]``, each product after the first adding into the first one's output in place (a
+    matrix product with beta = 1): no gradient per product is written and then read back to be summed. Opaque to
+    the compiler, which would otherwise rewrite the in-place chain as out-of-place products and copies."""
+    out = torch.mm(grads[0], weights[0])
+    for g, w in zip(grads[1:], weights[1:], strict=True):
+        out.addmm_(g, w)
+    return out
+
+
+@_summed_input_grad.register_fake
+def _(grads, weights):
+    return grads[0].new_empty(grads[0].shape[0], weights[0].shape[1])
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """``x @ w_i^T`` for several weights, whose input gradients the backward pass sums as it makes them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors
+        rows = [g.reshape(-1, g.shape[-1]) for g in grads]
+        dx = _summed_input_grad(rows, weights).view(x.shape) if ctx.needs_input_grad[0] else None
+        x_rows = x.reshape(-1, x.shape[-1])
+        dws = [g.t() @ x_rows if need else None for g, need in zip(rows, ctx.needs_input_grad[1:], strict=True)]
+        return dx, *dws
+
+
+def shared_input_projections(x: torch.Tensor, projections: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """``[p(x) for p in projections]`` (bias-free Linears of one input), with one input gradient made in place.
+
+    Separate Linears hand autograd one ``[tokens, d]`` input gradient per projection, which the norm before them
+    then reads and sums: RetNet's four (q, k, v, gate) made its first norm's backward about 0.47 ms a layer slower
+    than the Transformer's one ``qkv`` at the Table 5 shape on an H100 (docs/results/mfu.md, session 17). Here each
+    input-gradient product adds into the previous one's output instead. Under autocast the products run in its dtype,
+    as a Linear's do. Projections with a bias take the Linears themselves."""
+    if any(p.bias is not None for p in projections):
+        return [p(x) for p in projections]
+    weights = [p.weight for p in projections]
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+    return list(_SharedInputLinears.apply(x, *weights))

@@ -285,6 +285,66 @@ def test_fused_projections_are_the_same_function_with_the_same_parameters(swish_
         assert grads_f.keys() == grads.keys() and all(rel_err(grads_f[n], grads[n]) < 1e-12 for n in grads), mode
 
 
+def test_shared_input_projections_sum_their_input_gradients_in_place():
+    """Several bias-free projections of one input (RetNet's q, k, v and gate; linear attention's q, k, v): the same
+    outputs and gradients as separate Linears, with the input gradient made by products that add into one another
+    (``addmm_``) instead of one gradient per projection summed afterwards; under autocast the products run in its
+    dtype and the weights' gradients come back in theirs; one graph under compile."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from arch_zoo.layers import shared_input_projections
+
+    torch.manual_seed(0)
+    projs = [torch.nn.Linear(16, n, bias=False).double() for n in (16, 16, 32, 32)]
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    grads_out = [torch.randn(2, 5, p.out_features, dtype=torch.float64) for p in projs]
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    results = {}
+    for name in ("separate", "shared"):
+        x.grad = None
+        for p in projs:
+            p.weight.grad = None
+        outs = [p(x) for p in projs] if name == "separate" else shared_input_projections(x, projs)
+        with Ops() as ops:
+            torch.autograd.backward(outs, grads_out)
+        results[name] = (outs, x.grad, [p.weight.grad for p in projs], ops.names)
+    (o_s, dx_s, dw_s, ops_s), (o, dx, dw, ops) = results["separate"], results["shared"]
+    assert all(rel_err(a, b) < 1e-15 for a, b in zip(o, o_s))
+    assert rel_err(dx, dx_s) < 1e-14 and all(rel_err(a, b) < 1e-14 for a, b in zip(dw, dw_s))
+    # separately, autograd sums one input gradient per projection; shared, one operator makes the sum
+    assert ops_s.count("aten.add.Tensor") == 3 and "arch_zoo.summed_input_grad.default" not in ops_s
+    assert ops.count("arch_zoo.summed_input_grad.default") == 1 and "aten.add.Tensor" not in ops, ops
+    rows = [g.reshape(10, -1) for g in grads_out]
+    weights = [p.weight.detach() for p in projs]
+    torch.library.opcheck(torch.ops.arch_zoo.summed_input_grad.default, (rows, weights))
+    # a projection with a bias takes the Linears themselves
+    biased = [torch.nn.Linear(16, 8).double(), torch.nn.Linear(16, 8, bias=False).double()]
+    assert all(torch.equal(a, p(x)) for a, p in zip(shared_input_projections(x, biased), biased))
+    # autocast: products in bf16, weight gradients in float32; one graph when compiled
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xa = torch.randn(2, 5, 16, requires_grad=True)
+        fp32 = [torch.nn.Linear(16, 8, bias=False) for _ in range(3)]
+        outs = shared_input_projections(xa, fp32)
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 3
+    sum(o.float().sum() for o in outs).backward()
+    assert xa.grad.dtype == torch.float32 and fp32[0].weight.grad.dtype == torch.float32
+    compiled = torch.compile(
+        lambda x: sum(o.sum() for o in shared_input_projections(x, projs)), fullgraph=True, backend="aot_eager"
+    )
+    x.grad = None
+    compiled(x).backward()
+    assert rel_err(x.grad, sum(p.weight.sum(0) for p in projs).expand_as(x)) < 1e-14  # d(sum of outputs) / dx
+
+
 def test_float32_long_sequence():
     """Closed-form normalisers keep float32 exact well beyond toy lengths (chunk 64, partial last chunk)."""
     mixer = make(torch.float32, chunk_size=64)
@@ -765,6 +825,14 @@ def test_head_norm_gradients_match_the_formula_and_keep_only_the_half_input(kind
     (want,) = torch.autograd.grad(formula(o), o, dy)
     torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(lambda x: norm(x), (o[:1, :1, :4, :8].detach().clone().requires_grad_(),))
+    # with the normalisers' row scale taken inside: the norm of o * scale, whose gradient reaches a trained scale
+    scale = (torch.rand(2, 3, 10, 1, dtype=torch.float64) + 0.1).requires_grad_()
+    scaled = torch.autograd.grad(norm(o, scale), (o, scale), dy)
+    scaled_want = torch.autograd.grad(formula(o * scale), (o, scale), dy)
+    for a, b in zip(scaled, scaled_want):
+        torch.testing.assert_close(a, b)
+    small = (o[:1, :1, :4, :8].detach().clone().requires_grad_(), scale[:1, :1, :4].detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, s: norm(x, s), small)
 
     saved = []
     half = o.detach().bfloat16().requires_grad_()

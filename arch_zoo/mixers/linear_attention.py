@@ -75,6 +75,7 @@ from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer
 from arch_zoo.flops import linear_flops
 from arch_zoo.kernels import core, dispatch
 from arch_zoo.kernels.core import FORMS, at_least_float32
+from arch_zoo.layers import shared_input_projections
 from arch_zoo.registry import register_mixer
 
 MODES = tuple(FORMS)
@@ -173,9 +174,10 @@ class LinearAttention(TokenMixer):
         c = self.config
         B, T, _ = x.shape
         H, d = self.n_heads, self.head_dim
-        q = self.feature_map(self.q_proj(x).view(B, T, H, d).transpose(1, 2))
-        k = self.feature_map(self.k_proj(x).view(B, T, H, d).transpose(1, 2))
-        v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)
+        q, k, v = shared_input_projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = self.feature_map(q.view(B, T, H, d).transpose(1, 2))
+        k = self.feature_map(k.view(B, T, H, d).transpose(1, 2))
+        v = v.view(B, T, H, d).transpose(1, 2)
         form = self.form(T, continued=state is not None)
         half = c.half_core and v.dtype == torch.bfloat16  # on our kernels only, which accumulate in float32
         if half:

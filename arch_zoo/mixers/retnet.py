@@ -37,7 +37,7 @@ from arch_zoo.contract import ConfigError, MixerConfig, TokenMixer, set_optim
 from arch_zoo.flops import linear_flops
 from arch_zoo.kernels import core, dispatch
 from arch_zoo.kernels.core import FORMS, at_least_float32
-from arch_zoo.layers import cached_rotary_cos_sin, rotate_pairs
+from arch_zoo.layers import cached_rotary_cos_sin, rotate_pairs, shared_input_projections
 from arch_zoo.registry import register_mixer
 
 MODES = tuple(FORMS)
@@ -183,36 +183,56 @@ class RetNetConfig(MixerConfig):
 
 
 class _NormalizeLastDim(torch.autograd.Function):
-    """``x / rms(x)`` over the last dim (centred first for a layer norm), float32 inside for half inputs.
+    """``x / rms(x)`` over the last dim of ``x = o * row_scale`` (centred first for a layer norm), float32 inside for
+    half inputs.
 
     Why a Function: autograd of the plain formula keeps the float32 copy of the input for the backward pass (twice
     the input's bytes at bf16: RetNet's head norm sees the widest activation of the layer, 2 d per token); this one
-    keeps the input as it came and the per-row scale, and recomputes the rest."""
+    keeps the input as it came and the per-row scale, and recomputes the rest. The row scale (RetNet's decay and
+    score normalisers, ``[..., 1]``) is applied inside, so the scaled copy of ``o`` is never written out."""
 
     @staticmethod
-    def _normalized(o: torch.Tensor, eps: float, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalized(
+        o: torch.Tensor, row_scale: torch.Tensor | None, eps: float, center: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = o.float() if o.dtype in (torch.float16, torch.bfloat16) else o
+        if row_scale is not None:
+            x = x * row_scale
         if center:
             x = x - x.mean(-1, keepdim=True)
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return x * rstd, rstd
 
     @staticmethod
-    def forward(ctx, o: torch.Tensor, eps: float, center: bool) -> torch.Tensor:
-        y, rstd = _NormalizeLastDim._normalized(o, eps, center)
-        ctx.save_for_backward(o, rstd)
+    def forward(ctx, o: torch.Tensor, row_scale: torch.Tensor | None, eps: float, center: bool) -> torch.Tensor:
+        y, rstd = _NormalizeLastDim._normalized(o, row_scale, eps, center)
+        ctx.save_for_backward(o, row_scale, rstd)
         ctx.eps, ctx.center = eps, center
         return y.to(o.dtype)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        o, rstd = ctx.saved_tensors
-        y, _ = _NormalizeLastDim._normalized(o, ctx.eps, ctx.center)
-        g = dy.to(y.dtype)
-        dx = rstd * (g - y * (g * y).mean(-1, keepdim=True))
-        if ctx.center:  # the centring is a projection: its gradient is centred too
+    def _input_grads(
+        dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, o: torch.Tensor, row_scale: torch.Tensor | None,
+        center: bool, scale_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """The gradients of ``o`` and (with ``scale_grad``: a trained decay's normaliser) ``row_scale`` from the
+        normalised output's ``dy``, both in float32 for half inputs."""
+        dx = rstd * (dy - y * (dy * y).mean(-1, keepdim=True))
+        if center:  # the centring is a projection: its gradient is centred too
             dx = dx - dx.mean(-1, keepdim=True)
-        return dx.to(o.dtype), None, None
+        d_scale = None
+        if row_scale is not None and scale_grad:
+            d_scale = (dx * o.to(dx.dtype)).sum(-1, keepdim=True).to(row_scale.dtype)
+        return (dx if row_scale is None else dx * row_scale), d_scale
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        o, row_scale, rstd = ctx.saved_tensors
+        y, _ = _NormalizeLastDim._normalized(o, row_scale, ctx.eps, ctx.center)
+        do, d_scale = _NormalizeLastDim._input_grads(
+            dy.to(y.dtype), y, rstd, o, row_scale, ctx.center, ctx.needs_input_grad[1]
+        )
+        return do.to(o.dtype), d_scale, None, None
 
 
 class HeadNorm(nn.Module):
@@ -224,8 +244,9 @@ class HeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(n_heads, 1, head_dim)) if affine and kind == "layernorm" else None
 
-    def forward(self, o: torch.Tensor) -> torch.Tensor:  # [B, H, T, dv]
-        y = _NormalizeLastDim.apply(o, self.eps, self.kind == "layernorm")
+    def forward(self, o: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:  # [B, H, T, dv]
+        """The norm of ``o * row_scale`` (``row_scale`` ``[..., 1]``, float32, or None)."""
+        y = _NormalizeLastDim.apply(o, row_scale, self.eps, self.kind == "layernorm")
         if self.weight is not None:
             y = y * self.weight
         return y + self.bias if self.bias is not None else y
@@ -370,7 +391,7 @@ class RetNet(TokenMixer):
         not for a single token, where putting the weights side by side would copy them every decoding step)."""
         projs = [p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj) if p is not None]
         if not self.config.fused_projections or x.shape[1] == 1:
-            outs = [p(x) for p in projs]
+            outs = shared_input_projections(x, projs)
         else:
             weight = torch.cat([p.weight for p in projs])
             outs = F.linear(x, weight).split([p.out_features for p in projs], dim=-1)
@@ -396,6 +417,7 @@ class RetNet(TokenMixer):
             o, score_sum, new_state = self._step(q, k, v, log_decay, state)
         else:
             o, score_sum, new_state = self._sequence(q, k, v, log_decay, state, return_state, trained)
+        row_scale = None  # the decay and score normalisers: one factor per row of o
         if c.decay_norm:
             if log_decay.dim() == 1:
                 positions = offset + torch.arange(T, device=x.device)
@@ -418,16 +440,19 @@ class RetNet(TokenMixer):
                 inv_sqrt_r = r.rsqrt()
                 if new_state is not None:
                     new_state["r"] = r_last[..., 0, 0]
-            o = o * inv_sqrt_r
+            row_scale = inv_sqrt_r
         if c.score_norm:
             if c.decay_norm:
                 score_sum = score_sum * inv_sqrt_r
-            o = o / score_sum.detach().abs().clamp(min=1)
+            inv_score = 1 / score_sum.detach().abs().clamp(min=1)
+            row_scale = inv_score if row_scale is None else row_scale * inv_score
         # back to the projections' dtype: under autocast x is float32 and the normalisers are, but the head norm,
-        # gate and output projection run in half precision like every other activation
-        o = o.to(v.dtype)
+        # gate and output projection run in half precision like every other activation. The head norm takes the
+        # normalisers' row scale inside (no scaled copy of o is written); without it they scale o here
         if self.group_norm is not None:
-            o = self.group_norm(o)
+            o = self.group_norm(o.to(v.dtype), row_scale)
+        else:
+            o = (o if row_scale is None else o * row_scale).to(v.dtype)
         y = o.transpose(1, 2).reshape(B, T, H * dv)
         if g is not None:
             y = F.silu(g) * y
