@@ -92,6 +92,12 @@ def _parts(K: int) -> int:
     return triton.cdiv(K, BK)
 
 
+def _final_z(q: torch.Tensor, output_final_state: bool) -> torch.Tensor:
+    """The final z's buffer, ``[B, H, K]`` float32, or an empty one when it is not asked for."""
+    B, _, H, K = q.shape
+    return q.new_empty((B, H, K) if output_final_state else (0,), dtype=torch.float32)
+
+
 @torch.library.custom_op("arch_zoo::retention_key_sum", mutates_args=())
 def _key_sum_op(
     q: torch.Tensor,
@@ -103,7 +109,7 @@ def _key_sum_op(
     """``(s [B, H, T] float32, final z [B, H, K] float32 or empty)`` for q, k ``[B, T, H, K]`` of one layout."""
     B, T, H, K = q.shape
     parts = q.new_empty(B, H, _parts(K), T, dtype=torch.float32)
-    final = q.new_empty(B, H, K, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
+    final = _final_z(q, output_final_state)
     z0 = initial_state if initial_state is not None else final
     _key_sum_kernel[(_parts(K), B * H)](
         q, k, z0, parts, final, log_gamma, q.stride(0), q.stride(1), q.stride(2), T,
@@ -115,9 +121,8 @@ def _key_sum_op(
 
 @_key_sum_op.register_fake
 def _(q, k, log_gamma, initial_state, output_final_state):
-    B, T, H, K = q.shape
-    final = q.new_empty(B, H, K, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
-    return q.new_empty(B, H, T, dtype=torch.float32), final
+    B, T, H, _ = q.shape
+    return q.new_empty(B, H, T, dtype=torch.float32), _final_z(q, output_final_state)
 
 
 def key_sum_triton(
