@@ -211,28 +211,19 @@ class _NormalizeLastDim(torch.autograd.Function):
         return y.to(o.dtype)
 
     @staticmethod
-    def _input_grads(
-        dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, o: torch.Tensor, row_scale: torch.Tensor | None,
-        center: bool, scale_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """The gradients of ``o`` and (with ``scale_grad``: a trained decay's normaliser) ``row_scale`` from the
-        normalised output's ``dy``, both in float32 for half inputs."""
-        dx = rstd * (dy - y * (dy * y).mean(-1, keepdim=True))
-        if center:  # the centring is a projection: its gradient is centred too
-            dx = dx - dx.mean(-1, keepdim=True)
-        d_scale = None
-        if row_scale is not None and scale_grad:
-            d_scale = (dx * o.to(dx.dtype)).sum(-1, keepdim=True).to(row_scale.dtype)
-        return (dx if row_scale is None else dx * row_scale), d_scale
-
-    @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
         o, row_scale, rstd = ctx.saved_tensors
         y, _ = _NormalizeLastDim._normalized(o, row_scale, ctx.eps, ctx.center)
-        do, d_scale = _NormalizeLastDim._input_grads(
-            dy.to(y.dtype), y, rstd, o, row_scale, ctx.center, ctx.needs_input_grad[1]
-        )
-        return do.to(o.dtype), d_scale, None, None
+        g = dy.to(y.dtype)
+        dx = rstd * (g - y * (g * y).mean(-1, keepdim=True))
+        if ctx.center:  # the centring is a projection: its gradient is centred too
+            dx = dx - dx.mean(-1, keepdim=True)
+        d_scale = None
+        if row_scale is not None and ctx.needs_input_grad[1]:  # a trained decay's normaliser
+            d_scale = (dx * o.to(dx.dtype)).sum(-1, keepdim=True).to(row_scale.dtype)
+        if row_scale is not None:
+            dx = dx * row_scale
+        return dx.to(o.dtype), d_scale, None, None
 
 
 class HeadNorm(nn.Module):
