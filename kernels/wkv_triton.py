@@ -190,8 +190,10 @@ def _grid(B: int, C: int) -> tuple[int, int]:
     return (triton.cdiv(C, BLOCK_C), B)
 
 
-def _nothing(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(0, dtype=torch.float32)
+def _final_state(k: torch.Tensor, output_final_state: bool) -> torch.Tensor:
+    """The final state's buffer, ``[3, B, C]`` float32, or an empty one when it is not asked for."""
+    B, _, C = k.shape
+    return k.new_empty((3, B, C) if output_final_state else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("arch_zoo::wkv4", mutates_args=())
@@ -206,7 +208,7 @@ def _wkv_op(
     """``(y, final state [3, B, C] or empty)``; y in v's dtype."""
     B, T, C = k.shape
     y = torch.empty_like(v)
-    final = k.new_empty(3, B, C, dtype=torch.float32) if output_final_state else _nothing(k)
+    final = _final_state(k, output_final_state)
     s0 = initial_state if initial_state is not None else final
     _wkv_forward_kernel[_grid(B, C)](
         k, v, w, u, y, s0, final, T, C, B * C,
@@ -218,9 +220,7 @@ def _wkv_op(
 
 @_wkv_op.register_fake
 def _(w, u, k, v, initial_state, output_final_state):
-    B, _, C = k.shape
-    final = k.new_empty(3, B, C, dtype=torch.float32) if output_final_state else _nothing(k)
-    return torch.empty_like(v), final
+    return torch.empty_like(v), _final_state(k, output_final_state)
 
 
 @torch.library.custom_op("arch_zoo::wkv4_backward", mutates_args=())
