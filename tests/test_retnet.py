@@ -807,6 +807,49 @@ def test_fla_takes_a_trained_decay_per_token(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_gated_head_norm_is_the_gate_times_the_norm_with_every_gradient(kind):
+    """The output stage in one function (``HeadNorm.gated``): ``silu(gate) * (norm(o * scale) * w + b)`` with the heads
+    side by side, against autograd of that formula in float64, for o, the row scale, the gate, w and b; and it keeps
+    for the backward pass only its inputs and the per-row norm (not the normalised heads)."""
+    from arch_zoo.mixers.retnet import HeadNorm
+
+    torch.manual_seed(0)
+    B, H, T, dv = 2, 3, 10, 16
+    norm = HeadNorm(H, dv, kind, 1e-6, affine=True).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if norm.bias is not None:
+            norm.bias.normal_()
+    o = (torch.randn(B, H, T, dv, dtype=torch.float64) * 3 + 1).requires_grad_()
+    scale = (torch.rand(B, H, T, 1, dtype=torch.float64) + 0.1).requires_grad_()
+    gate = torch.randn(B, T, H * dv, dtype=torch.float64, requires_grad=True)
+    leaves = [o, scale, gate] + [p for p in norm.parameters()]
+
+    def formula(o, scale, gate):
+        x = o * scale
+        x = x - x.mean(-1, keepdim=True) if kind == "layernorm" else x
+        z = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+        z = z + norm.bias if norm.bias is not None else z
+        return F.silu(gate) * z.transpose(1, 2).reshape(B, T, H * dv)
+
+    d_out = torch.randn(B, T, H * dv, dtype=torch.float64)
+    torch.testing.assert_close(norm.gated(o, scale, gate), formula(o, scale, gate))
+    got = torch.autograd.grad(norm.gated(o, scale, gate), leaves, d_out)
+    want = torch.autograd.grad(formula(o, scale, gate), leaves, d_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    small = [x[:1, :2, :3].detach().clone().requires_grad_() for x in (o, scale)] + [
+        gate[:1, :3, : 2 * dv].detach().clone().requires_grad_()
+    ]
+    two_heads = HeadNorm(2, dv, kind, 1e-6, affine=True).double()
+    assert torch.autograd.gradcheck(lambda o, s, g: two_heads.gated(o, s, g), small)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        norm.gated(o, scale, gate)
+    assert max(sizes) == o.numel() and sizes.count(o.numel()) == 2  # o and the gate; the heads are recomputed
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 def test_head_norm_gradients_match_the_formula_and_keep_only_the_half_input(kind):
     """The head norm's own backward against autograd of the plain formula (float64, exact), then at bfloat16: close
     to the float64 gradient, with only the bf16 input and the per-row scale kept for the backward pass."""

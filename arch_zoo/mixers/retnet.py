@@ -211,19 +211,67 @@ class _NormalizeLastDim(torch.autograd.Function):
         return y.to(o.dtype)
 
     @staticmethod
+    def _input_grads(
+        dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, o: torch.Tensor, row_scale: torch.Tensor | None,
+        center: bool, scale_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """The gradients of ``o`` and (with ``scale_grad``: a trained decay's normaliser) ``row_scale`` from the
+        normalised output's ``dy``, both in float32 for half inputs."""
+        dx = rstd * (dy - y * (dy * y).mean(-1, keepdim=True))
+        if center:  # the centring is a projection: its gradient is centred too
+            dx = dx - dx.mean(-1, keepdim=True)
+        d_scale = None
+        if row_scale is not None and scale_grad:
+            d_scale = (dx * o.to(dx.dtype)).sum(-1, keepdim=True).to(row_scale.dtype)
+        return (dx if row_scale is None else dx * row_scale), d_scale
+
+    @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
         o, row_scale, rstd = ctx.saved_tensors
         y, _ = _NormalizeLastDim._normalized(o, row_scale, ctx.eps, ctx.center)
-        g = dy.to(y.dtype)
-        dx = rstd * (g - y * (g * y).mean(-1, keepdim=True))
-        if ctx.center:  # the centring is a projection: its gradient is centred too
-            dx = dx - dx.mean(-1, keepdim=True)
-        d_scale = None
-        if row_scale is not None and ctx.needs_input_grad[1]:  # a trained decay's normaliser
-            d_scale = (dx * o.to(dx.dtype)).sum(-1, keepdim=True).to(row_scale.dtype)
-        if row_scale is not None:
-            dx = dx * row_scale
-        return dx.to(o.dtype), d_scale, None, None
+        do, d_scale = _NormalizeLastDim._input_grads(
+            dy.to(y.dtype), y, rstd, o, row_scale, ctx.center, ctx.needs_input_grad[1]
+        )
+        return do.to(o.dtype), d_scale, None, None
+
+
+class _GatedHeadNorm(torch.autograd.Function):
+    """The mixer's output stage in one function: ``silu(gate) * (norm(o * row_scale) * weight + bias)``, heads put
+    side by side (``[B, T, H * dv]``, in the gate's dtype), float32 inside for half inputs.
+
+    Why: as separate steps, the normalised heads are written out for the gate's backward and read back by the gate;
+    here only the inputs (o, the gate) and the per-row scales are kept, and the backward recomputes the rest, so a
+    compiler can make the forward one pass over o and the gate."""
+
+    @staticmethod
+    def forward(ctx, o, row_scale, gate, weight, bias, eps: float, center: bool) -> torch.Tensor:
+        B, H, T, dv = o.shape
+        y, rstd = _NormalizeLastDim._normalized(o, row_scale, eps, center)
+        z = y if weight is None else y * weight
+        z = z if bias is None else z + bias
+        z = z.transpose(1, 2).reshape(B, T, H * dv)
+        ctx.save_for_backward(o, row_scale, rstd, gate, weight, bias)
+        ctx.eps, ctx.center = eps, center
+        return (F.silu(gate.to(z.dtype)) * z).to(gate.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        o, row_scale, rstd, gate, weight, bias = ctx.saved_tensors
+        B, H, T, dv = o.shape
+        y, _ = _NormalizeLastDim._normalized(o, row_scale, ctx.eps, ctx.center)
+        z = y if weight is None else y * weight
+        z = z if bias is None else z + bias
+        heads = (B, T, H, dv)
+        d = d_out.view(heads).transpose(1, 2).to(y.dtype)
+        gt = gate.view(heads).transpose(1, 2).to(y.dtype)
+        sig = torch.sigmoid(gt)
+        d_gate = (d * z * sig * (1 + gt * (1 - sig))).transpose(1, 2).reshape(gate.shape).to(gate.dtype)
+        dz = d * gt * sig
+        d_weight = None if weight is None else (dz * y).sum((0, 2)).view(weight.shape).to(weight.dtype)
+        d_bias = None if bias is None else dz.sum((0, 2)).view(bias.shape).to(bias.dtype)
+        dy = dz if weight is None else dz * weight
+        do, d_scale = _NormalizeLastDim._input_grads(dy, y, rstd, o, row_scale, ctx.center, ctx.needs_input_grad[1])
+        return do.to(o.dtype), d_scale, d_gate, d_weight, d_bias, None, None
 
 
 class HeadNorm(nn.Module):
@@ -241,6 +289,11 @@ class HeadNorm(nn.Module):
         if self.weight is not None:
             y = y * self.weight
         return y + self.bias if self.bias is not None else y
+
+    def gated(self, o: torch.Tensor, row_scale: torch.Tensor | None, gate: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * forward(o, row_scale)`` with the heads side by side: ``[B, T, H * dv]`` (see
+        :class:`_GatedHeadNorm`)."""
+        return _GatedHeadNorm.apply(o, row_scale, gate, self.weight, self.bias, self.eps, self.kind == "layernorm")
 
 
 @register_mixer("retnet")
@@ -440,13 +493,16 @@ class RetNet(TokenMixer):
         # back to the projections' dtype: under autocast x is float32 and the normalisers are, but the head norm,
         # gate and output projection run in half precision like every other activation. The head norm takes the
         # normalisers' row scale inside (no scaled copy of o is written); without it they scale o here
-        if self.group_norm is not None:
-            o = self.group_norm(o.to(v.dtype), row_scale)
+        if self.group_norm is not None and g is not None:  # the paper's block: the norm and the gate in one step
+            y = self.group_norm.gated(o.to(v.dtype), row_scale, g)
         else:
-            o = (o if row_scale is None else o * row_scale).to(v.dtype)
-        y = o.transpose(1, 2).reshape(B, T, H * dv)
-        if g is not None:
-            y = F.silu(g) * y
+            if self.group_norm is not None:
+                o = self.group_norm(o.to(v.dtype), row_scale)
+            else:
+                o = (o if row_scale is None else o * row_scale).to(v.dtype)
+            y = o.transpose(1, 2).reshape(B, T, H * dv)
+            if g is not None:
+                y = F.silu(g) * y
         y = self.out_proj(y)
         if not return_state:
             return y, None
