@@ -191,19 +191,6 @@ def _triton_key_sum(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
     return key_sum_triton(*args)
 
 
-def head_norm_on_kernel(kernel: str, o: torch.Tensor) -> bool:
-    """Whether RetNet's gated head norm runs its forward on our Triton kernel: on CUDA in half or single precision
-    (the kernel's arithmetic is float32), unless the mixer's ``kernel`` is ``torch``."""
-    return kernel != "torch" and o.is_cuda and o.dtype != torch.float64
-
-
-def gated_head_norm_kernel(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    """RetNet's gated head norm's forward on its Triton kernel (``kernels/head_norm_triton.py``): ``(out, rstd)``."""
-    from arch_zoo.kernels.head_norm_triton import gated_head_norm_triton  # imported late: Triton is for CUDA only
-
-    return gated_head_norm_triton(*args)
-
-
 def _fla_chunk(q, k, v, scale, initial_state, output_final_state, **decay) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's ``chunk_simple_gla`` with the decay as ``g_gamma=`` (per head) or ``g=`` (per token)."""
     fla = _fla("chunk")

@@ -240,23 +240,18 @@ class _GatedHeadNorm(torch.autograd.Function):
     side by side (``[B, T, H * dv]``, in the gate's dtype), float32 inside for half inputs.
 
     Why: as separate steps, the normalised heads are written out for the gate's backward and read back by the gate;
-    here only the inputs (o, the gate) and the per-row scales are kept, and the backward recomputes the rest. With
-    ``on_kernel`` (CUDA) the forward is one Triton kernel (``kernels/head_norm_triton.py``): compiled, the formula
-    became two kernels that read o twice."""
+    here only the inputs (o, the gate) and the per-row scales are kept, and the backward recomputes the rest, so a
+    compiler can make the forward one pass over o and the gate."""
 
     @staticmethod
-    def forward(ctx, o, row_scale, gate, weight, bias, eps: float, center: bool, on_kernel: bool) -> torch.Tensor:
-        ctx.eps, ctx.center = eps, center
-        if on_kernel:
-            out, rstd = dispatch.gated_head_norm_kernel(o, row_scale, gate, weight, bias, eps, center)
-            ctx.save_for_backward(o, row_scale, rstd, gate, weight, bias)
-            return out
+    def forward(ctx, o, row_scale, gate, weight, bias, eps: float, center: bool) -> torch.Tensor:
         B, H, T, dv = o.shape
         y, rstd = _NormalizeLastDim._normalized(o, row_scale, eps, center)
         z = y if weight is None else y * weight
         z = z if bias is None else z + bias
         z = z.transpose(1, 2).reshape(B, T, H * dv)
         ctx.save_for_backward(o, row_scale, rstd, gate, weight, bias)
+        ctx.eps, ctx.center = eps, center
         return (F.silu(gate.to(z.dtype)) * z).to(gate.dtype)
 
     @staticmethod
@@ -276,7 +271,7 @@ class _GatedHeadNorm(torch.autograd.Function):
         d_bias = None if bias is None else dz.sum((0, 2)).view(bias.shape).to(bias.dtype)
         dy = dz if weight is None else dz * weight
         do, d_scale = _NormalizeLastDim._input_grads(dy, y, rstd, o, row_scale, ctx.center, ctx.needs_input_grad[1])
-        return do.to(o.dtype), d_scale, d_gate, d_weight, d_bias, None, None, None
+        return do.to(o.dtype), d_scale, d_gate, d_weight, d_bias, None, None
 
 
 class HeadNorm(nn.Module):
@@ -295,13 +290,10 @@ class HeadNorm(nn.Module):
             y = y * self.weight
         return y + self.bias if self.bias is not None else y
 
-    def gated(
-        self, o: torch.Tensor, row_scale: torch.Tensor | None, gate: torch.Tensor, on_kernel: bool = False
-    ) -> torch.Tensor:
+    def gated(self, o: torch.Tensor, row_scale: torch.Tensor | None, gate: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * forward(o, row_scale)`` with the heads side by side: ``[B, T, H * dv]`` (see
-        :class:`_GatedHeadNorm`; ``on_kernel``: its forward on the Triton kernel, CUDA only)."""
-        center = self.kind == "layernorm"
-        return _GatedHeadNorm.apply(o, row_scale, gate, self.weight, self.bias, self.eps, center, on_kernel)
+        :class:`_GatedHeadNorm`)."""
+        return _GatedHeadNorm.apply(o, row_scale, gate, self.weight, self.bias, self.eps, self.kind == "layernorm")
 
 
 @register_mixer("retnet")
@@ -502,8 +494,7 @@ class RetNet(TokenMixer):
         # gate and output projection run in half precision like every other activation. The head norm takes the
         # normalisers' row scale inside (no scaled copy of o is written); without it they scale o here
         if self.group_norm is not None and g is not None:  # the paper's block: the norm and the gate in one step
-            on_kernel = dispatch.head_norm_on_kernel(c.kernel, o)
-            y = self.group_norm.gated(o.to(v.dtype), row_scale, g, on_kernel)
+            y = self.group_norm.gated(o.to(v.dtype), row_scale, g)
         else:
             if self.group_norm is not None:
                 o = self.group_norm(o.to(v.dtype), row_scale)
