@@ -264,6 +264,31 @@ def test_profiled_kernel_time_counts_kernels_not_the_annotations_around_them():
     assert by_kind == {"optimizer": 0.9, "matmul": 2.0} and launches == 3
 
 
+def test_profiled_idle_time_is_the_gaps_between_kernels_with_overlaps_merged():
+    """Idle time inside a step's kernel span: overlapping kernels (two streams) leave no gap, annotations and host
+    ops are not kernels, and gaps over 20 us (a host sync, a graph break) are counted apart."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from experiments.bench.profiling import kernel_idle
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return FunctionEvent(0, name, 0, start, end, device_type=device, is_user_annotation=annotation)
+
+    events = [
+        event("a", 100, 400),
+        event("b", 150, 200),  # inside a (another stream): no gap after it
+        event("c", 404, 500),  # 4 us after a
+        event("step#annotation", 0, 5000, annotation=True),
+        event("aten::item", 500, 1500, device=DeviceType.CPU),
+        event("d", 1500, 1600),  # 1000 us after c: a host sync
+        event("e", 1610, 1700),  # 10 us
+    ]
+    idle = kernel_idle(events)
+    assert idle == pytest.approx({"span_ms": 1.6, "idle_ms": 1.014, "gaps": 3, "big_ms": 1.0, "big_gaps": 1})
+    assert kernel_idle([event("aten::mm", 0, 10, device=DeviceType.CPU)])["gaps"] == 0
+
+
 def test_profiled_kernels_are_grouped_by_kind():
     from experiments.bench.profiling import kernel_kind
 

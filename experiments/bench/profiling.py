@@ -42,16 +42,50 @@ def kernel_time_by_kind(events) -> tuple[dict[str, float], int]:
     return by_kind, launches
 
 
+def kernel_idle(events, big_us: float = 20.0) -> dict[str, float]:
+    """How long the GPU sat idle between the first and the last kernel of a profiled step, from the kernels' time
+    ranges (overlapping kernels, as on several streams, merge): ``span_ms``, ``idle_ms``, ``gaps``, and ``big_ms`` /
+    ``big_gaps`` for gaps over ``big_us`` microseconds.
+
+    Why: "busy" (kernel time over the step's time) cannot tell a GPU waiting on the host (launches, a host sync, a
+    graph break) from a step whose kernels simply take that long; idle time inside the span can, and a few large
+    gaps point at a host sync where many small ones point at launch overhead."""
+    from torch.autograd import DeviceType
+
+    ranges = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
+    out = {"span_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "big_ms": 0.0, "big_gaps": 0}
+    if not ranges:
+        return out
+    end = ranges[0][1]
+    for start, stop in ranges[1:]:
+        if start > end:
+            gap = start - end
+            out["idle_ms"] += gap / 1e3
+            out["gaps"] += 1
+            if gap > big_us:
+                out["big_ms"] += gap / 1e3
+                out["big_gaps"] += 1
+        end = max(end, stop)
+    out["span_ms"] = (end - ranges[0][0]) / 1e3
+    return out
+
+
 def profile_step(
     step: Callable[[], object], device: torch.device, path: Path, what: str, step_ms: float | None = None
 ) -> float | None:
     """Run one more step under the torch profiler and write where its time went to ``path``.
 
-    On a GPU the summary says how much of the step's time the GPU spent in kernels, by kind: a step whose kernels
-    add up to much less than its time is bound by the host (launches, graph breaks), not by any kernel. The
-    fraction is taken of ``step_ms``, the step's time measured without the profiler (recording every host-side op
-    slows a host-bound step down, which would hide what it measures), else of the profiled wall time. Returns it in
-    percent (None on the CPU, which has no separate kernel time)."""
+    On a GPU the summary says how much of the step's time the GPU spent in kernels, by kind, and how long it sat
+    idle between them: a step whose kernels add up to much less than its time, with that time in gaps, is bound by
+    the host (launches, graph breaks, syncs), not by any kernel. The busy fraction is taken of ``step_ms``, the
+    step's time measured without the profiler (recording every host-side op slows a host-bound step down, which would
+    hide what it measures), else of the profiled wall time; the idle time, measured under the profiler, is an upper
+    bound for the same reason. Returns the busy fraction in percent (None on the CPU, which has no separate kernel
+    time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -74,6 +108,12 @@ def profile_step(
             f"GPU kernels: {launches} launches, {kernel_ms:.1f} ms, {busy:.0f}% of {basis} ({basis_ms:.1f} ms)"
         )
         lines += [f"  {kind:<18} {ms:9.1f} ms" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+        idle = kernel_idle(prof.events())
+        lines.append(
+            f"GPU idle between its first and last kernel: {idle['idle_ms']:.1f} ms of {idle['span_ms']:.1f} ms, in "
+            f"{idle['gaps']} gaps ({idle['big_ms']:.1f} ms in {idle['big_gaps']} gaps over 20 us: host syncs or "
+            "graph breaks; many small ones are launch overhead)"
+        )
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines += ["", events.table(sort_by=sort_by, row_limit=50, max_name_column_width=100)]
     path.parent.mkdir(parents=True, exist_ok=True)
