@@ -55,14 +55,31 @@ def first_opening(uri: str) -> Iterator[None]:
         yield
 
 
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its runs' artifacts: beside the database, in
+    ``<its folder>/mlruns/<name>``; None for other stores (a server has its own artifact root, a file store keeps
+    them inside itself).
+
+    Why: for a database store MLflow puts them in ``./mlruns`` of whatever directory the experiment happened to be
+    created from, so the runs of ``sqlite:////data/mlflow.db`` left their files wherever the first run started (and
+    tests, on a temporary store, left theirs in the repository). For the default ``sqlite:///mlflow.db`` this is
+    the same folder as before."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    folder = re.sub(r"[^\w.-]+", "_", name).strip("._") or "experiment"
+    return (path.resolve().parent / "mlruns" / folder).as_uri()
+
+
 def open_experiment(uri: str, name: str) -> tuple[mlflow.MlflowClient, str]:
-    """A client of the tracking store at ``uri`` and the id of experiment ``name``, both created if missing, safely
-    when many processes start at once."""
+    """A client of the tracking store at ``uri`` and the id of experiment ``name``, both created if missing (its
+    artifacts beside a sqlite database: :func:`artifact_location`), safely when many processes start at once."""
     with first_opening(uri):
         client = mlflow.MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    return client, experiment_id
+        if experiment is None:
+            return client, client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    return client, experiment.experiment_id
 
 
 PAGE = 1000  # runs per search page (MLflow's default page; its cap is 50,000)

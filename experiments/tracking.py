@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from arch_zoo.errors import ConfigError
 from arch_zoo.registry import mixer_origin
 from experiments.checkpoints import previous_of, usable_checkpoint
-from experiments.store import mask_secrets, open_experiment, search_all_runs
+from experiments.store import artifact_location, mask_secrets, open_experiment, search_all_runs
 
 log = logging.getLogger("arch_zoo")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -111,10 +111,12 @@ def experiment_of(cfg: DictConfig) -> tuple[mlflow.MlflowClient, str]:
 
 
 def make_logger(cfg: DictConfig, name: str, tags: dict[str, str], run_id: str | None = None) -> MLFlowLogger:
+    uri = tracking_uri(cfg.logger.tracking_uri)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=mask_secrets(name),
-        tracking_uri=tracking_uri(cfg.logger.tracking_uri),
+        tracking_uri=uri,
+        artifact_location=artifact_location(uri, cfg.logger.experiment_name),  # if the logger makes the experiment
         tags={k: mask_secrets(v) for k, v in tags.items()},
         log_model=bool(cfg.logger.log_checkpoint),
         run_id=run_id,

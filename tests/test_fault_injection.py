@@ -437,6 +437,38 @@ def test_a_store_password_reaches_no_param_tag_name_or_artifact(tmp_path):
     assert captured["tracking_uri"] == SECRET_URL  # the client itself still gets the real URL
 
 
+def test_artifacts_of_a_sqlite_store_stay_beside_it_whatever_the_working_directory(tmp_path, monkeypatch):
+    """MLflow puts a database store's artifacts in ``./mlruns`` of whichever directory made the experiment, so the
+    runs of ``sqlite:////data/mlflow.db`` left their files wherever the first one started. Every way the project
+    makes an experiment (a measurement's record, a training run's store lookup, its logger) puts them beside the
+    database."""
+    from hydra import compose, initialize_config_dir
+
+    import experiments.train  # noqa: F401  (registers the config schemas)
+    from experiments.bench.report import record_run
+    from experiments.store import open_experiment
+    from experiments.tracking import make_logger
+
+    store = tmp_path / "store"
+    uri = f"sqlite:///{store / 'mlflow.db'}"  # an absolute path: sqlite:////...
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    note = tmp_path / "note.txt"
+    note.write_text("measured")
+    record_run(uri, "bench", "one measurement", {}, {}, [], [note])
+    assert [p.read_text() for p in store.glob("mlruns/bench/*/artifacts/note.txt")] == ["measured"]
+    client, experiment_id = open_experiment(uri, "table5/gpu")
+    assert client.get_experiment(experiment_id).artifact_location == (store / "mlruns" / "table5_gpu").as_uri()
+    conf = Path(__file__).resolve().parents[1] / "experiments" / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[f"logger.tracking_uri={uri}", "logger.experiment_name=fresh"])
+    logger = make_logger(cfg, "a run", {})
+    logger.experiment.log_text(logger.run_id, "text", "file.txt")
+    assert len(list(store.glob("mlruns/fresh/*/artifacts/file.txt"))) == 1
+    assert not (elsewhere / "mlruns").exists()
+
+
 @pytest.mark.slow
 def test_resume_reads_no_checkpoint_outside_the_output_root(killed, data_cache):
     tmp_path = killed

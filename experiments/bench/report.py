@@ -28,6 +28,8 @@ import matplotlib.ticker  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from experiments.store import open_experiment  # noqa: E402
+
 DPI = 150
 EXPERIMENT = "bench"
 
@@ -346,12 +348,11 @@ def record_run(
     metrics: list[mlflow.entities.Metric],
     files: list[Path],
 ) -> str:
-    """Write one measurement as a FINISHED MLflow run in one go (the experiment made if new), for the commands that
+    """Write one measurement as a FINISHED MLflow run in one go (the experiment made if new, as every run's is:
+    ``experiments.store.open_experiment``), for the commands that
     measure outside a training run: params (values cut to MLflow's 6,000 characters), metrics in MLflow's batches of
     at most 1,000, the files as artifacts. Returns the run id."""
-    client = mlflow.MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    client, experiment_id = open_experiment(tracking_uri or mlflow.get_tracking_uri(), experiment)
     run_id = client.create_run(experiment_id, run_name=run_name[:250], tags=tags).info.run_id
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     for start in range(0, len(metrics), 1000):
