@@ -289,6 +289,45 @@ def test_profiled_idle_time_is_the_gaps_between_kernels_with_overlaps_merged():
     assert kernel_idle([event("aten::mm", 0, 10, device=DeviceType.CPU)])["gaps"] == 0
 
 
+def fake_smi(folder: Path, body: str) -> Path:
+    """An ``nvidia-smi`` on PATH that records its arguments and runs ``body`` (a shell snippet)."""
+    folder.mkdir(exist_ok=True)
+    tool = folder / "nvidia-smi"
+    tool.write_text(f'#!/usr/bin/env bash\necho "$@" > "{folder}/args"\n{body}\n')
+    tool.chmod(0o755)
+    return folder
+
+
+def test_gpu_clock_and_power_are_the_means_of_the_samples_taken_while_the_steps_ran(tmp_path, monkeypatch):
+    """The sampler asks for the GPU by its UUID and averages what ``nvidia-smi`` prints while the block runs,
+    leaving out fields it cannot read; a tool that is missing or fails leaves the fields empty, and nothing raises."""
+    import os
+    import time
+
+    from experiments.bench.telemetry import parse_samples, sampled
+
+    lines = ["1755, 690.10, 700.00", "1980, [N/A], 700.00", "[Not Supported]", "1845, 650.30, 700.00"]
+    parsed = parse_samples(lines)
+    assert parsed.samples == 3 and parsed.sm_clock_mhz == pytest.approx(1860.0)
+    assert parsed.power_w == pytest.approx(670.2) and parsed.power_limit_w == 700.0
+    body = 'while true; do echo "1500, 650.5, 700.00"; echo "[N/A], [N/A], [N/A]"; sleep 0.02; done'
+    folder = fake_smi(tmp_path / "ok", body)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    with sampled("GPU-1234") as gpu:
+        time.sleep(0.5)
+    assert gpu.samples >= 4 and (gpu.sm_clock_mhz, gpu.power_w, gpu.power_limit_w) == (1500.0, 650.5, 700.0)
+    args = (folder / "args").read_text().split()
+    assert args[:2] == ["-i", "GPU-1234"] and "--query-gpu=clocks.sm,power.draw,power.limit" in args
+    failing = fake_smi(tmp_path / "failing", 'echo "Field is not a valid field to query." >&2; exit 2')
+    monkeypatch.setenv("PATH", f"{failing}{os.pathsep}{os.environ['PATH']}")
+    with sampled("GPU-1234") as gpu:
+        time.sleep(0.1)
+    assert (gpu.sm_clock_mhz, gpu.power_w, gpu.samples) == (None, None, 0)
+    with sampled(None) as gpu:  # the CPU
+        pass
+    assert gpu.samples == 0
+
+
 def test_profiled_kernels_are_grouped_by_kind():
     from experiments.bench.profiling import kernel_kind
 

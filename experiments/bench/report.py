@@ -62,15 +62,31 @@ COLUMNS = {
         ("loss", "loss", "{:.3f}"),
         ("first_step_s", "first step (s)", "{:.1f}"),
         ("busy_pct", "GPU busy (%)", "{:.0f}"),
+        ("sm_clock_mhz", "SM clock (MHz)", "{:,.0f}"),
+        ("power_w", "power (W)", "{:,.0f}"),
+        ("power_limit_w", "power limit (W)", "{:,.0f}"),
         ("shared_gpu", "other GPU processes", "{}"),
         ("status", "status", "{}"),
     ],
 }
-OPTIONAL = {"busy_pct", "mfu"}  # shown only when some row has a value (--profile on a GPU; a GPU of known peak)
+# shown only when some row has a value (--profile on a GPU; a GPU of known peak; nvidia-smi's samples on a GPU)
+OPTIONAL = {"busy_pct", "mfu", "sm_clock_mhz", "power_w", "power_limit_w"}
 SHOWN_IF_POSITIVE = {"shared_gpu"}  # shown only when some row has a count above zero (a GPU shared with others)
 METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
-    "train": ("step_ms", "tokens_per_s", "tflops", "mfu", "peak_mib", "loss", "first_step_s", "busy_pct"),
+    "train": (
+        "step_ms",
+        "tokens_per_s",
+        "tflops",
+        "mfu",
+        "peak_mib",
+        "loss",
+        "first_step_s",
+        "busy_pct",
+        "sm_clock_mhz",
+        "power_w",
+        "power_limit_w",
+    ),
 }
 
 

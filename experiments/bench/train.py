@@ -28,6 +28,7 @@ from experiments.bench import (
     synchronize,
 )
 from experiments.bench.profiling import profile_step
+from experiments.bench.telemetry import sampled, smi_gpu_id
 from experiments.hardware import matmul_precision, peak_tflops
 
 
@@ -44,6 +45,9 @@ class TrainRow(CellRow):
     mfu: float | None = None  # tflops as a fraction of the device's peak at the run's precision (experiments.hardware)
     busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
     first_step_s: float | None = None  # the first step's wall time: with --compile, mostly the compile (cold start)
+    sm_clock_mhz: float | None = None  # on a GPU: the mean SM clock over the timed steps (nvidia-smi's samples)
+    power_w: float | None = None  # and the mean power draw, against
+    power_limit_w: float | None = None  # the board's power limit
 
 
 @dataclass(kw_only=True)
@@ -115,11 +119,13 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(settings.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    with sampled(smi_gpu_id(device)) as gpu:  # a GPU at its power cap runs below the clock its peak assumes
+        for _ in range(settings.steps):
+            t0 = time.perf_counter()
+            loss = step()
+            synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    row.sm_clock_mhz, row.power_w, row.power_limit_w = gpu.sm_clock_mhz, gpu.power_w, gpu.power_limit_w
     row.step_ms = statistics.median(times)
     row.tokens_per_s = row.batch * row.length / (row.step_ms / 1e3)
     row.peak_mib = peak_mib(device)
