@@ -493,6 +493,13 @@ def log_mlflow(rows: list[Row], params: dict, table: str, csv_path: Path, experi
     the table named after the CSV: ``retention_benchmark`` or ``wkv_benchmark``)."""
     import mlflow
 
+    uri = mlflow.get_tracking_uri()
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if database and database != ":memory:" and mlflow.get_experiment_by_name(experiment) is None:
+        # artifacts beside the database, not in ./mlruns of wherever this ran: the rule of the project's other
+        # commands (experiments.store.artifact_location, which the model library does not import)
+        location = (Path(database).resolve().parent / "mlruns" / experiment).as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     kind = csv_path.stem.removesuffix("_benchmark")
     with mlflow.start_run(run_name=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"):

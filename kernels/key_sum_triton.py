@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from arch_zoo.kernels.retention_triton import _precision
+from arch_zoo.kernels.retention_triton import _precision, on_inputs_device
 
 BK = 64  # key columns a program carries: 4 programs per sequence and head at K = 256
 C = 64  # tokens per chunk (the [C, C] scores of one chunk and one key slice)
@@ -99,6 +99,7 @@ def _final_z(q: torch.Tensor, output_final_state: bool) -> torch.Tensor:
 
 
 @torch.library.custom_op("arch_zoo::retention_key_sum", mutates_args=())
+@on_inputs_device
 def _key_sum_op(
     q: torch.Tensor,
     k: torch.Tensor,

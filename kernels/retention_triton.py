@@ -37,7 +37,8 @@ core's output. Measured results: docs/results/kernels.md.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -496,6 +497,25 @@ def _decode_step_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launch helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def on_inputs_device(op: Callable) -> Callable:
+    """Run ``op`` (an operator's implementation) with the CUDA device of its first tensor argument current.
+
+    Why: a Triton kernel launches on the current device, not on the device of its tensors. A model on ``cuda:1``
+    while ``cuda:0`` was current (``zoo-bench --device cuda:1``, a notebook) had its kernels launched on the other
+    GPU. A compiled graph sets the device itself; an eager call, and the call that a compiled graph's operator makes,
+    come through here."""
+
+    @functools.wraps(op)
+    def on_device(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        if not first.is_cuda:
+            return op(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return op(*args, **kwargs)
+
+    return on_device
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -990,6 +1010,7 @@ def _forward_states(
 
 
 @torch.library.custom_op("arch_zoo::retention_chunkwise", mutates_args=())
+@on_inputs_device
 def _retention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1027,6 +1048,7 @@ def _(q, k, v, log_gamma, scale, initial_state, output_final_state, tiles):
 
 
 @torch.library.custom_op("arch_zoo::retention_chunkwise_backward", mutates_args=())
+@on_inputs_device
 def _retention_backward_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1247,6 +1269,7 @@ def retention_step_triton(
 # its graph (the model's whole step is one graph, fused around it, and one CUDA graph replays it). Called as a
 # plain Triton launch instead, it was a graph break per layer (a compiled 24-layer step: 25 graphs).
 @torch.library.custom_op("arch_zoo::retention_step", mutates_args=("state", "key_sum"))
+@on_inputs_device
 def _step_op(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from arch_zoo.kernels.retention_triton import on_inputs_device
+
 # tiles, timed on an H100 at the Table 5 shape against 32/64/128 channels, 1-4 warps and 1-4 stages (kernels.md):
 # two channels a thread make 4-byte loads, which the pipeliner can copy asynchronously
 BLOCK_C = 64  # channels a program carries (B * C / 64 programs: 512 at the Table 5 shape)
@@ -197,6 +199,7 @@ def _final_state(k: torch.Tensor, output_final_state: bool) -> torch.Tensor:
 
 
 @torch.library.custom_op("arch_zoo::wkv4", mutates_args=())
+@on_inputs_device
 def _wkv_op(
     w: torch.Tensor,
     u: torch.Tensor,
@@ -224,6 +227,7 @@ def _(w, u, k, v, initial_state, output_final_state):
 
 
 @torch.library.custom_op("arch_zoo::wkv4_backward", mutates_args=())
+@on_inputs_device
 def _wkv_backward_op(
     w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

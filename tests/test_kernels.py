@@ -696,12 +696,18 @@ def test_benchmark_table_and_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     csv_path = tmp_path / "bench.csv"
     csv_path.write_text("method,ms\nours,1.0\n")
+    elsewhere = tmp_path / "elsewhere"  # where the command runs: its artifacts still go beside the database
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     log_mlflow(rows, {"device": "test"}, table, csv_path, "kernels-test")
     import mlflow
 
     (run,) = mlflow.search_runs(experiment_names=["kernels-test"], output_format="list")
     assert run.data.metrics["fwd_bwd/ours_triton/T2048_K128_V128_B32/ms"] == 1.0
     assert run.data.params["device"] == "test"
+    artifacts = tmp_path / "mlruns" / "kernels-test" / run.info.run_id / "artifacts"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["bench.csv", "bench.md"]
+    assert not (elsewhere / "mlruns").exists()
 
 
 def test_benchmark_writes_each_cell_and_skips_a_method_past_its_time_limit(tmp_path, monkeypatch):
@@ -878,6 +884,72 @@ def test_triton_gpu_decode_step(shape):
     assert rel(state, state_ref) < 1e-6 and rel(z, z_ref) < 1e-6
     assert rel(zq, zq_ref) < 1e-5
     assert rel(o, o_ref) < 1e-2  # the output is rounded to bf16
+
+
+def test_operators_run_on_the_device_of_their_tensors_not_the_current_one(monkeypatch):
+    """Every kernel operator's implementation makes its first tensor's CUDA device current while it runs: a Triton
+    kernel launches on the current device, so a model on cuda:1 with cuda:0 current launched its kernels on the other
+    GPU. Here a tensor that says it lives on cuda:1 stands in for one (the two-GPU test below runs the real thing)."""
+    pytest.importorskip("triton")
+    from arch_zoo.kernels import key_sum_triton, retention_triton, wkv_triton
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class OnSecondGpu(torch.Tensor):
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    ran_under = []
+    op = retention_triton.on_inputs_device(lambda scale, x, y: ran_under.append(entered[-1:]) or "result")
+    assert op(0.5, torch.zeros(1).as_subclass(OnSecondGpu), torch.zeros(1)) == "result"
+    assert ran_under == [[torch.device("cuda", 1)]] and entered[-1] == "exit"
+    entered.clear()
+    assert op(0.5, torch.zeros(1), torch.zeros(1)) == "result" and entered == []  # off CUDA: no guard
+    guarded = retention_triton.on_inputs_device(lambda: None).__code__
+    for module, name in ((retention_triton, "_retention_op"), (retention_triton, "_retention_backward_op"),
+                         (retention_triton, "_step_op"), (key_sum_triton, "_key_sum_op"),
+                         (wkv_triton, "_wkv_op"), (wkv_triton, "_wkv_backward_op")):  # fmt: skip
+        assert getattr(module, name)._init_fn.__code__ is guarded, f"{name} is not made on its tensors' device"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_on_the_second_gpu_while_the_first_is_current():
+    """The retention core (forward and backward), the key-sum read and WKV on cuda:1 with cuda:0 current, against the
+    same calls on the CPU's PyTorch forms."""
+    from arch_zoo.kernels.key_sum_triton import key_sum_triton
+    from arch_zoo.kernels.retention_triton import retention_triton
+    from arch_zoo.kernels.wkv_triton import wkv_triton
+
+    torch.cuda.set_device(0)
+    gpu = torch.device("cuda", 1)
+    B, T, H, K, V = 2, 300, 2, 64, 64
+    q, k, v, _ = inputs(B, T, H, K, V, dtype=torch.float32, device="cpu", seed=0)
+    lg = decays(H)
+    want = retention_parallel_reference(q.double(), k.double(), v.double(), lg.double(), K**-0.5)[0]
+    q1, k1, v1 = (x.to(gpu).requires_grad_() for x in (q, k, v))
+    o, _ = retention_triton(q1, k1, v1, lg.to(gpu))
+    o.sum().backward()
+    assert o.device == gpu and torch.allclose(o.cpu().double(), want, rtol=1e-4, atol=1e-4)
+    assert q1.grad is not None and torch.isfinite(q1.grad).all()
+    with torch.no_grad():
+        s, _ = key_sum_triton(q1, k1, lg.to(gpu))
+    assert s.device == gpu and torch.isfinite(s).all()
+    C = 64
+    w, u = -torch.rand(C, device=gpu), torch.randn(C, device=gpu)
+    y, _ = wkv_triton(w, u, torch.randn(B, T, C, device=gpu), torch.randn(B, T, C, device=gpu))
+    assert y.device == gpu and torch.isfinite(y).all()
 
 
 @pytest.mark.gpu
