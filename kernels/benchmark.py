@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import csv
 import platform
+import re
 import signal
 import sys
 import time
@@ -498,7 +499,8 @@ def log_mlflow(rows: list[Row], params: dict, table: str, csv_path: Path, experi
     if database and database != ":memory:" and mlflow.get_experiment_by_name(experiment) is None:
         # artifacts beside the database, not in ./mlruns of wherever this ran: the rule of the project's other
         # commands (experiments.store.artifact_location, which the model library does not import)
-        location = (Path(database).resolve().parent / "mlruns" / experiment).as_uri()
+        folder = re.sub(r"[^\w.-]+", "_", experiment).strip("._") or "experiment"
+        location = (Path(database).resolve().parent / "mlruns" / folder).as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     kind = csv_path.stem.removesuffix("_benchmark")

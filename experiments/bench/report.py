@@ -364,10 +364,10 @@ def record_run(
     metrics: list[mlflow.entities.Metric],
     files: list[Path],
 ) -> str:
-    """Write one measurement as a FINISHED MLflow run in one go (the experiment made if new, as every run's is:
-    ``experiments.store.open_experiment``), for the commands that
-    measure outside a training run: params (values cut to MLflow's 6,000 characters), metrics in MLflow's batches of
-    at most 1,000, the files as artifacts. Returns the run id."""
+    """Write one measurement as a FINISHED MLflow run in one go, for the commands that measure outside a training
+    run: params (values cut to MLflow's 6,000 characters), metrics in MLflow's batches of at most 1,000, the files as
+    artifacts. The experiment is made if new, as every run's is (``experiments.store.open_experiment``). Returns the
+    run id."""
     client, experiment_id = open_experiment(tracking_uri or mlflow.get_tracking_uri(), experiment)
     run_id = client.create_run(experiment_id, run_name=run_name[:250], tags=tags).info.run_id
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
