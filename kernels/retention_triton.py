@@ -547,16 +547,25 @@ TILE_OVERRIDES: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def pinned_tiles(tiles: dict[str, int]) -> Iterator[None]:
-    """``TILE_OVERRIDES`` set to ``tiles`` for the calls (and plans) made inside, and restored after."""
-    saved = dict(TILE_OVERRIDES)
-    TILE_OVERRIDES.clear()
-    TILE_OVERRIDES.update(tiles)
+def _pinned(overrides: dict[str, int], tiles: dict[str, int]) -> Iterator[None]:
+    saved = dict(overrides)
+    overrides.clear()
+    overrides.update(tiles)
     try:
         yield
     finally:
-        TILE_OVERRIDES.clear()
-        TILE_OVERRIDES.update(saved)
+        overrides.clear()
+        overrides.update(saved)
+
+
+def pinned_tiles(tiles: dict[str, int]) -> contextlib.AbstractContextManager[None]:
+    """``TILE_OVERRIDES`` set to ``tiles`` for the calls (and plans) made inside, and restored after."""
+    return _pinned(TILE_OVERRIDES, tiles)
+
+
+def pinned_decode_tiles(tiles: dict[str, int]) -> contextlib.AbstractContextManager[None]:
+    """``DECODE_TILE_OVERRIDES`` (``bk``, ``bv``, ``warps``) set to ``tiles`` inside, and restored after."""
+    return _pinned(DECODE_TILE_OVERRIDES, tiles)
 
 
 class _Plan:
@@ -1216,7 +1225,8 @@ def retention_triton(
     return o, final if output_final_state else None
 
 
-# Decode tile choices can be pinned here ("bv", "bk", "warps") to time alternatives; empty in normal use.
+# Decode tile choices can be pinned here ("bv", "bk", "warps"; pinned_decode_tiles) to time alternatives; empty in
+# normal use.
 DECODE_TILE_OVERRIDES: dict[str, int] = {}
 
 

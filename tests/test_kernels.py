@@ -393,11 +393,11 @@ def interpreter_checks() -> dict[str, float]:
     results["decode/state"] = rel(state, state_ref)
     # with the key sum, and tiles that walk the key dim in pieces and cut a ragged value dim
     for tiles in ({"bk": 16, "bv": 32}, {"bk": 64, "bv": 16}):
-        rt.DECODE_TILE_OVERRIDES.update(tiles)
         q, k, v, s0 = inputs(2, 1, 2, 40, 50, dtype=torch.float32, seed=tiles["bk"])
         z0 = torch.randn(2, 2, 40)
         state, state_ref, z, z_ref = s0.clone(), s0.double(), z0.clone(), z0.double()
-        o, zq = retention_step_triton(q[:, 0], k[:, 0], v[:, 0], state, lg, 0.3, key_sum=z)
+        with rt.pinned_decode_tiles(tiles):
+            o, zq = retention_step_triton(q[:, 0], k[:, 0], v[:, 0], state, lg, 0.3, key_sum=z)
         o_ref, zq_ref = torch_step(
             q[:, 0].double(), k[:, 0].double(), v[:, 0].double(), state_ref, lg, 0.3, key_sum=z_ref
         )
@@ -406,7 +406,6 @@ def interpreter_checks() -> dict[str, float]:
         results[f"{name}/state"] = rel(state, state_ref)
         results[f"{name}/key_sum"] = rel(z, z_ref)
         results[f"{name}/key_sum_read"] = rel(zq, zq_ref)
-        rt.DECODE_TILE_OVERRIDES.clear()
 
     # block states swept again in the backward pass instead of kept: the same gradients, and h's bytes not saved
     q, k, v, s0 = inputs(2, 70, 2, 16, 24, dtype=torch.float32, seed=13)
