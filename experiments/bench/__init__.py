@@ -220,9 +220,19 @@ def other_gpu_processes(device: torch.device) -> int | None:
     compiling beside ``zoo-bench train`` made one table's Transformer step 446 ms and the next table's 253 ms)."""
     if device.type != "cuda":
         return None
+    return count_other_processes(compute_apps(), smi_gpu_id(device) or "", torch.cuda.is_initialized())
+
+
+def smi_gpu_id(device: torch.device) -> str | None:
+    """The id ``nvidia-smi`` knows ``device`` by: its UUID (indices differ under ``CUDA_VISIBLE_DEVICES``); None
+    off CUDA or where the driver gives none."""
+    if device.type != "cuda":
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
-    return count_other_processes(compute_apps(), uuid, torch.cuda.is_initialized())
+    if not uuid:
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
 def compute_apps() -> list[str] | None:

@@ -15,8 +15,6 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 QUERY = "clocks.sm,power.draw,power.limit"  # fields every driver since the H100's knows
 INTERVAL_MS = 50
 
@@ -46,17 +44,6 @@ def parse_samples(lines: list[str]) -> Telemetry:
                 values.append(float(field))
     clock, power, limit = (statistics.fmean(v) if v else None for v in columns)
     return Telemetry(clock, power, limit, rows)
-
-
-def smi_gpu_id(device: torch.device) -> str | None:
-    """The id ``nvidia-smi -i`` knows ``device`` by: its UUID (indices differ under ``CUDA_VISIBLE_DEVICES``)."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))
-    if not uuid:
-        return None
-    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
 
 
 @contextlib.contextmanager

@@ -24,11 +24,12 @@ from experiments.bench import (
     free_memory,
     peak_mib,
     run_cell,
+    smi_gpu_id,
     spec_model,
     synchronize,
 )
 from experiments.bench.profiling import profile_step
-from experiments.bench.telemetry import sampled, smi_gpu_id
+from experiments.bench.telemetry import sampled
 from experiments.hardware import matmul_precision, peak_tflops
 
 
