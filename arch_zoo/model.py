@@ -49,6 +49,11 @@ class ModelConfig:
     # follows the model's shape, or a literal target_params; not both.
     budget_per_layer: float | None = None
     target_params: int | None = None
+    # the matched FFN width rounded to a multiple of this. 1 (the published tables): the width nearest the budget,
+    # e.g. 2046 for RetNet at Table 5's shape, whose bf16 rows (4092 bytes) are not 16-byte aligned, so some of the
+    # FFN's products run on slow cuBLAS kernels or are padded on every call (docs/results/mfu.md, session 22).
+    # 64: 2048, the paper's 2d, at 0.03% more counted parameters
+    ffn_multiple_of: int = 1
 
     def size_budget(self) -> int | None:
         """The equal-size budget in counted parameters, or None when the FFN width is not matched."""
@@ -74,6 +79,8 @@ class ModelConfig:
                 "model.budget_per_layer and model.target_params both set the equal-size budget; set one "
                 "(e.g. model.target_params=null)"
             )
+        if self.ffn_multiple_of < 1:
+            raise ConfigError(f"model.ffn_multiple_of must be 1 or more (1: no rounding), not {self.ffn_multiple_of}")
         mixer = make_config(self.mixer).for_depth(self.n_layers)
         mixer.check(self.d_model)
         hybrid_mixer = None if self.hybrid_mixer is None else make_config(self.hybrid_mixer).for_depth(self.n_layers)
@@ -97,8 +104,8 @@ def counted_parameters(module: nn.Module | None) -> int:
 
 
 def matched_ffn(config: ModelConfig, mixers: list[nn.Module]) -> FFNConfig:
-    """The FFN config whose width brings the counted parameters of the blocks and final norm nearest the budget
-    (:meth:`ModelConfig.size_budget`).
+    """The FFN config whose width (a multiple of ``model.ffn_multiple_of``) brings the counted parameters of the blocks
+    and final norm nearest the budget (:meth:`ModelConfig.size_budget`).
 
     An FFN's size is affine in its width, so two probe builds give the slope and intercept."""
     target = config.size_budget()
@@ -111,13 +118,14 @@ def matched_ffn(config: ModelConfig, mixers: list[nn.Module]) -> FFNConfig:
         norms = counted_parameters(make_norm(config.norm, d, config.norm_eps))
     slope, intercept = f2 - f1, f1 - (f2 - f1)
     fixed = sum(counted_parameters(m) for m in mixers) + L * (2 * norms + intercept) + norms
-    hidden = round((target - fixed) / (L * slope))
-    if hidden < 1:
+    width = (target - fixed) / (L * slope)
+    if round(width) < 1:
         raise ConfigError(
             f"the size budget {target:,} (model.budget_per_layer or model.target_params) is below what the "
             f"mixers alone need ({fixed:,}); raise it or shrink d_model / n_layers"
         )
-    return dataclasses.replace(config.ffn, hidden_size=hidden)
+    step = config.ffn_multiple_of
+    return dataclasses.replace(config.ffn, hidden_size=max(step, step * round(width / step)))
 
 
 class Block(nn.Module):

@@ -142,6 +142,7 @@ KEY_NEUTRAL: dict[str, object] = {
     "model.mixer.half_core": False,
     "compile_mode": "default",
     "model.mixer.fused_projections": False,
+    "model.ffn_multiple_of": 1,
 }
 
 

@@ -190,6 +190,33 @@ def test_the_budget_follows_the_shape_and_positional_tables_are_not_counted():
         LanguageModel(ModelConfig(vocab_size=50, d_model=64, mixer="transformer", budget_per_layer=12, target_params=1))
 
 
+def test_the_matched_ffn_width_rounds_to_the_multiple_asked_for():
+    """Table 5's equal-size rule leaves the FFN 2 units under 2d (RetNet) and 4d (the Transformer) at d 1024: the
+    norms take their share of the budget. A bf16 row of 2046 is 4092 bytes, which cuBLAS's aligned kernels cannot
+    take (docs/results/mfu.md, session 22); ``ffn_multiple_of=64`` gives back the paper's widths."""
+    shape = dict(vocab_size=100, d_model=1024, n_layers=16, budget_per_layer=12)
+    widths = {}
+    for mixer in ("retnet", "transformer", "rwkv", "h3"):
+        for step in (1, 64):
+            with torch.device("meta"):
+                model = LanguageModel(ModelConfig(mixer=mixer, ffn_multiple_of=step, **shape))
+            hidden = model.blocks[0].ffn.fc1.out_features
+            widths[mixer, step] = hidden
+            assert hidden % step == 0
+            # the nearest multiple: at most half a step of FFN units per layer from the unrounded width
+            slope = 2 * 1024  # counted parameters per FFN unit: a column of fc1 and a row of fc2, no biases
+            assert abs(model.size()["counted"] - 12 * 1024**2 * 16) <= 16 * slope * max(step / 2, 1)
+    assert (widths["retnet", 1], widths["retnet", 64]) == (2046, 2048)
+    assert (widths["transformer", 1], widths["transformer", 64]) == (4094, 4096)
+    # a budget whose nearest multiple would be no FFN at all gets one multiple
+    with torch.device("meta"):
+        small = LanguageModel(ModelConfig(vocab_size=50, d_model=64, n_layers=2, mixer="retnet", budget_per_layer=8.1,
+                                          ffn_multiple_of=64))  # fmt: skip
+    assert small.blocks[0].ffn.fc1.out_features == 64
+    with pytest.raises(ConfigError, match="ffn_multiple_of must be 1 or more"):
+        LanguageModel(ModelConfig(vocab_size=50, d_model=64, mixer="retnet", budget_per_layer=12, ffn_multiple_of=0))
+
+
 def test_cached_rotary_tables_match_a_fresh_computation_and_grow():
     from arch_zoo.layers import _ROTARY_TABLES, cached_rotary_cos_sin, rotary_cos_sin
 

@@ -48,6 +48,7 @@ def test_keys_recorded_before_later_settings_are_unchanged(overrides):
         "float32_matmul_precision=high",
         "compile_mode=max-autotune",
         "model.mixer.fused_projections=true",
+        "model.ffn_multiple_of=64",
     ],
     ids=str,
 )
