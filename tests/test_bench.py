@@ -289,6 +289,49 @@ def test_profiled_idle_time_is_the_gaps_between_kernels_with_overlaps_merged():
     assert kernel_idle([event("aten::mm", 0, 10, device=DeviceType.CPU)])["gaps"] == 0
 
 
+def test_a_profile_calls_out_misaligned_and_older_architecture_matrix_products():
+    """Kernel names from a profiled RetNet step on an H100 (docs/results/mfu.md, session 22): the FFN products of a
+    2046-wide FFN ran on Ampere kernels for 2-element alignment, and the summary says so with the fix; aligned
+    Hopper products, aligned Ampere ones and kernels of other kinds are not misaligned."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from experiments.bench.profiling import kernel_arch, slow_matmul_lines, slow_matmuls
+
+    def event(name, start, end, device=DeviceType.CUDA):
+        return FunctionEvent(0, name, 0, start, end, device_type=device)
+
+    nn2 = "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_nn_align2>(cutlass_80...)"
+    nt2 = "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_nt_align2>(cutlass_80...)"
+    relu8 = "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_128x256_64x3_nt_align8>(cutla..."
+    events = [
+        event(nn2, 0, 1187),
+        event(nn2, 2000, 3187),
+        event(nt2, 4000, 5066),
+        event(relu8, 6000, 6614),
+        event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 7000, 7400),
+        event("triton_poi_fused_align2_view_3", 8000, 8100),  # not a matrix product, whatever its name says
+        event(nn2, 0, 5000, device=DeviceType.CPU),
+    ]
+    names = (nn2, "sm80_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_nn")
+    assert [kernel_arch(n) for n in (*names, "nvjet_sm90_tst_256x128", "triton_poi_fused_add_0")] == [
+        80,
+        80,
+        80,
+        90,
+        None,
+    ]
+    slow = slow_matmuls(events, 90)
+    assert slow["misaligned"] == pytest.approx((3.44, 3)) and slow["older_arch"] == pytest.approx((4.054, 4))
+    lines = slow_matmul_lines(slow, 90)
+    assert len(lines) == 2 and "3.4 ms in 3 launches" in lines[0] and "model.ffn_multiple_of=64" in lines[0]
+    assert "older GPU than this one (sm90): 4.1 ms in 4 launches" in lines[1]
+    on_ampere = slow_matmuls(events, 80)
+    assert on_ampere["older_arch"] == (0.0, 0) and slow_matmul_lines(on_ampere, 80) == lines[:1]
+    aligned = [e for e in events if "align2" not in e.name]
+    assert slow_matmul_lines(slow_matmuls(aligned, 80), 80) == []
+
+
 def fake_smi(folder: Path, body: str) -> Path:
     """An ``nvidia-smi`` on PATH that records its arguments and runs ``body`` (a shell snippet)."""
     folder.mkdir(exist_ok=True)

@@ -276,7 +276,9 @@ def _cell(
     row.graph = stepper.note + (", compiled" if runner is not None else "")
     if settings.profile_dir is not None:
         path = settings.profile_dir / f"profile_{row.model}_T{L}_B{B}.txt"
-        row.busy_pct = profile_step(stepper.run, device, path, f"one decoding step ({row.graph})", row.latency_ms)
+        row.busy_pct = profile_step(
+            stepper.run, device, path, f"one decoding step ({row.graph})", row.latency_ms
+        ).busy_pct
     row.status = "ok"
 
 

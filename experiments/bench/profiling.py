@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +44,65 @@ def kernel_time_by_kind(events) -> tuple[dict[str, float], int]:
     return by_kind, launches
 
 
+# cuBLAS's CUTLASS kernels name the widest vector access their operands allow (align8 = 16 bytes of bf16), and the
+# architecture they were written for (cutlass_80_: Ampere); older kernel families are named after theirs
+_ALIGN = re.compile(r"_align([124])(?!\d)")
+_ARCH = re.compile(r"(?:cutlass_|(?<![a-z])sm)(\d{2,3})_")
+_ARCH_FAMILIES = {"volta": 70, "turing": 75, "ampere": 80}
+
+
+def kernel_arch(name: str) -> int | None:
+    """The compute capability (x10) a matrix-product kernel was built for, where its name says it."""
+    found = _ARCH.search(name)
+    if found:
+        return int(found.group(1))
+    lowered = name.lower()
+    return next((arch for family, arch in _ARCH_FAMILIES.items() if f"{family}_" in lowered), None)
+
+
+def slow_matmuls(events, device_arch: int | None) -> dict[str, tuple[float, int]]:
+    """Matrix-product kernels that a profile should call out, as (ms, launches): ``misaligned``, those whose
+    operands allowed only 2- to 8-byte accesses (a bf16 dim that is not a multiple of 8), and ``older_arch``,
+    those built for an older GPU than ``device_arch`` (compute capability x10).
+
+    Why: at the Table 5 shape a matched FFN width of 2046 put three FFN products a layer on Ampere kernels at
+    230-260 TFLOP/s, against 690-810 for the same products at 2048 (docs/results/mfu.md, session 22). Inductor pads
+    such products or not by timing both ways as it compiles, so the same code stepped 14-25% slower on one H100 than
+    on another; a profile that says so saves reading its kernel names by hand."""
+    from torch.autograd import DeviceType
+
+    out = {"misaligned": (0.0, 0), "older_arch": (0.0, 0)}
+    for event in events:
+        if event.device_type != DeviceType.CUDA or event.is_user_annotation or kernel_kind(event.name) != "matmul":
+            continue
+        ms = (event.time_range.end - event.time_range.start) / 1e3
+        arch = kernel_arch(event.name)
+        for key, hit in (
+            ("misaligned", _ALIGN.search(event.name) is not None),
+            ("older_arch", device_arch is not None and arch is not None and arch < device_arch),
+        ):
+            if hit:
+                total, launches = out[key]
+                out[key] = (total + ms, launches + 1)
+    return out
+
+
+def slow_matmul_lines(slow: dict[str, tuple[float, int]], device_arch: int | None) -> list[str]:
+    lines = []
+    ms, launches = slow["misaligned"]
+    if launches:
+        lines.append(
+            f"matmul on misaligned operands (align1-4 kernels): {ms:.1f} ms in {launches} launches; a bf16 or fp16 "
+            "dim that is not a multiple of 8 (an FFN width matched to a budget: model.ffn_multiple_of=64)"
+        )
+    ms, launches = slow["older_arch"]
+    if launches:
+        lines.append(
+            f"matmul on kernels for an older GPU than this one (sm{device_arch}): {ms:.1f} ms in {launches} launches"
+        )
+    return lines
+
+
 def kernel_idle(events, big_us: float = 20.0) -> dict[str, float]:
     """How long the GPU sat idle between the first and the last kernel of a profiled step, from the kernels' time
     ranges (overlapping kernels, as on several streams, merge): ``span_ms``, ``idle_ms``, ``gaps``, and ``big_ms`` /
@@ -74,9 +135,17 @@ def kernel_idle(events, big_us: float = 20.0) -> dict[str, float]:
     return out
 
 
+class ProfileSummary(NamedTuple):
+    """What a profiled step adds to its row: on a GPU, the kernels' share of the step (percent) and the time of its
+    matrix products on misaligned operands (ms, 0 when there are none); None on the CPU."""
+
+    busy_pct: float | None = None
+    misaligned_matmul_ms: float | None = None
+
+
 def profile_step(
     step: Callable[[], object], device: torch.device, path: Path, what: str, step_ms: float | None = None
-) -> float | None:
+) -> ProfileSummary:
     """Run one more step under the torch profiler and write where its time went to ``path``.
 
     On a GPU the summary says how much of the step's time the GPU spent in kernels, by kind, and how long it sat
@@ -84,8 +153,8 @@ def profile_step(
     the host (launches, graph breaks, syncs), not by any kernel. The busy fraction is taken of ``step_ms``, the
     step's time measured without the profiler (recording every host-side op slows a host-bound step down, which would
     hide what it measures), else of the profiled wall time; the idle time, measured under the profiler, is an upper
-    bound for the same reason. Returns the busy fraction in percent (None on the CPU, which has no separate kernel
-    time)."""
+    bound for the same reason. Matrix products on misaligned operands or older-GPU kernels get a line of their own
+    (``slow_matmuls``). The CPU has no separate kernel time: its summary is empty."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -98,7 +167,7 @@ def profile_step(
         wall_ms = (time.perf_counter() - t0) * 1e3
     events = prof.key_averages()
     lines = [f"{what} under the profiler: {wall_ms:.1f} ms wall"]
-    busy = None
+    summary = ProfileSummary()
     if cuda:
         by_kind, launches = kernel_time_by_kind(prof.events())
         kernel_ms = sum(by_kind.values())
@@ -114,8 +183,13 @@ def profile_step(
             f"{idle['gaps']} gaps ({idle['big_ms']:.1f} ms in {idle['big_gaps']} gaps over 20 us: host syncs or "
             "graph breaks; many small ones are launch overhead)"
         )
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+        slow = slow_matmuls(prof.events(), arch)
+        lines += slow_matmul_lines(slow, arch)
+        summary = ProfileSummary(busy, slow["misaligned"][0])
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines += ["", events.table(sort_by=sort_by, row_limit=50, max_name_column_width=100)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
-    return busy
+    return summary

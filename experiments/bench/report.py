@@ -62,6 +62,7 @@ COLUMNS = {
         ("loss", "loss", "{:.3f}"),
         ("first_step_s", "first step (s)", "{:.1f}"),
         ("busy_pct", "GPU busy (%)", "{:.0f}"),
+        ("misaligned_matmul_ms", "misaligned matmul (ms)", "{:.1f}"),
         ("sm_clock_mhz", "SM clock (MHz)", "{:,.0f}"),
         ("power_w", "power (W)", "{:,.0f}"),
         ("power_limit_w", "power limit (W)", "{:,.0f}"),
@@ -70,7 +71,7 @@ COLUMNS = {
     ],
 }
 # shown only when some row has a value (--profile on a GPU; a GPU of known peak; nvidia-smi's samples on a GPU)
-OPTIONAL = {"busy_pct", "mfu", "sm_clock_mhz", "power_w", "power_limit_w"}
+OPTIONAL = {"busy_pct", "misaligned_matmul_ms", "mfu", "sm_clock_mhz", "power_w", "power_limit_w"}
 SHOWN_IF_POSITIVE = {"shared_gpu"}  # shown only when some row has a count above zero (a GPU shared with others)
 METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
@@ -83,6 +84,7 @@ METRICS = {
         "loss",
         "first_step_s",
         "busy_pct",
+        "misaligned_matmul_ms",
         "sm_clock_mhz",
         "power_w",
         "power_limit_w",

@@ -45,6 +45,7 @@ class TrainRow(CellRow):
     tflops: float | None = None  # model FLOPs (three forwards per step, arch_zoo.flops) per second
     mfu: float | None = None  # tflops as a fraction of the device's peak at the run's precision (experiments.hardware)
     busy_pct: float | None = None  # --profile on a GPU: kernel time / wall time of a profiled step
+    misaligned_matmul_ms: float | None = None  # and its matrix products on misaligned operands (profiling.slow_matmuls)
     first_step_s: float | None = None  # the first step's wall time: with --compile, mostly the compile (cold start)
     sm_clock_mhz: float | None = None  # on a GPU: the mean SM clock over the timed steps (nvidia-smi's samples)
     power_w: float | None = None  # and the mean power draw, against
@@ -138,7 +139,7 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
         row.mfu = row.tflops / peak if peak else None
     if settings.profile_dir is not None:
         path = settings.profile_dir / f"profile_{row.model}_T{row.length}.txt"
-        row.busy_pct = profile_step(step, device, path, "one training step", row.step_ms)
+        row.busy_pct, row.misaligned_matmul_ms = profile_step(step, device, path, "one training step", row.step_ms)
     row.status = "ok"
 
 
