@@ -3,6 +3,7 @@ optimiser steps, the model summary with the model's declared FLOPs, and failures
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -14,7 +15,9 @@ import torch
 from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from experiments.hardware import matmul_precision, peak_tflops
+from experiments.hardware import matmul_precision, misaligned_ffn_note, peak_tflops
+
+log = logging.getLogger("arch_zoo")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -83,8 +86,14 @@ class Throughput(L.Callback):
         return time.perf_counter()
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        precision = matmul_precision(trainer.precision)
         if self.peak_tflops is None:
-            self.peak_tflops = peak_tflops(pl_module.device, matmul_precision(trainer.precision))
+            self.peak_tflops = peak_tflops(pl_module.device, precision)
+        config = pl_module.model.config
+        matched = config.budget_per_layer is not None or config.target_params is not None
+        note = misaligned_ffn_note(config.ffn.hidden(config.d_model), matched, precision)
+        if note and config.ffn.kind != "none" and pl_module.device.type == "cuda" and trainer.is_global_zero:
+            log.warning(note)
 
     def _flops_per_token(self, pl_module, length: int) -> float | None:
         if length not in self._flops:

@@ -61,3 +61,24 @@ def peak_tflops(device: torch.device, precision: str | None) -> float | None:
         if key in name:
             return peaks.get(precision)
     return None
+
+
+def misaligned_ffn_note(ffn_width: int, matched: bool, precision: str | None) -> str | None:
+    """A warning for a GPU run whose FFN width, in bf16 or fp16, is not a multiple of 8, else None.
+
+    Why: such a row is not 16 bytes long, so cuBLAS runs the FFN's products on older kernels for 2-element
+    alignment, 3x slower than at an aligned width, unless the compiler pads them, which Inductor decides by timing
+    both ways as it compiles: at the Table 5 shape one H100 stepped 14-25% slower than another on the same code
+    (docs/results/mfu.md, session 22). ``matched``: the width was chosen by the size budget, which
+    ``model.ffn_multiple_of`` rounds."""
+    if precision not in ("bf16", "fp16") or ffn_width % 8 == 0:
+        return None
+    fix = (
+        "model.ffn_multiple_of=64 rounds the width matched to the size budget"
+        if matched
+        else "choose model.ffn.hidden_size (or mult) to make it one"
+    )
+    return (
+        f"the FFN width {ffn_width} is not a multiple of 8: in {precision} its matrix products may run on slow "
+        f"misaligned GPU kernels (docs/results/mfu.md); {fix}"
+    )

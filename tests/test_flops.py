@@ -94,6 +94,34 @@ def test_peak_lookup_by_device_name_and_precision(monkeypatch):
         assert hardware.matmul_precision("32-true") == precision
 
 
+def test_a_gpu_run_in_half_precision_warns_of_an_ffn_width_its_products_cannot_take_aligned(caplog):
+    """Table 5's matched RetNet FFN is 2046 wide: a bf16 GPU run says what it costs and names the setting that rounds
+    it; the rounded width, float32 products and the CPU stay quiet, and an unmatched width is told another fix."""
+    from types import SimpleNamespace
+
+    from experiments.callbacks import Throughput
+
+    def warnings(device: str, precision: str, **config) -> list[str]:
+        shape = dict(vocab_size=100, d_model=1024, n_layers=16, mixer="retnet", **config)
+        with torch.device("meta"):
+            model = LanguageModel(ModelConfig(**shape))
+        module = SimpleNamespace(device=torch.device(device), model=model)
+        caplog.clear()
+        Throughput(peak_tflops=1.0).on_fit_start(SimpleNamespace(precision=precision, is_global_zero=True), module)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    (note,) = warnings("cuda", "bf16-mixed", budget_per_layer=12)
+    assert note.startswith("the FFN width 2046 is not a multiple of 8: in bf16") and "model.ffn_multiple_of=64" in note
+    assert warnings("cuda", "16-mixed", budget_per_layer=12)[0].startswith(
+        "the FFN width 2046 is not a multiple of 8: in fp16"
+    )
+    assert warnings("cuda", "bf16-mixed", budget_per_layer=12, ffn_multiple_of=64) == []
+    assert warnings("cuda", "32-true", budget_per_layer=12) == []
+    assert warnings("cpu", "bf16-mixed", budget_per_layer=12) == []
+    (unmatched,) = warnings("cuda", "bf16-true", ffn=FFNConfig(hidden_size=1000 + 2))
+    assert "model.ffn.hidden_size" in unmatched and "ffn_multiple_of" not in unmatched
+
+
 @pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
 @pytest.mark.parametrize("length, chunk", [(8, 8), (21, 8), (200, 64), (130, 512)])
 def test_each_core_form_counts_what_it_computes(form, length, chunk):
