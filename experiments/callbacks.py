@@ -160,7 +160,25 @@ class Throughput(L.Callback):
 
 class StepProgressBar(RichProgressBar):
     """Rich's progress bar, labelled by the run's length in optimiser steps: runs here are sized by
-    ``trainer.max_steps`` (``max_epochs`` is -1), where Lightning's label reads "Epoch 0/-2"."""
+    ``trainer.max_steps`` (``max_epochs`` is -1), where Lightning's label reads "Epoch 0/-2".
+
+    It shows the training loss as of the last logging step: reading it from the device waits for the GPU to finish
+    the step, which keeps the host from queueing the next step ahead of it, so it is read once per logging step
+    (when Lightning reads it for the logger anyway), not at every refresh."""
+
+    LOSS = "train/loss"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss: float | None = None
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        logging_step = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        if trainer.training and (self._loss is None or logging_step):
+            loss = trainer.callback_metrics.get(self.LOSS)
+            self._loss = None if loss is None else float(loss)
+        metrics = super().get_metrics(trainer, pl_module)
+        return metrics if self._loss is None else {self.LOSS: self._loss, **metrics}
 
     def _get_train_description(self, current_epoch: int) -> str:  # Lightning's hook for the label
         steps = self.trainer.max_steps

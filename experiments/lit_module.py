@@ -151,6 +151,7 @@ class LanguageModelTask(L.LightningModule):
         self.total_steps = total_steps
         self.eval_splits = eval_splits
         self.bytes_per_token = bytes_per_token
+        self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last finiteness check
         self.nats = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
         self.correct = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
         self.count = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
@@ -168,11 +169,41 @@ class LanguageModelTask(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         loss = self.model.loss(inputs, targets)
-        if not torch.isfinite(loss):
-            raise DivergedError(f"training loss is {loss.item()} at step {self.global_step}")
-        # synced: under DDP the logged loss is the global batch's, comparable with one device at the same batch
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
+        self._unchecked_losses.append((self.global_step, loss.detach()))  # checked at the next logging step
+        # synced: under DDP the logged loss is the global batch's, comparable with one device at the same batch. Not
+        # prog_bar: Lightning turns progress-bar values into numbers after every batch, a wait for the GPU each step;
+        # the run's progress bar reads the loss on logging steps instead (callbacks.StepProgressBar)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
         return loss
+
+    def check_losses_finite(self) -> None:
+        """Raise :class:`DivergedError` naming the first NaN or infinite training loss since the last check.
+
+        Why not at every step: reading a loss on the host waits for the GPU to finish the step, so the host cannot
+        queue the next step's kernels while this one runs. The losses are read together, once per logging step
+        (when Lightning reads the logged loss anyway), before a checkpoint is written (no diverged weights are
+        saved to resume from), before a validation and at the end of training (before the final validation and the
+        logged model), so a diverged run still fails with its first bad step, a few steps later at most."""
+        if not self._unchecked_losses:
+            return
+        steps, losses = zip(*self._unchecked_losses, strict=True)
+        self._unchecked_losses = []
+        for step, value in zip(steps, torch.stack(losses).float().tolist(), strict=True):
+            if not math.isfinite(value):
+                raise DivergedError(f"training loss is {value} at step {step}")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_losses_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_losses_finite()
+
+    def on_validation_start(self) -> None:
+        self.check_losses_finite()
+
+    def on_train_end(self) -> None:
+        self.check_losses_finite()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         inputs, targets = batch

@@ -479,6 +479,64 @@ def test_model_summary_prints_the_declared_flops_of_a_training_sequence(tmp_path
     assert not any(isinstance(c, DeclaredFlopsSummary) for c in run.trainer.callbacks)
 
 
+def host_reads_by_step(trainer) -> tuple[object, dict[int, list[str]]]:
+    """A mode that records, by training step, every read of a tensor's value on the host (``item``, ``bool``,
+    ``float``, ``tolist``, ...) and the code that made it; outside validation, and leaving out the reads of tensors
+    that live on the host by design (the optimiser's step counters, the sampler's indices)."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    reads: dict[int, list[str]] = {}
+    names = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"}
+    host_side = ("torch/optim/", "torch/utils/data/")
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in names and trainer.training:
+                stack = traceback.format_stack(limit=12)
+                if not any(part in line for line in stack for part in host_side):
+                    reads.setdefault(trainer.global_step, []).append("".join(stack[-4:-1]))
+            return func(*args, **(kwargs or {}))
+
+    return Reads(), reads
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_between_logging_steps(tmp_path, data_cache, monkeypatch):
+    """On a GPU, reading a tensor's value waits for every kernel queued before it, so the host cannot queue the next
+    step while this one runs. Two such reads came with every step: the loss's finiteness check and Lightning's
+    conversion of a value logged to the progress bar (after every batch). Now the progress bar and the logger read
+    the loss on logging steps only, and the losses are checked together there; on the CPU the reads are counted."""
+    run = built_run(
+        tmp_path, data_cache, monkeypatch, "trainer.enable_progress_bar=true", "trainer.max_steps=12",
+        "trainer.log_every_n_steps=5", "trainer.val_check_interval=12", "optim.warmup_steps=2",
+    )  # fmt: skip
+    mode, reads = host_reads_by_step(run.trainer)
+    with mode:
+        run.trainer.fit(run.task, datamodule=run.data)
+    quiet = {2, 3, 4, 6, 7, 8, 9, 11}  # not the first step, not a logging step, not the end of training
+    assert not quiet & reads.keys(), {step: reads[step][:1] for step in quiet & reads.keys()}
+    assert {5, 10} <= reads.keys()  # the logging steps read the loss (the mode sees reads)
+
+
+def test_a_diverged_run_fails_at_its_first_bad_step_and_saves_no_checkpoint_after_it(tmp_path, data_cache, monkeypatch):
+    """The losses are checked a few steps late (above), but before any checkpoint is written: the run fails naming
+    the step whose loss was NaN, and the checkpoint it would resume from holds the weights before it."""
+    from experiments.lit_module import DivergedError
+
+    run = built_run(
+        tmp_path, data_cache, monkeypatch, "trainer.max_steps=12", "trainer.log_every_n_steps=5",
+        "trainer.val_check_interval=12", "optim.warmup_steps=2", "checkpoint_every=2",
+        "inject_failure={at_step: 2, kind: diverge}",
+    )  # fmt: skip
+    with pytest.raises(DivergedError, match="training loss is nan at step 2"):
+        run.trainer.fit(run.task, datamodule=run.data)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(v.isfinite().all() for v in saved["state_dict"].values() if v.is_floating_point())
+    assert run.trainer.global_step == 4  # it stopped at the next checkpoint, not at the end
+
+
 def test_build_run_checks_the_mixer_config_once(tmp_path, data_cache, monkeypatch):
     """zoo-train checks the model's config before the data loads (a stand-in vocabulary), and the build takes the
     checked layer configs from that check instead of checking again, in the model or in each layer."""
