@@ -519,6 +519,17 @@ def test_a_training_step_reads_nothing_back_from_the_device_between_logging_step
     assert {5, 10} <= reads.keys()  # the logging steps read the loss (the mode sees reads)
 
 
+def test_training_batches_are_pinned_for_a_gpu(tmp_path, data_cache, monkeypatch):
+    """A batch in pageable memory may make the driver wait for the GPU's stream to stage its copy; pinned, it goes
+    over without. Only a run on a GPU pins (pinning needs one)."""
+    run = built_run(tmp_path, data_cache, monkeypatch)
+    run.data.trainer = run.trainer
+    run.data.setup("fit")
+    assert run.data.train_dataloader().pin_memory is False
+    monkeypatch.setattr(run.trainer.strategy, "_root_device", torch.device("cuda", 0))
+    assert run.data.train_dataloader().pin_memory is True
+
+
 def test_a_diverged_run_fails_at_its_first_bad_step_and_saves_no_checkpoint_after_it(tmp_path, data_cache, monkeypatch):
     """The losses are checked a few steps late (above), but before any checkpoint is written: the run fails naming
     the step whose loss was NaN, and the checkpoint it would resume from holds the weights before it."""

@@ -46,6 +46,9 @@ class CachedDataModule(L.LightningDataModule):
         bs = self.config.batch_size
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         order = ResumableShuffle(len(dataset), self.seed, done * bs * world, max(0, total - done) * bs, rank, world, bs)
+        # a batch in pinned memory goes to a GPU without the stream sync that the driver may make to stage pageable
+        # memory (CUDA's API synchronization behavior), so the host can queue the next step while this one runs
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             dataset,
             batch_size=bs,
@@ -53,4 +56,5 @@ class CachedDataModule(L.LightningDataModule):
             drop_last=True,
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
+            pin_memory=on_gpu,
         )
