@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from experiments.data.sampling import ResumableShuffle
 
@@ -55,8 +56,9 @@ def test_a_run_resumed_under_gradient_accumulation_reads_the_rest_of_the_same_ba
     def loader(step: int, rank: int) -> list[int]:
         module = CachedDataModule(config, seed=7, total_steps=steps)
         module.trainer = SimpleNamespace(
-            accumulate_grad_batches=accumulate, global_step=step, global_rank=rank, world_size=world
-        )
+            accumulate_grad_batches=accumulate, global_step=step, global_rank=rank, world_size=world,
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        )  # fmt: skip
         return [int(i) for batch in module.resumable_loader(dataset) for i in batch]
 
     for rank in range(world):
