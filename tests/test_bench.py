@@ -192,10 +192,12 @@ def test_train_command_measures_a_full_step_per_length(tmp_path: Path):
     for r in rows:
         assert r["status"] == "ok", r
         assert min(r["step_ms"], r["tokens_per_s"]) > 0 and 3.0 < r["loss"] < 6.0  # near log(97) = 4.57: it ran
+        assert r["back_to_back_ms"] > 0  # steps queued as a run queues them, beside the one-by-one median
     assert (out / "train.png").read_bytes()[:8] == PNG_MAGIC
     client, run = _run(uri, "costs")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "transformer/tokens_per_s")] == [32, 64]
     assert {"train.md", "train.png", "train.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "retnet/back_to_back_ms" in run.data.metrics
 
 
 def test_train_compile_mode_reaches_the_compiled_model_and_the_table(tmp_path: Path, monkeypatch):

@@ -55,6 +55,7 @@ COLUMNS = {
         ("length", "length", "{}"),
         ("batch", "batch", "{}"),
         ("step_ms", "step (ms)", "{:.1f}"),
+        ("back_to_back_ms", "step, back to back (ms)", "{:.1f}"),
         ("tokens_per_s", "throughput (tokens/s)", "{:,.0f}"),
         ("tflops", "model TFLOP/s", "{:.1f}"),
         ("mfu", "MFU (%)", "{:.1%}"),
@@ -77,6 +78,7 @@ METRICS = {
     "decode": ("prefill_ms", "latency_ms", "tokens_per_s", "peak_mib", "prefill_peak_mib", "state_mib", "busy_pct"),
     "train": (
         "step_ms",
+        "back_to_back_ms",
         "tokens_per_s",
         "tflops",
         "mfu",
