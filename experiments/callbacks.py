@@ -171,12 +171,14 @@ class StepProgressBar(RichProgressBar):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._loss: float | None = None
+        self._read_at = -1  # the step whose loss is shown (one read a step, whatever its micro-batches)
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        logging_step = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
-        if trainer.training and (self._loss is None or logging_step):
+        step = trainer.global_step
+        logging_step = step % max(1, trainer.log_every_n_steps) == 0
+        if trainer.training and (self._loss is None or logging_step) and step != self._read_at:
             loss = trainer.callback_metrics.get(self.LOSS)
-            self._loss = None if loss is None else float(loss)
+            self._loss, self._read_at = (None if loss is None else float(loss)), step
         metrics = super().get_metrics(trainer, pl_module)
         return metrics if self._loss is None else {self.LOSS: self._loss, **metrics}
 

@@ -152,6 +152,7 @@ class LanguageModelTask(L.LightningModule):
         self.eval_splits = eval_splits
         self.bytes_per_token = bytes_per_token
         self._unchecked_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last finiteness check
+        self._checked_at = -1  # the logging step whose losses were checked
         self.nats = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
         self.correct = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
         self.count = torch.nn.ModuleList(SumMetric() for _ in eval_splits)
@@ -193,7 +194,10 @@ class LanguageModelTask(L.LightningModule):
                 raise DivergedError(f"training loss is {value} at step {step}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        step = self.trainer.global_step
+        # once a logging step, not once a micro-batch of it (gradient accumulation keeps the step for several)
+        if step % max(1, self.trainer.log_every_n_steps) == 0 and step != self._checked_at:
+            self._checked_at = step
             self.check_losses_finite()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -502,21 +502,29 @@ def host_reads_by_step(trainer) -> tuple[object, dict[int, list[str]]]:
     return Reads(), reads
 
 
-def test_a_training_step_reads_nothing_back_from_the_device_between_logging_steps(tmp_path, data_cache, monkeypatch):
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_training_step_reads_nothing_back_from_the_device_between_logging_steps(
+    tmp_path, data_cache, monkeypatch, micro_batches
+):
     """On a GPU, reading a tensor's value waits for every kernel queued before it, so the host cannot queue the next
     step while this one runs. Two such reads came with every step: the loss's finiteness check and Lightning's
     conversion of a value logged to the progress bar (after every batch). Now the progress bar and the logger read
-    the loss on logging steps only, and the losses are checked together there; on the CPU the reads are counted."""
+    the loss on logging steps only, and the losses are checked together there, once a step however many
+    micro-batches it accumulates; on the CPU the reads are counted."""
     run = built_run(
         tmp_path, data_cache, monkeypatch, "trainer.enable_progress_bar=true", "trainer.max_steps=12",
         "trainer.log_every_n_steps=5", "trainer.val_check_interval=12", "optim.warmup_steps=2",
+        f"tokens_per_step={micro_batches * 4 * 64}",  # TINY's batch 4 of 64 tokens, accumulated
     )  # fmt: skip
+    assert run.trainer.accumulate_grad_batches == micro_batches
     mode, reads = host_reads_by_step(run.trainer)
     with mode:
         run.trainer.fit(run.task, datamodule=run.data)
     quiet = {2, 3, 4, 6, 7, 8, 9, 11}  # not the first step, not a logging step, not the end of training
     assert not quiet & reads.keys(), {step: reads[step][:1] for step in quiet & reads.keys()}
     assert {5, 10} <= reads.keys()  # the logging steps read the loss (the mode sees reads)
+    for module in ("lit_module.py", "callbacks.py"):  # the check and the progress bar: one read a logging step
+        assert sum(module in where for where in reads[5]) == 1, reads[5]
 
 
 def test_training_batches_are_pinned_for_a_gpu(tmp_path, data_cache, monkeypatch):
