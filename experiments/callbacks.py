@@ -28,6 +28,15 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def declared_flops_per_token(trainer, pl_module, length: int) -> float | None:
+    """The model's declared forward FLOPs per token at ``length``, under the precision plugin's forward context (the
+    run's autocast): a mixer counts the form it runs, and whether its kernels run depends on the dtype (RetNet on
+    them is chunkwise whatever its mode; counted outside autocast, a bfloat16 run's parallel mode was counted as
+    the T^2 form, over a third more than the FLOPs it does at Table 5's shape)."""
+    with trainer.precision_plugin.forward_context():
+        return pl_module.model.flops_per_token(length)
+
+
 class DeclaredFlopsSummary(RichModelSummary):
     """Lightning's model summary, its "Total FLOPs" the model's declared forward FLOPs of one training sequence of
     ``length`` tokens (:meth:`LanguageModel.flops_per_token` x ``length``; Lightning's own count where the model
@@ -42,7 +51,7 @@ class DeclaredFlopsSummary(RichModelSummary):
         self._declared: int | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        flops = pl_module.model.flops_per_token(self.length) if self.length else None
+        flops = declared_flops_per_token(trainer, pl_module, self.length) if self.length else None
         self._declared = None if flops is None else round(flops * self.length)
         super().on_fit_start(trainer, pl_module)
 
@@ -95,15 +104,15 @@ class Throughput(L.Callback):
         if note and config.ffn.kind != "none" and pl_module.device.type == "cuda" and trainer.is_global_zero:
             log.warning(note)
 
-    def _flops_per_token(self, pl_module, length: int) -> float | None:
+    def _flops_per_token(self, trainer, pl_module, length: int) -> float | None:
         if length not in self._flops:
-            self._flops[length] = pl_module.model.flops_per_token(length)
+            self._flops[length] = declared_flops_per_token(trainer, pl_module, length)
         return self._flops[length]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self._flops and trainer.logger is not None and trainer.is_global_zero:
             # the run's declared cost, once: forward FLOPs per token at its training length, and the peak it is held to
-            flops = self._flops_per_token(pl_module, batch[0].shape[-1])
+            flops = self._flops_per_token(trainer, pl_module, batch[0].shape[-1])
             trainer.logger.log_hyperparams({"model.flops_per_token": flops, "perf.peak_tflops": self.peak_tflops})
         if self._start is None:
             self._start = self._now(pl_module)
@@ -120,7 +129,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tokens = batch[0].numel() * trainer.world_size
-        flops = self._flops_per_token(pl_module, batch[0].shape[-1])
+        flops = self._flops_per_token(trainer, pl_module, batch[0].shape[-1])
         self._tokens += tokens
         self._total_tokens += tokens
         if flops is not None:

@@ -52,6 +52,21 @@ def choose_backend(
     return backend
 
 
+def run_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a layer's activations in a forward pass: autocast's where it is on for the weight's device, else
+    the weight's own (which backend a call takes depends on it)."""
+    kind = weight.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
+def computed_form(form: str, backend: str) -> str:
+    """The form whose work a call does: the kernels are chunkwise whatever form was asked for, so a run in
+    ``mode=parallel`` on them does a chunkwise run's FLOPs, not the parallel form's T^2 ones."""
+    return form if backend == "torch" else "chunkwise"
+
+
 def decayed_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -68,6 +68,29 @@ def test_model_flops_are_its_blocks_and_head(mixer, ffn):
     assert model.flops_per_token(length) == pytest.approx(measured, rel=1e-12)
 
 
+def test_a_core_on_the_kernels_declares_the_chunkwise_flops_whatever_its_mode(monkeypatch):
+    """The kernels are chunkwise whatever the mode, so a ``mode=parallel`` run on them does a chunkwise run's FLOPs.
+    Counted as the parallel form's T^2 products, a bf16 RetNet at Table 5's shape on an H100 logged ``perf/mfu``
+    50% where it did 38.5% (docs/results/mfu.md, session 23). Linear attention takes its kernels only for a bfloat16
+    core, so the forward's autocast decides; the kernels' choice is stood in for on the CPU."""
+    from arch_zoo.kernels import dispatch
+
+    def flops(mixer: str, mode: str) -> float:
+        model = LanguageModel(ModelConfig(vocab_size=32, d_model=D, n_layers=1, mixer={"name": mixer, "mode": mode}))
+        return model.flops_per_token(256)
+
+    for mixer in ("retnet", "linear_attention"):
+        assert flops(mixer, "parallel") > flops(mixer, "chunkwise")  # the PyTorch forms: as configured
+    on_kernels = lambda backend, device, **kw: "triton"  # noqa: E731  what auto picks on a GPU
+    monkeypatch.setattr(dispatch, "choose_backend", on_kernels)
+    assert flops("retnet", "parallel") == flops("retnet", "chunkwise")
+    assert flops("linear_attention", "parallel") > flops("linear_attention", "chunkwise")  # float32: not ours
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dispatch.run_dtype(torch.zeros(1)) == torch.bfloat16
+        assert flops("linear_attention", "parallel") == flops("linear_attention", "chunkwise")
+    assert dispatch.run_dtype(torch.zeros(1)) == torch.float32
+
+
 def test_a_mixer_that_declares_nothing_leaves_the_model_undeclared():
     """Runs report no MFU rather than a number that leaves a mixer's work out."""
     model = LanguageModel(ModelConfig(vocab_size=32, d_model=D, n_layers=2, mixer="retnet"))

@@ -179,12 +179,9 @@ class LinearAttention(TokenMixer):
         k = self.feature_map(k.view(B, T, H, d).transpose(1, 2))
         v = v.view(B, T, H, d).transpose(1, 2)
         form = self.form(T, continued=state is not None)
-        half = c.half_core and v.dtype == torch.bfloat16  # on our kernels only, which accumulate in float32
-        if half:
-            half = dispatch.choose_backend(c.kernel, x.device, form=form, dtype=v.dtype, dims=(d, d)) == "triton"
-        if not half:
+        backend = self._backend(form, x.device, v.dtype)
+        if not (backend == "triton" and c.half_core and v.dtype == torch.bfloat16):  # a bfloat16 core on our kernels
             q, k, v = at_least_float32(q, k, v)  # and the division below: in half precision the sums overflow
-        backend = "triton" if half else "torch" if c.kernel == "auto" else c.kernel  # auto: not our float32 tiles
         o, s = dispatch.decayed_linear_attention(
             q,
             k,
@@ -210,12 +207,31 @@ class LinearAttention(TokenMixer):
             return "recurrent"
         return "parallel" if mode == "parallel" and not continued else "chunkwise"
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """The four projections plus the core in the configured form (chunks counted at most ``core.MODEL_CHUNK`` long,
-        the kernels' chunk). The normaliser, a running sum and a dot product per token, is element-wise work: not
-        counted, as element-wise work is not anywhere."""
+    def _backend(self, form: str, device: torch.device, dtype: torch.dtype) -> str:
+        """The core's backend for a call. ``auto`` takes our kernels only for a bfloat16 core (``half_core``: they
+        accumulate in float32), never our float32 tiles; ``triton`` and ``fla`` insist."""
         c = self.config
-        heads = core.model_flops(self.form(seq_len, False), seq_len, self.head_dim, self.head_dim, c.chunk_size)
+        if c.kernel != "auto":
+            return c.kernel
+        half = c.half_core and dtype == torch.bfloat16
+        dims = (self.head_dim, self.head_dim)
+        return (
+            "triton"
+            if half and dispatch.choose_backend("auto", device, form=form, dtype=dtype, dims=dims) == "triton"
+            else "torch"
+        )
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The four projections plus the core in the form it runs (the configured one; chunkwise on the kernels,
+        whatever the mode; chunks counted at most ``core.MODEL_CHUNK`` long, the kernels' chunk). The normaliser, a
+        running sum and a dot product per token, is element-wise work: not counted, as element-wise work is not
+        anywhere. On a GPU, call it in the forward's autocast: the dtype decides whether the kernels run."""
+        c = self.config
+        weight = self.q_proj.weight
+        form = self.form(seq_len, False)
+        if form != "recurrent":  # on the kernels, chunkwise whatever the mode
+            form = dispatch.computed_form(form, self._backend(form, weight.device, dispatch.run_dtype(weight)))
+        heads = core.model_flops(form, seq_len, self.head_dim, self.head_dim, c.chunk_size)
         return linear_flops(self.q_proj, self.k_proj, self.v_proj, self.out_proj) + self.n_heads * heads / seq_len
 
     def state_size(self, seq_len: int) -> int:

@@ -517,6 +517,16 @@ class RetNet(TokenMixer):
             new_state["started"] = True
         return y, new_state
 
+    def _backend(self, form: str, device: torch.device, dtype: torch.dtype, trained: bool) -> str:
+        """The core's backend for a call (``dispatch.choose_backend`` on this layer's config and head dims)."""
+        try:
+            return dispatch.choose_backend(
+                self.config.kernel, device, form=form, dtype=dtype, dims=(self.key_dim, self.value_dim),
+                trained_decay=trained,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(f"retnet: {err}") from None
+
     def _steps(self, n_tokens: int, state: Any, trained: bool) -> bool:
         """Whether a call is one decoding step through the fused step (state updated in one pass, no autograd)."""
         return n_tokens == 1 and state is not None and not trained and not torch.is_grad_enabled()
@@ -527,12 +537,7 @@ class RetNet(TokenMixer):
         B, H, T, _ = q.shape
         dv = self.value_dim
         form = self.form(T, _continued(state))
-        try:
-            backend = dispatch.choose_backend(
-                c.kernel, q.device, form=form, dtype=v.dtype, dims=(q.shape[-1], dv), trained_decay=trained
-            )
-        except ValueError as err:
-            raise ConfigError(f"retnet: {err}") from None
+        backend = self._backend(form, q.device, v.dtype, trained)
 
         def core(q, k, v, initial_state):
             return dispatch.decayed_linear_attention(
@@ -612,12 +617,21 @@ class RetNet(TokenMixer):
         return H * dk * dv + (H * dk if c.score_norm else 0) + (H if c.selective_decay and c.decay_norm else 0) + 1
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The projections (and a selective decay's), plus the core in the configured form (chunks counted at most
-        ``core.MODEL_CHUNK`` long, the kernels' chunk): the score normaliser is one more value column, a selective
-        decay's row sums one more core call of width one."""
+        """The projections (and a selective decay's), plus the core in the form it runs (the configured one; chunkwise
+        on the kernels, whatever the mode; chunks counted at most ``core.MODEL_CHUNK`` long, the kernels' chunk): the
+        score normaliser is one more value column, a selective decay's row sums one more core call of width one. On a
+        GPU, call it in the forward's autocast: the dtype decides whether the kernels run."""
         c, H = self.config, self.n_heads
         projections = linear_flops(self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj, self.decay_proj)
+        weight = self.q_proj.weight
         form = self.form(seq_len, continued=False)
+        if form != "recurrent":  # on the kernels, chunkwise whatever the mode
+            trained = c.learnable_decay or c.selective_decay
+            try:
+                backend = self._backend(form, weight.device, dispatch.run_dtype(weight), trained)
+            except RuntimeError:  # a kernel this device cannot run: the forward says so, not the count
+                backend = "torch"
+            form = dispatch.computed_form(form, backend)
         heads = core.model_flops(form, seq_len, self.key_dim, self.value_dim + int(c.score_norm), c.chunk_size)
         if c.selective_decay and c.decay_norm:
             heads += core.model_flops(form, seq_len, 1, 1, c.chunk_size)

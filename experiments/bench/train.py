@@ -141,7 +141,8 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     row.tokens_per_s = row.batch * row.length / (row.step_ms / 1e3)
     row.peak_mib = peak_mib(device)
     row.loss = float(loss)
-    flops = model.flops_per_token(row.length)
+    with torch.autocast(device.type, dtype=settings.amp or torch.bfloat16, enabled=settings.amp is not None):
+        flops = model.flops_per_token(row.length)  # in the step's autocast: the dtype decides which core runs
     if flops is not None:
         row.tflops = 3 * flops * row.tokens_per_s / 1e12
         peak = peak_tflops(device, matmul_precision(settings.amp or torch.float32))
