@@ -6,8 +6,9 @@ runs. Element-wise work (activations, norms, gates, decays), FFTs and softmax ar
 mask's saving (attention's ``Q K^T`` counts all ``T^2`` scores, as the counter sees them). Work shared by every
 sequence of a batch (Hyena's implicit filters, H3's SSM kernel: computed once per call from the parameters) is not
 per token either, so it is left out. Chunked linear-attention cores (retention, linear attention) are counted at the
-kernels' 64-token chunks whatever chunk the PyTorch form uses (``arch_zoo.kernels.core.model_flops``). A training
-step is counted as three forwards (the backward is two).
+kernels' 64-token chunks whatever chunk the PyTorch form uses (``arch_zoo.kernels.core.model_flops``), and a core on
+the kernels as chunkwise whatever its mode (the kernels are chunkwise; declare under the run's autocast, whose dtype
+decides whether they run). A training step is counted as three forwards (the backward is two).
 
 ``measured_flops_per_token`` is the check: torch's own FLOP counter, batch 2 minus batch 1 (which removes exactly
 the batch-shared work), divided by the length.
