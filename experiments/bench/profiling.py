@@ -27,21 +27,27 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other")
 
 
-def kernel_time_by_kind(events) -> tuple[dict[str, float], int]:
-    """GPU kernel milliseconds by kind, and the launch count, from a profiler's events.
-
-    Only kernels count: a GPU-side user annotation (``Optimizer.step#AdamW.step``, an autograd node's range) spans
-    kernels already counted, and counting it too put the optimizer in twice (a "busy" above 100%)."""
+def kernels(events) -> list:
+    """The GPU kernels among a profiler's events. Only kernels count: a GPU-side user annotation
+    (``Optimizer.step#AdamW.step``, an autograd node's range) spans kernels already counted, and counting it too put
+    the optimizer in twice (a "busy" above 100%)."""
     from torch.autograd import DeviceType
 
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def kernel_ms(event) -> float:
+    return (event.time_range.end - event.time_range.start) / 1e3
+
+
+def kernel_time_by_kind(events) -> tuple[dict[str, float], int]:
+    """GPU kernel milliseconds by kind, and the launch count, from a profiler's events (kernels only)."""
     by_kind: dict[str, float] = {}
-    launches = 0
-    for event in events:
-        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
-            kind = kernel_kind(event.name)
-            by_kind[kind] = by_kind.get(kind, 0.0) + (event.time_range.end - event.time_range.start) / 1e3
-            launches += 1
-    return by_kind, launches
+    launched = kernels(events)
+    for event in launched:
+        kind = kernel_kind(event.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + kernel_ms(event)
+    return by_kind, len(launched)
 
 
 # cuBLAS's CUTLASS kernels name the widest vector access their operands allow (align8 = 16 bytes of bf16), and the
@@ -69,22 +75,17 @@ def slow_matmuls(events, device_arch: int | None) -> dict[str, tuple[float, int]
     230-260 TFLOP/s, against 690-810 for the same products at 2048 (docs/results/mfu.md, session 22). Inductor pads
     such products or not by timing both ways as it compiles, so the same code stepped 14-25% slower on one H100 than
     on another; a profile that says so saves reading its kernel names by hand."""
-    from torch.autograd import DeviceType
+    products = [e for e in kernels(events) if kernel_kind(e.name) == "matmul"]
 
-    out = {"misaligned": (0.0, 0), "older_arch": (0.0, 0)}
-    for event in events:
-        if event.device_type != DeviceType.CUDA or event.is_user_annotation or kernel_kind(event.name) != "matmul":
-            continue
-        ms = (event.time_range.end - event.time_range.start) / 1e3
-        arch = kernel_arch(event.name)
-        for key, hit in (
-            ("misaligned", _ALIGN.search(event.name) is not None),
-            ("older_arch", device_arch is not None and arch is not None and arch < device_arch),
-        ):
-            if hit:
-                total, launches = out[key]
-                out[key] = (total + ms, launches + 1)
-    return out
+    def older(name: str) -> bool:
+        arch = kernel_arch(name)
+        return device_arch is not None and arch is not None and arch < device_arch
+
+    found = {
+        "misaligned": [e for e in products if _ALIGN.search(e.name)],
+        "older_arch": [e for e in products if older(e.name)],
+    }
+    return {key: (sum(kernel_ms(e) for e in hits), len(hits)) for key, hits in found.items()}
 
 
 def slow_matmul_lines(slow: dict[str, tuple[float, int]], device_arch: int | None) -> list[str]:
@@ -111,13 +112,7 @@ def kernel_idle(events, big_us: float = 20.0) -> dict[str, float]:
     Why: "busy" (kernel time over the step's time) cannot tell a GPU waiting on the host (launches, a host sync, a
     graph break) from a step whose kernels simply take that long; idle time inside the span can, and a few large
     gaps point at a host sync where many small ones point at launch overhead."""
-    from torch.autograd import DeviceType
-
-    ranges = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
-    )
+    ranges = sorted((e.time_range.start, e.time_range.end) for e in kernels(events))
     out = {"span_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "big_ms": 0.0, "big_gaps": 0}
     if not ranges:
         return out
