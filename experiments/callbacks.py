@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from experiments.hardware import matmul_precision, misaligned_ffn_note, peak_tflops
+from experiments.lit_module import logging_step
 
 log = logging.getLogger("arch_zoo")
 
@@ -184,8 +185,7 @@ class StepProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer, pl_module) -> dict:
         step = trainer.global_step
-        logging_step = step % max(1, trainer.log_every_n_steps) == 0
-        if trainer.training and (self._loss is None or logging_step) and step != self._read_at:
+        if trainer.training and (self._loss is None or logging_step(trainer)) and step != self._read_at:
             loss = trainer.callback_metrics.get(self.LOSS)
             self._loss, self._read_at = (None if loss is None else float(loss)), step
         metrics = super().get_metrics(trainer, pl_module)

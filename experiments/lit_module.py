@@ -24,6 +24,12 @@ def metric_prefix(split: str) -> str:
     return f"{head}/{tail}" if tail and head in ("ood", "slice") else split
 
 
+def logging_step(trainer: Any) -> bool:
+    """Whether the trainer's step is one it logs at: where a read of the loss on the host costs no extra wait for the
+    GPU, since Lightning reads the logged values then."""
+    return trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+
+
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the run stops and is marked FAILED with this reason."""
 
@@ -196,7 +202,7 @@ class LanguageModelTask(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.trainer.global_step
         # once a logging step, not once a micro-batch of it (gradient accumulation keeps the step for several)
-        if step % max(1, self.trainer.log_every_n_steps) == 0 and step != self._checked_at:
+        if logging_step(self.trainer) and step != self._checked_at:
             self._checked_at = step
             self.check_losses_finite()
 

@@ -68,6 +68,11 @@ class TrainSettings(BenchSettings):
             raise ValueError(f"compile mode {self.compile_mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
 
 
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    """The step's autocast: ``amp``'s dtype, or none."""
+    return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
 def _step_fn(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -86,7 +91,7 @@ def _step_fn(
 
     def step() -> torch.Tensor:
         try:
-            with torch.autocast(inputs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            with _autocast(inputs.device, amp):
                 loss = loss_fn(inputs, targets)
             loss.backward()
             optimizer.step()
@@ -141,8 +146,8 @@ def _measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer, row: Trai
     row.tokens_per_s = row.batch * row.length / (row.step_ms / 1e3)
     row.peak_mib = peak_mib(device)
     row.loss = float(loss)
-    with torch.autocast(device.type, dtype=settings.amp or torch.bfloat16, enabled=settings.amp is not None):
-        flops = model.flops_per_token(row.length)  # in the step's autocast: the dtype decides which core runs
+    with _autocast(device, settings.amp):  # the step's: the dtype decides which core runs, and so its FLOPs
+        flops = model.flops_per_token(row.length)
     if flops is not None:
         row.tflops = 3 * flops * row.tokens_per_s / 1e12
         peak = peak_tflops(device, matmul_precision(settings.amp or torch.float32))
