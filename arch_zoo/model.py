@@ -327,6 +327,7 @@ COMPILE_SCOPES = ("model", "blocks")
 # compile (each product shape is timed); max-autotune and reduce-overhead also capture CUDA graphs, whose static
 # buffers the training step's fresh tensors must be copied into
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # the modes whose graphs run as captured CUDA graphs
 
 
 def compile_model(model: LanguageModel, scope: str = "model", mode: str = "default") -> LanguageModel:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from arch_zoo import ModelConfig
 from arch_zoo.contract import MixerConfig
 from arch_zoo.errors import ConfigError
-from arch_zoo.model import COMPILE_MODES, COMPILE_SCOPES, compile_model
+from arch_zoo.model import COMPILE_MODES, COMPILE_SCOPES, CUDA_GRAPH_MODES, compile_model
 from experiments import interrupts
 from experiments.callbacks import InjectFailure
 from experiments.checkpoints import AtomicCheckpointIO
@@ -101,6 +101,14 @@ def check(cfg: DictConfig) -> Settings:
         raise ConfigError(f"compile_scope={cfg.compile_scope} is unknown; choose one of {', '.join(COMPILE_SCOPES)}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"compile_mode={cfg.compile_mode} is unknown; choose one of {', '.join(COMPILE_MODES)}")
+    if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+        # a captured graph's outputs live in its own memory pool, and a training step keeps tensors past the next
+        # step's graph (the loss, until the logging step's finiteness check and Lightning's logging read it): on an
+        # H100, compile_mode=reduce-overhead failed at the first steps of a run (docs/results/packing.md, session 24)
+        raise ConfigError(
+            f"compile_mode={cfg.compile_mode} runs the model as captured CUDA graphs, which a training run does not "
+            "support; use compile_mode=default or compile_mode=max-autotune-no-cudagraphs"
+        )
     if cfg.float32_matmul_precision not in MATMUL_PRECISIONS:
         raise ConfigError(
             f"float32_matmul_precision={cfg.float32_matmul_precision} is unknown; choose one of "

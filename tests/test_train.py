@@ -647,6 +647,26 @@ def test_compile_mode_reaches_every_compiled_graph_and_an_unknown_one_is_refused
         train_module.check(bad)
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_a_compile_mode_that_captures_cuda_graphs_is_refused_for_training_before_anything_is_built(tmp_path, mode):
+    """On an H100, ``compile=true compile_mode=reduce-overhead`` compiled a table5_small run and then failed at its
+    first steps ("tensors in the cudagraph pool not tracked as outputs": the step keeps its loss past the next
+    step's graph). The run is refused at once, naming the modes that work; without ``compile=true`` the mode is
+    unused and nothing is refused."""
+    from hydra import compose, initialize_config_module
+
+    from arch_zoo.errors import ConfigError
+    from experiments import train as train_module
+
+    with initialize_config_module("experiments.conf", version_base="1.3"):
+        graphs = compose("train", [*TINY, "logger=none", "compile=true", f"compile_mode={mode}"])
+        uncompiled = compose("train", [*TINY, "logger=none", f"compile_mode={mode}"])
+    refusal = f"compile_mode={mode} runs the model as captured CUDA graphs.*use compile_mode=default or compile_mode"
+    with pytest.raises(ConfigError, match=refusal):
+        train_module.check(graphs)
+    train_module.check(uncompiled)
+
+
 def test_float32_matmul_precision_is_set_for_the_run_and_restored(tmp_path, data_cache, monkeypatch):
     """``float32_matmul_precision=high`` runs the fit with TF32 float32 products (what stays float32 under autocast),
     the process's setting comes back afterwards, and a value torch does not know is refused with the choices."""
