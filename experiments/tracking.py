@@ -186,6 +186,32 @@ def find_finished_run(cfg: DictConfig, key: str, parent_run_id: str) -> mlflow.e
     return runs[0] if runs else None
 
 
+def resumed_settings(params: dict[str, str]) -> dict[str, str]:
+    """The settings a resumed run must share with the run it continues, from its params as :func:`config_params`
+    gives them: what a run computes (not how it is shown, logged or named, nor an injected failure, which the
+    relaunch of a killed run drops), a setting at its neutral value left out as if it did not exist."""
+    neutral = {k: param_text(v) for k, v in KEY_NEUTRAL.items()}
+    ignored = (*IGNORED_IN_CONFIG_KEY, *IGNORED_IN_RUN_KEY)
+    return {k: v for k, v in params.items() if not k.startswith(ignored) and not (k in neutral and neutral[k] == v)}
+
+
+def changed_settings(recorded: dict[str, str], now: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Settings whose value differs between a recorded run's params and this run's, as (then, now). A setting that one
+    side lacks counts only where it has a neutral value (a run recorded before it existed computed that value);
+    otherwise it was added or removed without one and cannot be compared, and params a run logs beyond its config
+    (sizes, the data's hash once prepared) are absent from a config not yet run."""
+    then, current = resumed_settings(recorded), resumed_settings(now)
+    neutral = {k: param_text(v) for k, v in KEY_NEUTRAL.items()}
+    changed = {}
+    for key in sorted(then.keys() | current.keys()):
+        if key in then and key in current:
+            if then[key] != current[key]:
+                changed[key] = (then[key], current[key])
+        elif key in neutral:
+            changed[key] = (then.get(key, neutral[key]), current.get(key, neutral[key]))
+    return changed
+
+
 @dataclass
 class Resumable:
     run_id: str
@@ -193,11 +219,15 @@ class Resumable:
     checkpoint: Path
 
 
-def find_unfinished_run(cfg: DictConfig, key: str, fresh_command: str) -> Resumable | None:
+def find_unfinished_run(
+    cfg: DictConfig, key: str, fresh_command: str, params: dict[str, str] | None = None
+) -> Resumable | None:
     """The newest run with the same overrides that did not finish, was not superseded by a fresh start, and left a
     checkpoint; the newest intact one of its checkpoints (``experiments/checkpoints.py``).
 
-    Raises ConfigError, naming ``fresh_command``, when every checkpoint of that run is damaged, or when the run's
+    Raises ConfigError, naming ``fresh_command``, when every checkpoint of that run is damaged, when the command now
+    resolves to other ``params`` than the run recorded (a default changed between the stop and the relaunch: its
+    checkpoint may not even fit the new model, and resuming would mix two configurations in one run), or when the run's
     recorded output directory lies outside ``resume_root`` (anyone who can write tags on a shared tracking server
     could otherwise choose where a relaunch reads and writes)."""
     client, experiment_id = experiment_of(cfg)
@@ -220,6 +250,14 @@ def find_unfinished_run(cfg: DictConfig, key: str, fresh_command: str) -> Resuma
             raise ConfigError(
                 f"MLflow run {run_id} records its outputs in {output_dir}, outside {root}; it is not resumed. "
                 f"Set resume_root=DIR to trust checkpoints under DIR, or start afresh: {fresh_command}"
+            )
+        changed = changed_settings(run.data.params, params) if params is not None else {}
+        if changed:
+            said = "; ".join(f"{key} {then} then, {now} now" for key, (then, now) in changed.items())
+            raise ConfigError(
+                f"MLflow run {run_id} of this command stopped before it finished, but the command now resolves to "
+                f"other settings ({said}: a default or the data changed since it started), so its checkpoint is not "
+                f"resumed under them; it stays in {output_dir / 'checkpoints'}. Start afresh with: {fresh_command}"
             )
         checkpoint, problems = usable_checkpoint(newest)
         for line in problems:

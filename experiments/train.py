@@ -58,6 +58,7 @@ from experiments.tracking import (
     mark_interrupted,
     mark_sweep_interrupted,
     mixer_origins,
+    param_text,
     record_failed_trial,
     run_key,
     run_name,
@@ -161,6 +162,12 @@ def configured_callbacks(cfg: DictConfig, logged: bool) -> list[L.Callback]:
     ]
 
 
+def prepared_params(model_cfg: ModelConfig, data: Any) -> dict[str, Any]:
+    """The params a run logs once its data is prepared: the data's identity and size, and the vocabulary that fills
+    the config's null."""
+    return {"model.vocab_size": model_cfg.vocab_size, **data.summary()}
+
+
 def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
     """Data, model, callbacks, logger and trainer of a run, built from its checked settings (and run tags logged),
     ready for :func:`fit`. An unfinished run with the same overrides is resumed into its MLflow run and folder."""
@@ -191,7 +198,12 @@ def build_run(cfg: DictConfig, settings: Settings | None = None) -> Run:
     name = cfg.name or run_name(str(cfg.get("variant") or mixer_name), overrides, swept_keys())
     key = run_key(overrides)
     fresh_command = " ".join(["zoo-train", *map(shlex.quote, sys.argv[1:]), "resume=false"])
-    resumed = find_unfinished_run(cfg, key, fresh_command) if cfg.logger.enabled and cfg.resume else None
+    resumed = None
+    if cfg.logger.enabled and cfg.resume:
+        # what this run would log as its params, as far as they are known before the model is built: a run recorded
+        # under other settings is not resumed (tracking.changed_settings)
+        params = config_params(cfg) | {k: param_text(v) for k, v in prepared_params(model_cfg, data).items()}
+        resumed = find_unfinished_run(cfg, key, fresh_command, params)
     if resumed is not None:
         output_dir = resumed.output_dir
         log.info("resuming MLflow run %s from %s", resumed.run_id, resumed.checkpoint)
@@ -256,11 +268,10 @@ def fit(run: Run) -> dict[str, float]:
     summary = {
         "model.n_params": n_params,
         **tokens_per_step_param(cfg, trainer),
-        "model.vocab_size": model.config.vocab_size,  # the config's null is filled from the tokeniser
         "model.n_params_non_embedding": model.num_parameters(non_embedding=True),
         # equal size, as every mixer is matched: counted (the budget) vs not counted (embeddings, positional tables)
         **{f"model.n_params_{kind}": n for kind, n in model.size().items()},
-        **data.summary(),
+        **prepared_params(model.config, data),
         **{f"model.state_size.T{n}": model.state_size(n) for n in cfg.state_size_lengths},
         **mixer_origins(cfg),
     }

@@ -381,6 +381,63 @@ def test_with_every_checkpoint_damaged_the_fresh_start_command_is_given_and_neve
     assert old.data.tags["superseded_by"] in {r.info.run_id for r in runs}
 
 
+@pytest.mark.slow
+def test_a_run_stopped_under_other_defaults_is_not_resumed_under_the_new_ones_and_the_error_says_which(
+    killed, data_cache
+):
+    """An upgrade between a stop and its relaunch can change a default (``experiment=table5``'s FFN width went from
+    2046 to 2048): the same command then resolves to another model, whose checkpoint would not load or, worse, would
+    load and mix two configurations in one run. The relaunch is refused, naming each changed setting and the
+    fresh-start command; with the recorded settings back, the same command resumes the run."""
+    import sqlite3
+
+    tmp_path, run_dir = killed, f"hydra.run.dir={killed}/r2"
+    (run,) = runs_of(tmp_path)
+
+    def record(value: str) -> None:  # the run as a version whose default was ``value`` recorded it
+        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+            db.execute(
+                "UPDATE params SET value = ? WHERE run_uuid = ? AND key = 'model.ffn_multiple_of'",
+                (value, run.info.run_id),
+            )
+
+    record("64")
+    code, output = run_once(tmp_path, data_cache, run_dir)
+    assert code == 2, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: MLflow run {run.info.run_id} of this command stopped before it finished")
+    assert "other settings (model.ffn_multiple_of 64 then, 1 now: a default or the data changed since" in last
+    assert f"it stays in {tmp_path / 'r' / 'checkpoints'}" in last and last.endswith(" resume=false")
+    assert "resuming" not in output
+    assert runs_of(tmp_path)[0].info.status == "RUNNING"  # untouched: still the killed run, resumable as it was
+
+    record("1")
+    code, output = run_once(tmp_path, data_cache, run_dir)
+    assert code == 0, output[-3000:]
+    assert f"resuming MLflow run {run.info.run_id}" in output
+    assert [r.info.status for r in runs_of(tmp_path)] == ["FINISHED"]
+
+
+def test_changed_settings_count_what_a_run_computes_with_absent_settings_at_their_neutral_value():
+    """Only settings that change what a run computes count: not how it logs or shows itself, not the injected failure
+    that a killed run's relaunch drops, not params a run logs beyond its config. A setting one side lacks is
+    compared at its neutral value (a run recorded before the setting existed computed that)."""
+    from experiments.tracking import changed_settings
+
+    recorded = {"seed": "0", "model.d_model": "64", "logger.log_model": "true", "inject_failure": "{'at_step': 5}",
+                "model.n_params": "1000", "compile_mode": "default"}  # fmt: skip
+    same = {"seed": "0", "model.d_model": "64", "logger.log_model": "false", "inject_failure": "None"}
+    assert changed_settings(recorded, same) == {}
+    assert changed_settings(recorded, {**same, "model.d_model": "128"}) == {"model.d_model": ("64", "128")}
+    # recorded before model.ffn_multiple_of existed: its neutral 1 is what that run computed
+    assert changed_settings(recorded, {**same, "model.ffn_multiple_of": "1"}) == {}
+    assert changed_settings(recorded, {**same, "model.ffn_multiple_of": "64"}) == {"model.ffn_multiple_of": ("1", "64")}
+    assert changed_settings({**recorded, "compile_mode": "max-autotune-no-cudagraphs"}, same) == {
+        "compile_mode": ("max-autotune-no-cudagraphs", "default")
+    }
+    assert changed_settings({**recorded, "brand_new.setting": "3"}, same) == {}  # no neutral value: not comparable
+
+
 SECRET_URL = "postgresql://alice:hunter2@db.example:5432/mlflow"
 
 
