@@ -328,6 +328,9 @@ COMPILE_SCOPES = ("model", "blocks")
 # buffers the training step's fresh tensors must be copied into
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")  # the modes whose graphs run as captured CUDA graphs
+# what a training step can compile with: a step keeps its loss past the next step's graph, which a captured graph's
+# memory pool does not allow (reduce-overhead failed on an H100 at a run's first steps: docs/results/packing.md)
+TRAINING_COMPILE_MODES = tuple(mode for mode in COMPILE_MODES if mode not in CUDA_GRAPH_MODES)
 
 
 def compile_model(model: LanguageModel, scope: str = "model", mode: str = "default") -> LanguageModel:

@@ -213,10 +213,11 @@ def test_train_compile_mode_reaches_the_compiled_model_and_the_table(tmp_path: P
     assert main(args) == 0
     assert seen == [("blocks", "max-autotune-no-cudagraphs")] * 2  # a call per cell (the second finds it compiled)
     assert "torch.compile (blocks, mode max-autotune-no-cudagraphs)" in (out / "train.md").read_text()
-    with pytest.raises(ValueError, match="compile mode 'fast' is unknown"):
-        bench_train.TrainSettings(
-            d_model=8, n_layers=1, vocab_size=8, lengths=[8], steps=1, warmup=0, compile_mode="fast"
-        )
+    for mode in ("fast", "reduce-overhead", "max-autotune"):  # unknown, or capturing CUDA graphs (as zoo-train)
+        with pytest.raises(ValueError, match=f"compile mode '{mode}' is not one a training step can run; choose"):
+            bench_train.TrainSettings(
+                d_model=8, n_layers=1, vocab_size=8, lengths=[8], steps=1, warmup=0, compile_mode=mode
+            )
 
 
 def test_train_profile_writes_where_a_step_went_and_logs_it(tmp_path: Path):

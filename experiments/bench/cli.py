@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from arch_zoo.errors import ConfigError
-from arch_zoo.model import COMPILE_MODES, COMPILE_SCOPES
+from arch_zoo.model import COMPILE_SCOPES, TRAINING_COMPILE_MODES
 from experiments.bench import device_label, parse_models, resolve_device, resolve_dtype
 from experiments.bench.decode import DecodeSettings, run_decode
 from experiments.bench.report import finish, log, log_run, write_outputs
@@ -144,9 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     train.add_argument(
         "--compile-mode",
-        choices=COMPILE_MODES,
+        choices=TRAINING_COMPILE_MODES,
         default="default",
-        help="with --compile: torch.compile's mode (max-autotune-no-cudagraphs: products tuned; a longer compile)",
+        help="with --compile: torch.compile's mode (max-autotune-no-cudagraphs: products tuned; a longer compile; the "
+        "modes that capture CUDA graphs are not offered: a training step keeps its loss past the next step's graph)",
     )
     args = parser.parse_args(argv)
     machine = (

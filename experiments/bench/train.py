@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from arch_zoo.model import COMPILE_MODES, compile_model
+from arch_zoo.model import TRAINING_COMPILE_MODES, compile_model
 from experiments.bench import (
     BenchSettings,
     CellRow,
@@ -61,11 +61,14 @@ class TrainSettings(BenchSettings):
     amp: torch.dtype | None = torch.bfloat16  # None: no autocast (the CPU default)
     lr: float = 1e-4
     compile_scope: str = "model"  # model: one graph with the loss; blocks: each block in place (arch_zoo.model)
-    compile_mode: str = "default"  # torch.compile's mode (arch_zoo.model.COMPILE_MODES)
+    compile_mode: str = "default"  # torch.compile's mode (arch_zoo.model.TRAINING_COMPILE_MODES)
 
     def __post_init__(self) -> None:
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode {self.compile_mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
+        if self.compile_mode not in TRAINING_COMPILE_MODES:
+            raise ValueError(
+                f"compile mode {self.compile_mode!r} is not one a training step can run; choose one of "
+                f"{', '.join(TRAINING_COMPILE_MODES)}"
+            )
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
