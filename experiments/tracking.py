@@ -144,6 +144,7 @@ KEY_NEUTRAL: dict[str, object] = {
     "model.mixer.fused_projections": False,
     "model.ffn_multiple_of": 1,
 }
+NEUTRAL_PARAMS = {k: param_text(v) for k, v in KEY_NEUTRAL.items()}  # the same, as a run's params spell them
 
 
 def run_key(overrides: list[str]) -> str:
@@ -190,9 +191,8 @@ def resumed_settings(params: dict[str, str]) -> dict[str, str]:
     """The settings a resumed run must share with the run it continues, from its params as :func:`config_params`
     gives them: what a run computes (not how it is shown, logged or named, nor an injected failure, which the
     relaunch of a killed run drops), a setting at its neutral value left out as if it did not exist."""
-    neutral = {k: param_text(v) for k, v in KEY_NEUTRAL.items()}
     ignored = (*IGNORED_IN_CONFIG_KEY, *IGNORED_IN_RUN_KEY)
-    return {k: v for k, v in params.items() if not k.startswith(ignored) and not (k in neutral and neutral[k] == v)}
+    return {k: v for k, v in params.items() if not k.startswith(ignored) and NEUTRAL_PARAMS.get(k) != v}
 
 
 def changed_settings(recorded: dict[str, str], now: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -201,14 +201,13 @@ def changed_settings(recorded: dict[str, str], now: dict[str, str]) -> dict[str,
     otherwise it was added or removed without one and cannot be compared, and params a run logs beyond its config
     (sizes, the data's hash once prepared) are absent from a config not yet run."""
     then, current = resumed_settings(recorded), resumed_settings(now)
-    neutral = {k: param_text(v) for k, v in KEY_NEUTRAL.items()}
     changed = {}
     for key in sorted(then.keys() | current.keys()):
         if key in then and key in current:
             if then[key] != current[key]:
                 changed[key] = (then[key], current[key])
-        elif key in neutral:
-            changed[key] = (then.get(key, neutral[key]), current.get(key, neutral[key]))
+        elif key in NEUTRAL_PARAMS:
+            changed[key] = (then.get(key, NEUTRAL_PARAMS[key]), current.get(key, NEUTRAL_PARAMS[key]))
     return changed
 
 
