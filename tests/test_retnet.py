@@ -982,3 +982,35 @@ def test_fused_projections_on_the_gpu_under_bf16_autocast():
     the same function up to the products' bf16 rounding, in outputs and in every gradient."""
     for got, want in zip(bf16_kernel_run(fused_projections=True), bf16_kernel_run(fused_projections=False)):
         assert torch.isfinite(got).all() and rel_err(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["fixed", "learnable"])
+def test_a_fixed_decay_builds_its_row_normaliser_once_per_length(learnable):
+    """A small model's GPU step is host work (docs/results/packing.md): the decay-row normaliser of a fixed decay from
+    position 0 depends only on the length, so it is built once, not by 16 small operators a layer every step. The
+    output is the same to the bit; a learned decay (its gradient flows through it) and a new length build it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mixer = build_mixer(RetNetConfig(n_heads=4, learnable_decay=learnable), 64)
+    x = torch.randn(2, 16, 64)
+
+    def forward(length: int) -> tuple[torch.Tensor, list[str]]:
+        with Ops() as ops:
+            y, _ = mixer(x[:, :length], return_state=False)
+        return y, [name for name in ops.names if name.startswith("expm1")]  # decay_row_sums' own operator
+
+    first, built = forward(16)
+    again, rebuilt = forward(16)
+    assert built and torch.equal(first, again)
+    assert bool(rebuilt) == learnable
+    assert forward(8)[1]  # another length: built for it

@@ -395,6 +395,21 @@ class RetNet(TokenMixer):
             lambda: self.config.xpos_base ** -torch.linspace(0, 1, dk // 2, dtype=torch.float64, device=device),
         )
 
+    def _decay_row_scale(self, log_decay: torch.Tensor, offset: Any, T: int) -> torch.Tensor:
+        """The decay-row normaliser ``r_n^-1/2`` of rows ``offset .. offset + T - 1``, ``[1, H, T, 1]``.
+
+        A fixed decay from position 0 (every training and evaluation window) is cached per length, device and dtype:
+        rebuilt every call it was 16 small operators a layer, host work that a small model's GPU step waits on
+        (docs/results/packing.md). A learned decay, or a continued sequence, computes it each call."""
+
+        def make() -> torch.Tensor:
+            positions = offset + torch.arange(T, device=log_decay.device)
+            return decay_row_sums(log_decay, positions).rsqrt()[None, :, :, None]
+
+        if self.decay_logit is None and isinstance(offset, int) and offset == 0:
+            return self._constant(("decay_row_scale", T, log_decay.device, log_decay.dtype), make)
+        return make()
+
     def _constant(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         # a plain dict attribute (some compiler versions break the graph on __dict__ access). A compiled graph reads
         # a constant an eager call made (a decoding step after an eager prefill: no kernels for it), and makes a
@@ -464,8 +479,7 @@ class RetNet(TokenMixer):
         row_scale = None  # the decay and score normalisers: one factor per row of o
         if c.decay_norm:
             if log_decay.dim() == 1:
-                positions = offset + torch.arange(T, device=x.device)
-                inv_sqrt_r = decay_row_sums(log_decay, positions).rsqrt()[None, :, :, None]
+                inv_sqrt_r = self._decay_row_scale(log_decay, offset, T)
             else:  # a selective decay has no closed form: the same core on ones gives r_n = gamma_n r_{n-1} + 1
                 ones = log_decay.new_ones(B, H, T, 1)
                 r0 = None if state is None else state["r"][..., None, None]
