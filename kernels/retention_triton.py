@@ -612,6 +612,10 @@ class _Plan:
         # the block states h (one [K, V] state per block of nc chunks) kept for the backward pass, or swept again
         # there from k and v: the paper's 256 x 512 heads at 8k tokens keep 33.5 MB of them per layer and sequence
         self.recompute = 0
+        # the output passes on the Gluon kernel for Hopper (retention_hopper: TMA-fed stages, two warp groups per 64
+        # value columns) where it takes the call, with this many stages (0: off) and key pieces of at most key_piece;
+        # off until timed on an H100 against these kernels
+        self.hopper = 0
         for name, value in TILE_OVERRIDES.items():
             setattr(self, name, value)
         if sub_chunks is not None:
@@ -675,11 +679,15 @@ class _Plan:
             parts.append("shared scores")
         if self.recompute:
             parts.append("states recomputed")
+        if self.hopper:
+            stages = f"{self.hopper} stage" + "s" * (self.hopper > 1)
+            parts.append(f"Hopper output kernel ({stages}, pieces of {self.key_piece})")
         return ", ".join(parts)
 
     FIELDS = (
         "chunk", "bv_fwd", "bv_bwd", "warps_fwd", "warps_bwd", "stages", "bk_state", "bv_state", "warps_state",
         "fused_dkv", "warps_dkv", "shared_scores", "state_split", "single_block", "nc", "nb", "recompute", "key_piece",
+        "hopper",
     )  # fmt: skip
 
     def as_list(self) -> list[int]:
@@ -904,6 +912,9 @@ def _chunk_output_pieces(
     exact up to rounding. ``transposed``: the state is stored [value, key] (the backward's dq and dk use the
     [K, V] states with V as their key dim), so a piece is an offset along the contiguous axis.
     """
+    hopper = _hopper_pass(query, key, value, h, log_gamma, plan, **kw)
+    if hopper is not None:
+        return hopper
     width = query.shape[-1]
     state_v = h.shape[-1] if h is not None else 0
     shared = kw.get("scores") is not None
@@ -915,6 +926,36 @@ def _chunk_output_pieces(
         piece = (query[..., lo:hi], key[..., lo:hi], value, h, layout, log_gamma, plan)
         out = _chunk_output(*piece, out=out, skip_scores=skip, **kw)
     return out
+
+
+def _hopper_pass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    h: torch.Tensor | None,
+    log_gamma: torch.Tensor,
+    plan: _Plan,
+    *,
+    scores: Scores | None = None,
+    state_scale: float,
+    kv_scale: float,
+    reverse: bool,
+    **_tiles,
+) -> torch.Tensor | None:
+    """The pass on ``retention_hopper``'s kernel where the plan asks for it and the call is in its scope, else None.
+
+    Its scope: one block per sequence (no block states), the chunk scores stored in forward time (read as stored,
+    or mirrored by a reversed pass), and the layouts and widths ``retention_hopper.supported`` takes."""
+    if not plan.hopper or h is not None or scores is None or scores.mode != (FLIPPED if reverse else LOAD):
+        return None
+    from arch_zoo.kernels import retention_hopper  # Gluon is imported only where it is used
+
+    if not retention_hopper.supported(query, value, plan.chunk, plan.key_piece):
+        return None
+    roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse)
+    return retention_hopper.output_pass(
+        query, key, value, scores.a, log_gamma, **roles, stages=plan.hopper, widest=plan.key_piece
+    )
 
 
 def _chunk_dkv(

@@ -220,6 +220,33 @@ def test_train_compile_mode_reaches_the_compiled_model_and_the_table(tmp_path: P
             )
 
 
+def test_kernel_tiles_are_pinned_for_their_model_alone_and_bad_ones_are_refused(tmp_path: Path, monkeypatch, capsys):
+    """``--kernel-tiles hopper:hopper=1``: the retention kernels' tiles are pinned while that model is built and
+    timed (its compile included), not while the other is, and restored after; a label or tile name that does not
+    exist is refused before anything runs, naming the choices."""
+    pytest.importorskip("triton")
+    from arch_zoo.kernels import retention_triton as rt
+    from experiments.bench import train as bench_train
+
+    seen = {}
+    measure = bench_train._measure
+
+    def watched(model, optimizer, row, settings):
+        seen.setdefault(row.model, dict(rt.TILE_OVERRIDES))
+        measure(model, optimizer, row, settings)
+
+    monkeypatch.setattr(bench_train, "_measure", watched)
+    args = ["train", "--models", "retnet,hopper=retnet", "--tokens-per-step", "128", *TINY_RETNET, "--no-log"]
+    args += ["--set", "hopper.head_dim=16", "--out", str(tmp_path / "train")]
+    assert main([*args, "--kernel-tiles", "hopper:hopper=1,stages=2"]) == 0
+    assert seen == {"retnet": {}, "hopper": {"hopper": 1, "stages": 2}}
+    assert rt.TILE_OVERRIDES == {}
+    assert main([*args, "--kernel-tiles", "hoper:hopper=1"]) == 2
+    assert "MODEL one of retnet, hopper" in capsys.readouterr().err
+    assert main([*args, "--kernel-tiles", "hopper:hoper=1"]) == 2
+    assert "'hoper=1' is not NAME=INT with NAME one of chunk" in capsys.readouterr().err
+
+
 def test_train_profile_writes_where_a_step_went_and_logs_it(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "train"

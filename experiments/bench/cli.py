@@ -149,6 +149,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --compile: torch.compile's mode (max-autotune-no-cudagraphs: products tuned; a longer compile; the "
         "modes that capture CUDA graphs are not offered: a training step keeps its loss past the next step's graph)",
     )
+    train.add_argument(
+        "--kernel-tiles",
+        action="append",
+        default=[],
+        metavar="MODEL:NAME=INT,...",
+        help="pin the retention kernels' tiles while MODEL trains (kernels/retention_triton.py's _Plan fields): "
+        "--models retnet,hopper=retnet --kernel-tiles hopper:hopper=1 times the Hopper output kernels beside ours",
+    )
     args = parser.parse_args(argv)
     machine = (
         "gpu" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -159,6 +167,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 args, field, values[machine][args.command] if isinstance(values[machine], dict) else values[machine]
             )
     return args
+
+
+def parse_kernel_tiles(items: list[str], labels: list[str]) -> dict[str, dict[str, int]]:
+    """``["hopper:hopper=1"]`` -> ``{"hopper": {"hopper": 1}}``, each label one of the models'."""
+    pinned = {}
+    for item in items:
+        label, sep, text = item.partition(":")
+        if not sep or label not in labels:
+            raise ConfigError(
+                f"--kernel-tiles {item!r}: expected MODEL:NAME=INT,... with MODEL one of {', '.join(labels)}"
+            )
+        from arch_zoo.kernels.benchmark import parse_tiles
+
+        try:
+            pinned[label] = parse_tiles(text)
+        except ValueError as error:
+            raise ConfigError(f"--kernel-tiles {item!r}: {str(error).removeprefix('--tiles: ')}") from None
+    return pinned
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         specs = parse_models(args.models, args.overrides, args.mode)
+        kernel_tiles = parse_kernel_tiles(getattr(args, "kernel_tiles", []), [spec.name for spec in specs])
     except ConfigError as error:
         print(f"zoo-bench: {error}", file=sys.stderr)
         return 2
@@ -220,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             compile_scope=args.compile_scope,
             compile_mode=args.compile_mode,
+            kernel_tiles=kernel_tiles,
         )
         with float32_matmul_precision(args.float32_matmul_precision):
             rows = [r.as_dict() for r in run_train(specs, settings, device, log)]

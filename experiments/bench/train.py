@@ -8,10 +8,11 @@ at least 1), so longer contexts trade batch for length as in the paper's compari
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -62,6 +63,9 @@ class TrainSettings(BenchSettings):
     lr: float = 1e-4
     compile_scope: str = "model"  # model: one graph with the loss; blocks: each block in place (arch_zoo.model)
     compile_mode: str = "default"  # torch.compile's mode (arch_zoo.model.TRAINING_COMPILE_MODES)
+    # model label -> retention kernel tiles pinned while it is built, compiled and timed (retention_triton's _Plan
+    # fields, e.g. {"hopper": 1}): a kernel variant side by side with the default in one call
+    kernel_tiles: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.compile_mode not in TRAINING_COMPILE_MODES:
@@ -170,23 +174,42 @@ def run_train(
     """Every (model, length) cell; one model (float32 weights + AdamW state) on the device at a time."""
     rows = []
     for spec in specs:
-        torch.manual_seed(settings.seed)
-        model = spec_model(spec, settings, device, torch.float32).train()
-        n_params = model.num_parameters()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=device.type == "cuda")
-        for length in settings.lengths:
-            row = TrainRow(spec.name, length, max(1, settings.tokens_per_step // length), n_params=n_params)
-            run_cell(row, partial(_measure, model, optimizer, row, settings), device)
-            rows.append(row)
-            if row.status == "ok":
-                log(
-                    f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.step_ms:9.1f} ms/step  "
-                    f"{row.tokens_per_s:10.0f} tok/s  {row.tflops or 0:6.1f} TFLOP/s"
-                    + (f" (MFU {row.mfu:.1%})" if row.mfu is not None else "")
-                    + f"  loss {row.loss:.3f}"
-                )
-            else:
-                log(f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.status}")
-        del model, optimizer
-        free_memory(device)
+        with _pinned_kernel_tiles(settings.kernel_tiles.get(spec.name)):
+            rows += _train_model(spec, settings, device, log)
+    return rows
+
+
+def _pinned_kernel_tiles(tiles: dict[str, int] | None) -> contextlib.AbstractContextManager[None]:
+    """The retention kernels' tiles pinned for one model (imported only then: the kernels need Triton)."""
+    if not tiles:
+        return contextlib.nullcontext()
+    from arch_zoo.kernels.retention_triton import pinned_tiles
+
+    return pinned_tiles(tiles)
+
+
+def _train_model(
+    spec: ModelSpec, settings: TrainSettings, device: torch.device, log: Callable[[str], None]
+) -> list[TrainRow]:
+    """One model's cells, one per context length."""
+    rows = []
+    torch.manual_seed(settings.seed)
+    model = spec_model(spec, settings, device, torch.float32).train()
+    n_params = model.num_parameters()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=device.type == "cuda")
+    for length in settings.lengths:
+        row = TrainRow(spec.name, length, max(1, settings.tokens_per_step // length), n_params=n_params)
+        run_cell(row, partial(_measure, model, optimizer, row, settings), device)
+        rows.append(row)
+        if row.status == "ok":
+            log(
+                f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.step_ms:9.1f} ms/step  "
+                f"{row.tokens_per_s:10.0f} tok/s  {row.tflops or 0:6.1f} TFLOP/s"
+                + (f" (MFU {row.mfu:.1%})" if row.mfu is not None else "")
+                + f"  loss {row.loss:.3f}"
+            )
+        else:
+            log(f"{row.model:>14} T={row.length:<6} B={row.batch:<4} {row.status}")
+    del model, optimizer
+    free_memory(device)
     return rows

@@ -1,0 +1,327 @@
+"""Hopper (sm_90) kernels for the retention core's output passes, written in Gluon (Triton's explicit-layout dialect).
+
+Why a second kernel: at the paper's 256 x 512 heads, ``retention_triton._chunk_output_kernel`` is latency bound
+(docs/results/kernels.md, sessions 18 and 21). Each of its programs holds a ``[256, 64]`` float32 state plus q and k
+staged through registers (255 registers a thread), so two programs share an SM, and each waits for every product as
+soon as it is issued. Triton 3.6 gave no way past that (tiles, seven rewrites, TMA loads, warp specialisation).
+Gluon states the schedule outright:
+
+* TMA copies load each chunk's q, k, v and scores into a ring of shared-memory stages while the tensor cores work
+  on the chunk before (no registers spent on staging);
+* 8 warps as two warp groups split 64 value columns, so q and k are read once for both, and the ``[256, 64]`` state
+  costs 64 registers a thread;
+* the chunk's three products (state read, intra-chunk scores, state update) are issued together and waited for once.
+
+One kernel runs all four output passes of a layer, with the roles retention_triton's output kernel gives them
+(query, key, value, scores): ``o`` (q, k, v, the forward's scores), ``dq`` (do, v, k, the backward's ``do . v^T``),
+and in reversed time ``dv`` (k, q, do, the forward's scores transposed) and ``dk`` (v, do, q, the backward's
+transposed). Per chunk ``c`` of ``C`` tokens, with the state ``G`` in registers:
+
+    out_c = rowdecay * (Q_c G) + S_c V_c            G <- gamma^C G + K_c^T (keydecay * V_c)
+
+forward (chunks in order): ``S`` = the chunk's scores, ``rowdecay_i = state_scale gamma^i``,
+``keydecay_i = kv_scale gamma^(C-i)``; reversed (chunks from the last, rows in their own order): ``S`` = the
+scores transposed, ``rowdecay_i = state_scale gamma^(C-i)``, ``keydecay_i = kv_scale gamma^i``.
+``output_pass_reference`` is the same loop in PyTorch, the CPU tests' check of these roles and decays.
+
+Scope: one block per sequence (no stored block states), T a multiple of the 64-token chunk, bf16/fp16, query/key
+pieces of 64, 128 or 256 columns, value widths a multiple of 64. Off by default (the ``hopper`` tile of
+``retention_triton._Plan``) until measured on an H100 against the Triton kernel it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; its TMA names changed in 3.7
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - an older Triton, or none
+    AVAILABLE = False
+
+CHUNK = 64  # tokens per chunk, as retention_triton.CHUNK
+VALUE_BLOCK = 64  # value columns per program: two warp groups of 32
+WARPS = 8
+STAGES = 2  # chunks in flight: 2 x 80 KB of q, k, v and scores at 256-wide pieces, within the SM's 227 KB
+PIECES = (256, 128, 64)  # query/key widths a launch takes; a wider query runs as pieces that add up
+
+if AVAILABLE:
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+    @gluon.jit
+    def _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bar, s, row, col_q, col_v, a_row,
+                    SCORES: gl.constexpr):  # fmt: skip
+        """Start the TMA copies of one chunk's tiles into stage ``s``; ``bar`` counts their bytes in."""
+        tiles: gl.constexpr = q_desc.block_type.nbytes + k_desc.block_type.nbytes + v_desc.block_type.nbytes
+        nbytes: gl.constexpr = tiles + (a_desc.block_type.nbytes if SCORES else 0)
+        mbarrier.expect(bar, nbytes)
+        _tma_load(q_desc, [row, col_q], bar, q_b.index(s))
+        _tma_load(k_desc, [row, col_q], bar, k_b.index(s))
+        _tma_load(v_desc, [row, col_v], bar, v_b.index(s))
+        if SCORES:
+            _tma_load(a_desc, [a_row, 0], bar, a_b.index(s))
+
+    @gluon.jit
+    def _output_kernel(
+        q_desc, k_desc, v_desc, a_desc, o_desc, log_gamma_ptr, state_scale, kv_scale, n_chunks,
+        q_rb, q_rh, q_ch, q_lo, v_rb, v_rh, v_ch,
+        H: gl.constexpr, BK: gl.constexpr, BV: gl.constexpr, C: gl.constexpr, NS: gl.constexpr,
+        REVERSE: gl.constexpr, SCORES: gl.constexpr, ACCUMULATE: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        """One sequence, head and ``BV`` value columns; see the module docstring for the loop.
+
+        A tile's row in its 2-D descriptor is ``b * rb + h * rh + t`` and its column ``h * ch (+ q_lo)``: both
+        layouts the kernels take ([B, T, H, D] and [B, H, T, D]) are one row of a 2-D tensor per token.
+        """
+        i_v = gl.program_id(0)
+        i_bh = gl.program_id(1)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        dtype: gl.constexpr = q_desc.dtype
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, num_warps // 4], instr_shape=[16, BV // (num_warps // 4), 16]
+        )
+        rows: gl.constexpr = gl.SliceLayout(1, mma)
+        q_b = gl.allocate_shared_memory(dtype, [NS, C, BK], q_desc.layout)
+        k_b = gl.allocate_shared_memory(dtype, [NS, C, BK], k_desc.layout)
+        v_b = gl.allocate_shared_memory(dtype, [NS, C, BV], v_desc.layout)
+        a_b = gl.allocate_shared_memory(dtype, [NS, C, C], a_desc.layout)
+        g_s = gl.allocate_shared_memory(dtype, [BK, BV], gl.NVMMASharedLayout.get_default_for([BK, BV], dtype))
+        vw_s = gl.allocate_shared_memory(dtype, [C, BV], v_desc.layout)
+        o_s = gl.allocate_shared_memory(dtype, [C, BV], o_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [NS + 1, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(NS + 1):  # one barrier a stage, and one for the output tile read back
+            mbarrier.init(bars.index(st), count=1)
+
+        lg = gl.load(log_gamma_ptr + i_h).to(gl.float32)
+        i = gl.arange(0, C, layout=rows).to(gl.float32)
+        if REVERSE:
+            row_decay = gl.exp(lg * (C - i)) * state_scale
+            key_decay = gl.exp(lg * i) * kv_scale
+        else:
+            row_decay = gl.exp(lg * i) * state_scale
+            key_decay = gl.exp(lg * (C - i)) * kv_scale
+        chunk_decay = gl.exp(lg * C)
+
+        q_row = i_b * q_rb + i_h * q_rh
+        v_row = i_b * v_rb + i_h * v_rh
+        col_q = i_h * q_ch + q_lo
+        col_v = i_h * v_ch + i_v * BV
+        a_row = i_bh * n_chunks * C
+        for st in gl.static_range(NS):
+            if st < n_chunks:
+                c0 = n_chunks - 1 - st if REVERSE else st
+                _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(st), st,
+                            q_row + c0 * C, col_q, col_v, a_row + c0 * C, SCORES)  # fmt: skip
+
+        g = gl.zeros([BK, BV], gl.float32, mma)
+        zero = gl.zeros([C, BV], gl.float32, mma)
+        for step in range(n_chunks):
+            c = n_chunks - 1 - step if REVERSE else step
+            s = step % NS
+            tma.store_wait(pendings=0)  # the last chunk's output has left o_s
+            if ACCUMULATE:  # read back what an earlier call wrote here, while the products run
+                mbarrier.expect(bars.index(NS), o_desc.block_type.nbytes)
+                _tma_load(o_desc, [v_row + c * C, col_v], bars.index(NS), o_s)
+            mbarrier.wait(bars.index(s), (step // NS) & 1)
+            qs = q_b.index(s)
+            ks = k_b.index(s)
+            vs = v_b.index(s)
+            # the register work first, so no product is in flight while its registers are touched
+            g_s.store(g.to(dtype))
+            vw_s.store((vs.load(mma).to(gl.float32) * key_decay[:, None]).to(dtype))
+            g = g * chunk_decay
+            fence_async_shared()
+            if SCORES:
+                if REVERSE:
+                    o2 = warpgroup_mma(a_b.index(s).permute((1, 0)), vs, zero, use_acc=False, is_async=True)
+                else:
+                    o2 = warpgroup_mma(a_b.index(s), vs, zero, use_acc=False, is_async=True)
+            o1 = warpgroup_mma(qs, g_s, zero, use_acc=False, is_async=True)
+            g = warpgroup_mma(ks.permute((1, 0)), vw_s, g, is_async=True)
+            if SCORES:
+                o1, o2, g = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2, g))
+                o = o1 * row_decay[:, None] + o2
+            else:
+                o1, g = warpgroup_mma_wait(num_outstanding=0, deps=(o1, g))
+                o = o1 * row_decay[:, None]
+            nxt = step + NS  # this stage is free again: start the copies of the chunk NS steps on
+            if nxt < n_chunks:
+                cn = n_chunks - 1 - nxt if REVERSE else nxt
+                _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(s), s,
+                            q_row + cn * C, col_q, col_v, a_row + cn * C, SCORES)  # fmt: skip
+            if ACCUMULATE:
+                mbarrier.wait(bars.index(NS), step & 1)
+                o += o_s.load(mma).to(gl.float32)
+            o_s.store(o.to(dtype))
+            fence_async_shared()
+            _tma_store(o_desc, [v_row + c * C, col_v], o_s)
+        tma.store_wait(pendings=0)
+        for st in gl.static_range(NS + 1):
+            mbarrier.invalidate(bars.index(st))
+
+
+def token_rows(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(rb, rh, ch)`` such that token ``t`` of sequence ``b``, head ``h`` of a ``[B, T, H, D]`` tensor is row
+    ``b * rb + h * rh + t`` of a 2-D view with one token a row, starting at column ``h * ch``; None where the
+    layout has no such view (TMA reads 2-D tiles of rows)."""
+    B, T, H, D = x.shape
+    s0, s1, s2, s3 = x.stride()
+    if s3 != 1 or x.data_ptr() % 16 or (s1 * x.element_size()) % 16:
+        return None
+    if s2 == D and s1 >= H * D and s0 == T * s1:  # [B, T, H, D], maybe a slice of wider rows
+        return T, 0, D
+    if s1 == D and s2 == T * D and s0 == H * T * D:  # [B, H, T, D] seen as [B, T, H, D]
+        return H * T, T, 0
+    return None
+
+
+def _descriptor(x: torch.Tensor, rows: tuple[int, int, int], block: list[int]) -> TensorDescriptor:
+    """A TMA descriptor of ``x`` as its 2-D view with a token a row (``token_rows``)."""
+    B, T, H, D = x.shape
+    _, rh, _ = rows
+    shape = [B * T, H * D] if rh == 0 else [B * H * T, D]
+    elem = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor(x, shape, [x.stride(1), 1], block, gl.NVMMASharedLayout.get_default_for(block, elem))
+
+
+def piece_width(width: int, widest: int = PIECES[0]) -> int | None:
+    """The query/key piece a call of this width runs in, at most ``widest`` (None: not taken). Narrower pieces take
+    less shared memory and fewer registers (two programs an SM at 128 with one stage), for more launches."""
+    return next((p for p in PIECES if p <= widest and width % p == 0), None)
+
+
+def supported(query: torch.Tensor, value: torch.Tensor, chunk: int, widest: int = PIECES[0]) -> bool:
+    """Whether these tensors can take the Hopper path: the scope in the module docstring, on an sm_90 device."""
+    if not (AVAILABLE and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if torch.cuda.get_device_capability(query.device) != (9, 0):
+        return False
+    T = query.shape[1]
+    width = piece_width(query.shape[-1], widest)
+    return chunk == CHUNK and T % CHUNK == 0 and width is not None and value.shape[-1] % VALUE_BLOCK == 0
+
+
+def launches(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scores: torch.Tensor | None,
+    log_gamma: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    state_scale: float,
+    kv_scale: float,
+    reverse: bool,
+    accumulate: bool,
+    stages: int = STAGES,
+    widest: int = PIECES[0],
+) -> list[tuple[tuple[int, int], tuple, dict]]:
+    """``(grid, arguments, compile-time constants)`` of each kernel launch of an output pass: one a query piece."""
+    B, T, H, DQ = query.shape
+    width = piece_width(DQ, widest)
+    q_rows, v_rows = token_rows(query), token_rows(value)
+    if not (width and q_rows and v_rows and key.stride() == query.stride() and out.stride() == value.stride()):
+        raise ValueError("retention_hopper: these tensors are outside the kernel's scope (see supported())")
+    descs = (
+        _descriptor(query, q_rows, [CHUNK, width]),
+        _descriptor(key, q_rows, [CHUNK, width]),
+        _descriptor(value, v_rows, [CHUNK, VALUE_BLOCK]),
+    )
+    a = (scores if scores is not None else value.new_empty(1, CHUNK, CHUNK)).view(-1, CHUNK)
+    elem = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+    a_layout = gl.NVMMASharedLayout.get_default_for([CHUNK, CHUNK], elem)
+    a_desc = TensorDescriptor(a, list(a.shape), [CHUNK, 1], [CHUNK, CHUNK], a_layout)
+    o_desc = _descriptor(out, v_rows, [CHUNK, VALUE_BLOCK])
+    grid = (value.shape[-1] // VALUE_BLOCK, B * H)
+    runs = []
+    for lo in range(0, DQ, width):
+        args = (*descs, a_desc, o_desc, log_gamma, state_scale, kv_scale, T // CHUNK, *q_rows, lo, *v_rows)
+        constants = dict(
+            H=H, BK=width, BV=VALUE_BLOCK, C=CHUNK, NS=stages, REVERSE=reverse,
+            SCORES=scores is not None and lo == 0, ACCUMULATE=accumulate or lo > 0, num_warps=WARPS,
+        )  # fmt: skip
+        runs.append((grid, args, constants))
+    return runs
+
+
+def output_pass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scores: torch.Tensor | None,
+    log_gamma: torch.Tensor,
+    *,
+    state_scale: float,
+    kv_scale: float,
+    reverse: bool,
+    out: torch.Tensor | None = None,
+    stages: int = STAGES,
+    widest: int = PIECES[0],
+) -> torch.Tensor:
+    """One output pass (see the module docstring) over the whole query width, in pieces that add up.
+
+    ``scores``: ``[B, H, n_chunks, C, C]`` as ``retention_triton._chunk_scores`` made them in forward time (read
+    transposed when ``reverse``), or None to leave the intra-chunk term out. ``out``: added into. ``stages``: chunks
+    whose copies are in flight; ``widest``: the widest query piece a launch takes.
+    """
+    accumulate = out is not None
+    out = torch.empty_like(value) if out is None else out
+    roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse, accumulate=accumulate)
+    roles |= dict(stages=stages, widest=widest)
+    for grid, args, constants in launches(query, key, value, scores, log_gamma, out, **roles):
+        _output_kernel[grid](*args, **constants)
+    return out
+
+
+def output_pass_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scores: torch.Tensor | None,
+    log_gamma: torch.Tensor,
+    *,
+    state_scale: float,
+    kv_scale: float,
+    reverse: bool,
+    out: torch.Tensor | None = None,
+    stages: int = STAGES,
+    widest: int = PIECES[0],
+) -> torch.Tensor:
+    """``output_pass`` as a PyTorch loop over chunks, in float64: the same roles, decays and chunk order, so the CPU
+    tests check what the kernel is asked to compute against the retention reference's gradients."""
+    B, T, H, _ = query.shape
+    C = CHUNK
+    q, k, v = (x.double().transpose(1, 2) for x in (query, key, value))  # [B, H, T, D]
+    lg = log_gamma.double().view(1, H, 1)
+    i = torch.arange(C, dtype=torch.float64)
+    row_decay = torch.exp(lg * ((C - i) if reverse else i)) * state_scale  # [1, H, C]
+    key_decay = torch.exp(lg * (i if reverse else (C - i))) * kv_scale
+    chunk_decay = torch.exp(lg * C).unsqueeze(-1)
+    g = q.new_zeros(B, H, q.shape[-1], v.shape[-1])
+    o = torch.zeros_like(v)
+    chunks = range(T // C - 1, -1, -1) if reverse else range(T // C)
+    for c in chunks:
+        rows = slice(c * C, (c + 1) * C)
+        qc, kc, vc = q[:, :, rows], k[:, :, rows], v[:, :, rows]
+        oc = row_decay.unsqueeze(-1) * (qc @ g)
+        if scores is not None:
+            s = scores[:, :, c].double()
+            oc = oc + (s.transpose(-1, -2) if reverse else s) @ vc
+        o[:, :, rows] = oc
+        g = chunk_decay * g + kc.transpose(-1, -2) @ (key_decay.unsqueeze(-1) * vc)
+    o = o.transpose(1, 2)
+    if out is not None:
+        o = o + out.double()
+    return o.to(value.dtype)
