@@ -10,7 +10,9 @@ Gluon states the schedule outright:
   on the chunk before (no registers spent on staging);
 * 8 warps as two warp groups split 64 value columns, so q and k are read once for both, and the ``[256, 64]`` state
   costs 64 registers a thread;
-* the chunk's three products (state read, intra-chunk scores, state update) are issued together and waited for once.
+* the chunk's three products (state read, intra-chunk scores, state update) are issued together and waited for
+  once, and the chunk before's output is stored (and, for a second key piece, the first one's read back) while they
+  run.
 
 One kernel runs all four output passes of a layer, with the roles retention_triton's output kernel gives them
 (query, key, value, scores): ``o`` (q, k, v, the forward's scores), ``dq`` (do, v, k, the backward's ``do . v^T``),
@@ -73,6 +75,23 @@ if AVAILABLE:
             _tma_load(a_desc, [a_row, 0], bar, a_b.index(s))
 
     @gluon.jit
+    def _epilogue(o, o_s, p_s, o_desc, bar, step, row, col, n_chunks, REVERSE: gl.constexpr,
+                  ACCUMULATE: gl.constexpr, layout: gl.constexpr):  # fmt: skip
+        """Store chunk ``step``'s output (plus what an earlier call wrote there, read back into ``p_s``), and start
+        reading back the next chunk's."""
+        if ACCUMULATE:
+            mbarrier.wait(bar, step & 1)
+            o += p_s.load(layout).to(gl.float32)
+            if step + 1 < n_chunks:
+                rn = row - o_desc.block_type.shape[0] if REVERSE else row + o_desc.block_type.shape[0]
+                mbarrier.expect(bar, o_desc.block_type.nbytes)
+                _tma_load(o_desc, [rn, col], bar, p_s)
+        tma.store_wait(pendings=0)  # the chunk before's output has left o_s
+        o_s.store(o.to(o_desc.dtype))
+        fence_async_shared()
+        _tma_store(o_desc, [row, col], o_s)
+
+    @gluon.jit
     def _output_kernel(
         q_desc, k_desc, v_desc, a_desc, o_desc, log_gamma_ptr, state_scale, kv_scale, n_chunks,
         q_rb, q_rh, q_ch, q_lo, v_rb, v_rh, v_ch,
@@ -100,6 +119,7 @@ if AVAILABLE:
         g_s = gl.allocate_shared_memory(dtype, [BK, BV], gl.NVMMASharedLayout.get_default_for([BK, BV], dtype))
         vw_s = gl.allocate_shared_memory(dtype, [C, BV], v_desc.layout)
         o_s = gl.allocate_shared_memory(dtype, [C, BV], o_desc.layout)
+        p_s = gl.allocate_shared_memory(dtype, [C, BV], o_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [NS + 1, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(NS + 1):  # one barrier a stage, and one for the output tile read back
             mbarrier.init(bars.index(st), count=1)
@@ -127,13 +147,14 @@ if AVAILABLE:
 
         g = gl.zeros([BK, BV], gl.float32, mma)
         zero = gl.zeros([C, BV], gl.float32, mma)
+        o = zero
+        if ACCUMULATE:  # the first chunk's earlier output, read back while the first products run
+            c0 = n_chunks - 1 if REVERSE else 0
+            mbarrier.expect(bars.index(NS), o_desc.block_type.nbytes)
+            _tma_load(o_desc, [v_row + c0 * C, col_v], bars.index(NS), p_s)
         for step in range(n_chunks):
             c = n_chunks - 1 - step if REVERSE else step
             s = step % NS
-            tma.store_wait(pendings=0)  # the last chunk's output has left o_s
-            if ACCUMULATE:  # read back what an earlier call wrote here, while the products run
-                mbarrier.expect(bars.index(NS), o_desc.block_type.nbytes)
-                _tma_load(o_desc, [v_row + c * C, col_v], bars.index(NS), o_s)
             mbarrier.wait(bars.index(s), (step // NS) & 1)
             qs = q_b.index(s)
             ks = k_b.index(s)
@@ -150,6 +171,10 @@ if AVAILABLE:
                     o2 = warpgroup_mma(a_b.index(s), vs, zero, use_acc=False, is_async=True)
             o1 = warpgroup_mma(qs, g_s, zero, use_acc=False, is_async=True)
             g = warpgroup_mma(ks.permute((1, 0)), vw_s, g, is_async=True)
+            if step > 0:  # the chunk before's output leaves while this chunk's products run
+                cp = c + 1 if REVERSE else c - 1
+                _epilogue(o, o_s, p_s, o_desc, bars.index(NS), step - 1, v_row + cp * C, col_v, n_chunks, REVERSE,
+                          ACCUMULATE, mma)  # fmt: skip
             if SCORES:
                 o1, o2, g = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2, g))
                 o = o1 * row_decay[:, None] + o2
@@ -161,12 +186,9 @@ if AVAILABLE:
                 cn = n_chunks - 1 - nxt if REVERSE else nxt
                 _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(s), s,
                             q_row + cn * C, col_q, col_v, a_row + cn * C, SCORES)  # fmt: skip
-            if ACCUMULATE:
-                mbarrier.wait(bars.index(NS), step & 1)
-                o += o_s.load(mma).to(gl.float32)
-            o_s.store(o.to(dtype))
-            fence_async_shared()
-            _tma_store(o_desc, [v_row + c * C, col_v], o_s)
+        cl = 0 if REVERSE else n_chunks - 1
+        _epilogue(o, o_s, p_s, o_desc, bars.index(NS), n_chunks - 1, v_row + cl * C, col_v, n_chunks, REVERSE,
+                  ACCUMULATE, mma)  # fmt: skip
         tma.store_wait(pendings=0)
         for st in gl.static_range(NS + 1):
             mbarrier.invalidate(bars.index(st))
