@@ -232,7 +232,9 @@ def supported(query: torch.Tensor, value: torch.Tensor, chunk: int, widest: int 
         return False
     T = query.shape[1]
     width = piece_width(query.shape[-1], widest)
-    return chunk == CHUNK and T % CHUNK == 0 and width is not None and value.shape[-1] % VALUE_BLOCK == 0
+    if chunk != CHUNK or T % CHUNK or width is None or value.shape[-1] % VALUE_BLOCK:
+        return False
+    return token_rows(query) is not None and token_rows(value) is not None
 
 
 def launches(
@@ -327,7 +329,7 @@ def output_pass_reference(
     C = CHUNK
     q, k, v = (x.double().transpose(1, 2) for x in (query, key, value))  # [B, H, T, D]
     lg = log_gamma.double().view(1, H, 1)
-    i = torch.arange(C, dtype=torch.float64)
+    i = torch.arange(C, dtype=torch.float64, device=q.device)
     row_decay = torch.exp(lg * ((C - i) if reverse else i)) * state_scale  # [1, H, C]
     key_decay = torch.exp(lg * (i if reverse else (C - i))) * kv_scale
     chunk_decay = torch.exp(lg * C).unsqueeze(-1)

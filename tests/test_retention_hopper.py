@@ -29,33 +29,45 @@ def chunk_scores(query: torch.Tensor, key: torch.Tensor, log_gamma: torch.Tensor
     """``[B, H, n_chunks, C, C]``: ``scale * (query . key^T) * gamma^(i-j)`` for i >= j inside each chunk, as
     ``retention_triton._chunk_scores`` stores them (forward time)."""
     B, T, H, _ = query.shape
-    q = query.double().view(B, T // C, C, H, -1).permute(0, 3, 1, 2, 4)
-    k = key.double().view(B, T // C, C, H, -1).permute(0, 3, 1, 2, 4)
-    i = torch.arange(C, dtype=torch.float64)
+    q = query.double().reshape(B, T // C, C, H, -1).permute(0, 3, 1, 2, 4)
+    k = key.double().reshape(B, T // C, C, H, -1).permute(0, 3, 1, 2, 4)
+    i = torch.arange(C, dtype=torch.float64, device=query.device)
     gap = i[:, None] - i[None, :]
     decay = torch.where(gap >= 0, torch.exp(log_gamma.double().view(H, 1, 1, 1) * gap.clamp(min=0)), 0.0)
     return scale * (q @ k.transpose(-1, -2)) * decay[None]
 
 
+# each pass's (query, key, value, scores) as indices into (q, k, v, do, a, da), its time direction, and whether the
+# scale goes with the state read (forward passes) or into the state (reversed ones): retention_triton's roles
+ROLES = {
+    "o": (0, 1, 2, 4, False),
+    "dq": (3, 2, 1, 5, False),
+    "dv": (1, 0, 3, 4, True),
+    "dk": (2, 3, 0, 5, True),
+}
+
+
+def pass_args(name: str, tensors: tuple, lg: torch.Tensor, scale: float) -> tuple[tuple, dict]:
+    """``(query, key, value, scores, log_gamma), roles`` of one pass."""
+    qi, ki, vi, si, reverse = ROLES[name]
+    scales = dict(state_scale=1.0, kv_scale=scale) if reverse else dict(state_scale=scale, kv_scale=1.0)
+    return (tensors[qi], tensors[ki], tensors[vi], tensors[si], lg), dict(reverse=reverse, **scales)
+
+
 def passes(q, k, v, do, lg, scale, pieces: int | None = None):
     """o, dq, dk, dv through the twin with the roles ``retention_triton`` gives its output passes; ``pieces``:
-    the gradients whose query is v and do (dq, dk) as two pieces that add up, as the kernel runs a 512-wide one."""
-    a, da = chunk_scores(q, k, lg, scale), chunk_scores(do, v, lg, scale)
-    fwd, rev = dict(state_scale=scale, kv_scale=1.0, reverse=False), dict(state_scale=1.0, kv_scale=scale, reverse=True)
-
-    def split(query, key, value, scores, roles):
+    each query as two pieces that add up, as the kernel runs a 512-wide one."""
+    tensors = (q, k, v, do, chunk_scores(q, k, lg, scale), chunk_scores(do, v, lg, scale))
+    out = {}
+    for name in ROLES:
+        (query, key, value, scores, lg), roles = pass_args(name, tensors, lg, scale)
         if not pieces:
-            return rh.output_pass_reference(query, key, value, scores, lg, **roles)
+            out[name] = rh.output_pass_reference(query, key, value, scores, lg, **roles)
+            continue
         half = query.shape[-1] // 2
         first = rh.output_pass_reference(query[..., :half], key[..., :half], value, scores, lg, **roles)
-        return rh.output_pass_reference(query[..., half:], key[..., half:], value, None, lg, **roles, out=first)
-
-    return {
-        "o": rh.output_pass_reference(q, k, v, a, lg, **fwd),
-        "dq": split(do, v, k, da, fwd),
-        "dk": split(v, do, q, da, rev),
-        "dv": rh.output_pass_reference(k, q, do, a, lg, **rev),
-    }
+        out[name] = rh.output_pass_reference(query[..., half:], key[..., half:], value, None, lg, **roles, out=first)
+    return out
 
 
 @pytest.mark.parametrize("pieces", [None, 2], ids=["whole", "pieces"])
@@ -281,6 +293,34 @@ def test_the_hopper_kernel_on_an_h100_against_float64_and_the_triton_kernels(mon
     assert all(e < 1e-2 for e in errors[1].values()), f"seed {seed}: {errors}"
     # no worse than the Triton kernels by more than rounding
     assert all(errors[1][n] < 2 * errors[0][n] + 1e-3 for n in errors[1]), f"seed {seed}: {errors}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["BTHD", "BHTD"])
+@pytest.mark.parametrize("T", [C, 2 * C, 5 * C], ids=["one_chunk", "two_chunks", "five_chunks"])
+@pytest.mark.parametrize("name", list(ROLES))
+@pytest.mark.parametrize("tiles", [(2, 256), (1, 128)], ids=["2stages", "narrow"])
+def test_each_pass_of_the_hopper_kernel_on_an_h100_equals_its_twin(name, T, layout, tiles):
+    """One pass at a time, so a failure names the pass: one chunk, the stages' depth, and refilled stages; both
+    layouts the kernels take; the paper's head dims (the 512-wide queries of dq and dk run as pieces)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
+        pytest.skip("needs an sm_90 GPU and Triton with Gluon")
+    B, H, K, V = 2, 4, 256, 512
+    g = torch.Generator(device="cuda").manual_seed(T)
+
+    def make(D):
+        x = torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        return x if layout == "BTHD" else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    q, k, v, do = make(K), make(K), make(V), make(V)
+    lg, scale = decays(H).float().cuda(), K**-0.5
+    a, da = chunk_scores(q, k, lg, scale).bfloat16(), chunk_scores(do, v, lg, scale).bfloat16()
+    args, roles = pass_args(name, (q, k, v, do, a, da), lg, scale)
+    assert rh.supported(args[0], args[2], C, tiles[1])
+    got = rh.output_pass(*args, **roles, stages=tiles[0], widest=tiles[1])
+    want = rh.output_pass_reference(*args, **roles)
+    assert got.stride() == args[2].stride()
+    assert rel(got, want) < 1e-2, (name, rel(got, want))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--routing-checks"]:
