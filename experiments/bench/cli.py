@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="MODEL:NAME=INT,...",
         help="pin the retention kernels' tiles while MODEL trains (kernels/retention_triton.py's _Plan fields): "
-        "--models retnet,hopper=retnet --kernel-tiles hopper:hopper=1 times the Hopper output kernels beside ours",
+        "--models retnet,hopper=retnet --kernel-tiles hopper:hopper=2 times the Hopper output kernel beside ours",
     )
     args = parser.parse_args(argv)
     machine = (

@@ -64,7 +64,7 @@ class TrainSettings(BenchSettings):
     compile_scope: str = "model"  # model: one graph with the loss; blocks: each block in place (arch_zoo.model)
     compile_mode: str = "default"  # torch.compile's mode (arch_zoo.model.TRAINING_COMPILE_MODES)
     # model label -> retention kernel tiles pinned while it is built, compiled and timed (retention_triton's _Plan
-    # fields, e.g. {"hopper": 1}): a kernel variant side by side with the default in one call
+    # fields, e.g. {"hopper": 2}): a kernel variant side by side with the default in one call
     kernel_tiles: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
