@@ -251,6 +251,52 @@ def test_the_narrow_one_stage_variant_fits_two_programs_an_sm(variant):
         assert b["products"] == 8 + 8 + 4 * (piece == 0), b  # K = 128: 8 steps of 16; the update 2 rows of 64 x 4
 
 
+@pytest.mark.parametrize("layout", ["BTHD", "BHTD"])
+def test_each_tile_the_kernel_copies_is_the_chunk_it_means(layout):
+    """The TMA geometry, emulated: each launch's descriptors, read at the coordinates the kernel computes (row
+    ``b * rb + h * rh + t``, column ``h * ch + piece``; the scores at ``(b * H + h) * n_chunks * C + t``), give
+    the chunk, head and columns of the tensors they describe, in both layouts and for every key piece."""
+    if not rh.AVAILABLE:
+        pytest.skip("Triton with Gluon is needed to build the descriptors")
+    B, T, H, K, V = 2, 3 * C, 3, 512, 128
+    g = torch.Generator().manual_seed(0)
+
+    def make(D):
+        x = torch.randn(B, T, H, D, generator=g).bfloat16()
+        return x if layout == "BTHD" else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    q, k, v = make(K), make(K), make(V)
+    a = torch.randn(B, H, T // C, C, C, generator=g).bfloat16()
+    out = torch.empty_like(v)
+    roles = dict(state_scale=1.0, kv_scale=1.0, reverse=False, accumulate=False)
+    runs = rh.launches(q, k, v, a, torch.zeros(H), out, **roles)
+    assert len(runs) == 2  # two pieces of 256
+
+    def view(desc):
+        return torch.as_strided(desc.base, desc.shape, desc.strides)
+
+    for grid, args, constants in runs:
+        q_d, k_d, v_d, a_d, o_d = args[:5]
+        n_chunks, (q_rb, q_rh, q_ch, lo, v_rb, v_rh, v_ch) = args[8], args[9:16]
+        BK, BV = constants["BK"], constants["BV"]
+        assert grid == (V // BV, B * H) and n_chunks == T // C
+        assert q_d.block_shape == k_d.block_shape == [C, BK] and v_d.block_shape == o_d.block_shape == [C, BV]
+        for b in range(B):
+            for h in range(H):
+                for c in range(n_chunks):
+                    rows = slice(c * C, (c + 1) * C)
+                    r_q, r_v = b * q_rb + h * q_rh + c * C, b * v_rb + h * v_rh + c * C
+                    for desc, x in ((q_d, q), (k_d, k)):
+                        tile = view(desc)[r_q : r_q + C, h * q_ch + lo : h * q_ch + lo + BK]
+                        assert torch.equal(tile, x[b, rows, h, lo : lo + BK])
+                    for i_v in range(V // BV):
+                        cols = slice(h * v_ch + i_v * BV, h * v_ch + (i_v + 1) * BV)
+                        assert torch.equal(view(v_d)[r_v : r_v + C, cols], v[b, rows, h, i_v * BV : (i_v + 1) * BV])
+                        assert view(o_d)[r_v : r_v + C, cols].data_ptr() == out[b, rows, h, i_v * BV :].data_ptr()
+                    r_a = (b * H + h) * n_chunks * C + c * C
+                    assert torch.equal(view(a_d)[r_a : r_a + C], a[b, h, c])
+
+
 def test_calls_outside_the_kernels_scope_stay_on_the_triton_kernels():
     """On a machine without an sm_90 GPU (this one), or outside the shapes it takes, nothing is routed there."""
     x = torch.zeros(1, 2 * C, 2, 256, dtype=torch.bfloat16)
