@@ -202,9 +202,10 @@ def token_rows(x: torch.Tensor) -> tuple[int, int, int] | None:
     s0, s1, s2, s3 = x.stride()
     if s3 != 1 or x.data_ptr() % 16 or (s1 * x.element_size()) % 16:
         return None
-    if s2 == D and s1 >= H * D and s0 == T * s1:  # [B, T, H, D], maybe a slice of wider rows
+    one = B == 1  # a batch of one: its batch stride is never used (compiled graphs hand over arbitrary ones)
+    if s2 == D and s1 >= H * D and (one or s0 == T * s1):  # [B, T, H, D], maybe a slice of wider rows
         return T, 0, D
-    if s1 == D and s2 == T * D and s0 == H * T * D:  # [B, H, T, D] seen as [B, T, H, D]
+    if s1 == D and s2 == T * D and (one or s0 == H * T * D):  # [B, H, T, D] seen as [B, T, H, D]
         return H * T, T, 0
     return None
 

@@ -305,6 +305,9 @@ def test_calls_outside_the_kernels_scope_stay_on_the_triton_kernels():
     assert rh.token_rows(x) == (2 * C, 0, 256)
     assert rh.token_rows(x.transpose(1, 2).contiguous().transpose(1, 2)) == (2 * 2 * C, 2 * C, 0)
     assert rh.token_rows(x[:, :, :, :128]) is None  # a slice of the head dim: rows are not one token's
+    assert rh.token_rows(x.as_strided(x.shape, (12345, *x.stride()[1:]))) == (2 * C, 0, 256)  # batch of one
+    gapped = torch.zeros(3 * 2 * C * 512)[: 2 * 3 * C * 512].as_strided((2, 2 * C, 2, 256), (3 * C * 512, 512, 256, 1))
+    assert rh.token_rows(gapped) is None  # two sequences with a gap between them: not one run of rows
 
 
 @pytest.mark.gpu
