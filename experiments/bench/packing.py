@@ -4,7 +4,9 @@ Small models (``experiment=table5_small``: 1-3M parameters) leave most of a GPU 
 host launches them one at a time. Running several trials side by side fills the gaps. This launches ``jobs``
 identical ``zoo-train`` runs at once (each in its own folder and MLflow store, different seeds), for each ``jobs``
 in the list, and reports aggregate training tokens per second (the sum of the runs' ``perf/train_tokens_per_sec``),
-the wall-clock rate including start-up, and the ratio of both to one run alone, measured in the same call::
+the steady rate (the sum of each run's median ``perf/tokens_per_sec`` window after its first, which holds the warm-up
+and, with ``compile=true``, the compile), the wall-clock rate including start-up, and the ratio of each to one run
+alone, measured in the same call::
 
     python -m experiments.bench.packing --jobs 1,2,4,8 -- experiment=table5_small trainer=gpu trainer.max_steps=400
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +62,7 @@ def run_group(jobs: int, overrides: list[str], folder: Path, timeout: float) -> 
             failed += 1
         log.close()
     wall = time.perf_counter() - start
-    rates, tokens = [], 0.0
+    rates, steady, tokens = [], [], 0.0
     for i in range(jobs):
         client = mlflow.MlflowClient(f"sqlite:///{folder}/mlflow{i}.db")
         for experiment in client.search_experiments():
@@ -68,28 +71,39 @@ def run_group(jobs: int, overrides: list[str], folder: Path, timeout: float) -> 
                 if "perf/train_tokens_per_sec" in metrics:
                     rates.append(metrics["perf/train_tokens_per_sec"])
                     tokens += metrics.get("perf/train_tokens", 0.0)
+                    steady.append(steady_rate(client.get_metric_history(run.info.run_id, "perf/tokens_per_sec")))
     return {
         "jobs": jobs,
         "finished": len(rates),
         "failed": failed,
         "train_tokens_per_s": sum(rates),
         "per_run_tokens_per_s": sum(rates) / len(rates) if rates else float("nan"),
+        "steady_tokens_per_s": sum(steady) if steady else float("nan"),  # NaN where a run had one window or none
         "wall_s": wall,
         "wall_tokens_per_s": tokens / wall,
     }
 
 
+def steady_rate(history: list) -> float:
+    """The median of a run's ``perf/tokens_per_sec`` windows after the first (NaN with fewer than two): the first
+    window holds the warm-up, and a compiled run's compile, which the whole-fit rate averages in."""
+    values = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
+    return statistics.median(values) if values else float("nan")
+
+
 def table(rows: list[dict]) -> str:
     base = rows[0]
     lines = [
-        "| concurrent runs | finished | training tokens/s (sum) | vs 1 | per run | wall-clock tokens/s | vs 1 "
-        "| wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| concurrent runs | finished | training tokens/s (sum) | vs 1 | per run | steady tokens/s (sum) | vs 1 "
+        "| wall-clock tokens/s | vs 1 | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        steady = r.get("steady_tokens_per_s", float("nan"))
         lines.append(
             f"| {r['jobs']} | {r['finished']}/{r['jobs']} | {r['train_tokens_per_s']:,.0f} | "
             f"{r['train_tokens_per_s'] / base['train_tokens_per_s']:.2f}x | {r['per_run_tokens_per_s']:,.0f} | "
+            f"{steady:,.0f} | {steady / base.get('steady_tokens_per_s', float('nan')):.2f}x | "
             f"{r['wall_tokens_per_s']:,.0f} | {r['wall_tokens_per_s'] / base['wall_tokens_per_s']:.2f}x | "
             f"{r['wall_s']:.0f} |"
         )
