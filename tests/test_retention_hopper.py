@@ -372,5 +372,33 @@ def test_each_pass_of_the_hopper_kernel_on_an_h100_equals_its_twin(name, T, layo
     assert rel(got, want) < 1e-2, (name, rel(got, want))
 
 
+@pytest.mark.gpu
+def test_a_retnet_layer_at_the_papers_dims_runs_its_core_on_the_hopper_kernel(monkeypatch):
+    """The model's own path: a RetNet layer (d 1024, 4 heads of 256 x 512) under bf16 autocast hands its core to the
+    kernel when the tile is pinned (all four passes, counted: the layouts it hands over are in scope), and trains as
+    on the Triton kernels."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
+        pytest.skip("needs an sm_90 GPU and Triton with Gluon")
+    from arch_zoo.kernels import retention_triton as rt
+    from arch_zoo.mixers.retnet import RetNet, RetNetConfig
+
+    calls = []
+    run = rh.output_pass
+    monkeypatch.setattr(rh, "output_pass", lambda *a, **kw: calls.append(kw["reverse"]) or run(*a, **kw))
+    x = torch.randn(16, 1024, 1024, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    results = {}
+    for tiles in ({"hopper": 2}, {}):
+        torch.manual_seed(0)
+        mixer = RetNet(1024, RetNetConfig(name="retnet")).cuda()
+        xi = x.clone().requires_grad_()
+        with rt.pinned_tiles(tiles), torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = mixer(xi, return_state=False)
+            y.float().pow(2).mean().backward()
+        results[bool(tiles)] = (y.float(), xi.grad, mixer.q_proj.weight.grad, mixer.v_proj.weight.grad)
+    assert sorted(calls) == [False, False, True, True], calls
+    for got, want in zip(results[True], results[False]):
+        assert torch.isfinite(got).all() and rel(got, want) < 2e-2
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--routing-checks"]:
     print(json.dumps(routing_checks()))
