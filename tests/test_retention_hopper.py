@@ -174,7 +174,9 @@ VARIANTS = {
 TWO_PER_SM = {"o": dict(width=256, value=512, reverse=False), "dk": dict(width=512, value=256, reverse=True)}
 
 
-def build_for_sm90(width: int, value: int, reverse: bool, stages: int = rh.STAGES, widest: int = 256) -> list[dict]:
+def build_for_sm90(
+    width: int, value: int, reverse: bool, stages: int = rh.STAGES, widest: int = 256, dtype=torch.bfloat16
+) -> list[dict]:
     """Compile each launch of one output pass for sm_90a (CPU tensors stand in for the data: nothing runs)."""
     triton = pytest.importorskip("triton")
     if not rh.AVAILABLE:
@@ -185,9 +187,9 @@ def build_for_sm90(width: int, value: int, reverse: bool, stages: int = rh.STAGE
     from triton.runtime.jit import mangle_type
 
     B, T, H = 1, 2 * C, 2
-    query = torch.zeros(B, T, H, width, dtype=torch.bfloat16)
-    val = torch.zeros(B, T, H, value, dtype=torch.bfloat16)
-    a = torch.zeros(B, H, T // C, C, C, dtype=torch.bfloat16)
+    query = torch.zeros(B, T, H, width, dtype=dtype)
+    val = torch.zeros(B, T, H, value, dtype=dtype)
+    a = torch.zeros(B, H, T // C, C, C, dtype=dtype)
     out = torch.empty_like(val)
     roles = dict(state_scale=1.0, kv_scale=0.0625, reverse=reverse, accumulate=False, stages=stages, widest=widest)
     built = []
@@ -220,13 +222,14 @@ def build_for_sm90(width: int, value: int, reverse: bool, stages: int = rh.STAGE
     return built
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_the_hopper_kernel_builds_for_an_h100_within_its_registers_and_shared_memory(variant):
+def test_the_hopper_kernel_builds_for_an_h100_within_its_registers_and_shared_memory(variant, dtype):
     """What the design rests on, checked in the compiled kernel: no spills with the [256, 64] state split over two
     warp groups (64 registers a thread of it), the stages within one SM's shared memory, and one wait a chunk for
     all its products (ptxas inserts none of its own)."""
     spec = VARIANTS[variant]
-    built = build_for_sm90(**spec)
+    built = build_for_sm90(**spec, dtype=dtype)
     assert len(built) == spec["width"] // 256  # a 512-wide query runs as two pieces of 256
     for piece, b in enumerate(built):
         assert b["spilled"] == 0, b
