@@ -23,12 +23,14 @@ transposed). Per chunk ``c`` of ``C`` tokens, with the state ``G`` in registers:
 
 forward (chunks in order): ``S`` = the chunk's scores, ``rowdecay_i = state_scale gamma^i``,
 ``keydecay_i = kv_scale gamma^(C-i)``; reversed (chunks from the last, rows in their own order): ``S`` = the
-scores transposed, ``rowdecay_i = state_scale gamma^(C-i)``, ``keydecay_i = kv_scale gamma^i``.
-``output_pass_reference`` is the same loop in PyTorch, the CPU tests' check of these roles and decays.
+scores transposed, ``rowdecay_i = state_scale gamma^(C-1-i)``, ``keydecay_i = kv_scale gamma^(i+1)``. Either way
+``G`` is retention_triton's state (the "G convention"), so a block can start from the states its state passes
+store. ``output_pass_reference`` is the same loop in PyTorch, the CPU tests' check of these roles and decays.
 
-Scope: one block per sequence (no stored block states), T a multiple of the 64-token chunk, bf16/fp16, query/key
-pieces of 64, 128 or 256 columns, value widths a multiple of 64. Off by default (the ``hopper`` tile of
-``retention_triton._Plan``) until measured on an H100 against the Triton kernel it replaces.
+Scope: T a multiple of the 64-token chunk, bf16/fp16, query/key pieces of 64, 128 or 256 columns, value widths a
+multiple of 64; one block per sequence from zero, or blocks of chunks each from its stored state (``States``). Off by
+default (the ``hopper`` tile of ``retention_triton._Plan``) until measured on an H100 against the Triton kernel it
+replaces.
 """
 
 from __future__ import annotations
@@ -93,18 +95,23 @@ if AVAILABLE:
 
     @gluon.jit
     def _output_kernel(
-        q_desc, k_desc, v_desc, a_desc, o_desc, log_gamma_ptr, state_scale, kv_scale, n_chunks,
-        q_rb, q_rh, q_ch, q_lo, v_rb, v_rh, v_ch,
+        q_desc, k_desc, v_desc, a_desc, o_desc, log_gamma_ptr, h_ptr, state_scale, kv_scale, n_chunks,
+        q_rb, q_rh, q_ch, q_lo, v_rb, v_rh, v_ch, h_block, h_key, h_value, NC,
         H: gl.constexpr, BK: gl.constexpr, BV: gl.constexpr, C: gl.constexpr, NS: gl.constexpr,
-        REVERSE: gl.constexpr, SCORES: gl.constexpr, ACCUMULATE: gl.constexpr, num_warps: gl.constexpr,
+        REVERSE: gl.constexpr, SCORES: gl.constexpr, ACCUMULATE: gl.constexpr, HAS_STATE: gl.constexpr,
+        num_warps: gl.constexpr,
     ):  # fmt: skip
-        """One sequence, head and ``BV`` value columns; see the module docstring for the loop.
+        """One block of ``NC`` chunks (in processing order), head and ``BV`` value columns; see the module docstring.
 
         A tile's row in its 2-D descriptor is ``b * rb + h * rh + t`` and its column ``h * ch (+ q_lo)``: both
-        layouts the kernels take ([B, T, H, D] and [B, H, T, D]) are one row of a 2-D tensor per token.
+        layouts the kernels take ([B, T, H, D] and [B, H, T, D]) are one row of a 2-D tensor per token. With
+        HAS_STATE the block starts from its state in ``h`` (element strides: a block, a key row, a value column;
+        ``h_ptr`` already at this piece's first key row), else from zero.
         """
         i_v = gl.program_id(0)
-        i_bh = gl.program_id(1)
+        i_blk = gl.program_id(1)
+        i_bh = gl.program_id(2)
+        n_blocks = gl.num_programs(1)
         i_b = i_bh // H
         i_h = i_bh % H
         dtype: gl.constexpr = q_desc.dtype
@@ -126,9 +133,9 @@ if AVAILABLE:
 
         lg = gl.load(log_gamma_ptr + i_h).to(gl.float32)
         i = gl.arange(0, C, layout=rows).to(gl.float32)
-        if REVERSE:
-            row_decay = gl.exp(lg * (C - i)) * state_scale
-            key_decay = gl.exp(lg * i) * kv_scale
+        if REVERSE:  # the state holds one more gamma than the rows it is read by need: retention_triton's G
+            row_decay = gl.exp(lg * (C - 1 - i)) * state_scale
+            key_decay = gl.exp(lg * (i + 1)) * kv_scale
         else:
             row_decay = gl.exp(lg * i) * state_scale
             key_decay = gl.exp(lg * (C - i)) * kv_scale
@@ -139,21 +146,29 @@ if AVAILABLE:
         col_q = i_h * q_ch + q_lo
         col_v = i_h * v_ch + i_v * BV
         a_row = i_bh * n_chunks * C
+        first = i_blk * NC  # this block's first chunk, counted in processing order
+        n_steps = gl.minimum(NC, n_chunks - first)
         for st in gl.static_range(NS):
-            if st < n_chunks:
-                c0 = n_chunks - 1 - st if REVERSE else st
+            if st < n_steps:
+                c0 = n_chunks - 1 - (first + st) if REVERSE else first + st
                 _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(st), st,
                             q_row + c0 * C, col_q, col_v, a_row + c0 * C, SCORES)  # fmt: skip
 
-        g = gl.zeros([BK, BV], gl.float32, mma)
+        if HAS_STATE:
+            rk = gl.arange(0, BK, layout=rows)
+            rv = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, mma))
+            h_base = h_ptr + ((i_b * n_blocks + i_blk) * H + i_h).to(gl.int64) * h_block
+            g = gl.load(h_base + rk[:, None] * h_key + rv[None, :] * h_value).to(gl.float32)
+        else:
+            g = gl.zeros([BK, BV], gl.float32, mma)
         zero = gl.zeros([C, BV], gl.float32, mma)
         o = zero
         if ACCUMULATE:  # the first chunk's earlier output, read back while the first products run
-            c0 = n_chunks - 1 if REVERSE else 0
+            c0 = n_chunks - 1 - first if REVERSE else first
             mbarrier.expect(bars.index(NS), o_desc.block_type.nbytes)
             _tma_load(o_desc, [v_row + c0 * C, col_v], bars.index(NS), p_s)
-        for step in range(n_chunks):
-            c = n_chunks - 1 - step if REVERSE else step
+        for step in range(n_steps):
+            c = n_chunks - 1 - (first + step) if REVERSE else first + step
             s = step % NS
             mbarrier.wait(bars.index(s), (step // NS) & 1)
             qs = q_b.index(s)
@@ -173,7 +188,7 @@ if AVAILABLE:
             g = warpgroup_mma(ks.permute((1, 0)), vw_s, g, is_async=True)
             if step > 0:  # the chunk before's output leaves while this chunk's products run
                 cp = c + 1 if REVERSE else c - 1
-                _epilogue(o, o_s, p_s, o_desc, bars.index(NS), step - 1, v_row + cp * C, col_v, n_chunks, REVERSE,
+                _epilogue(o, o_s, p_s, o_desc, bars.index(NS), step - 1, v_row + cp * C, col_v, n_steps, REVERSE,
                           ACCUMULATE, mma)  # fmt: skip
             if SCORES:
                 o1, o2, g = warpgroup_mma_wait(num_outstanding=0, deps=(o1, o2, g))
@@ -182,12 +197,12 @@ if AVAILABLE:
                 o1, g = warpgroup_mma_wait(num_outstanding=0, deps=(o1, g))
                 o = o1 * row_decay[:, None]
             nxt = step + NS  # this stage is free again: start the copies of the chunk NS steps on
-            if nxt < n_chunks:
-                cn = n_chunks - 1 - nxt if REVERSE else nxt
+            if nxt < n_steps:
+                cn = n_chunks - 1 - (first + nxt) if REVERSE else first + nxt
                 _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(s), s,
                             q_row + cn * C, col_q, col_v, a_row + cn * C, SCORES)  # fmt: skip
-        cl = 0 if REVERSE else n_chunks - 1
-        _epilogue(o, o_s, p_s, o_desc, bars.index(NS), n_chunks - 1, v_row + cl * C, col_v, n_chunks, REVERSE,
+        cl = n_chunks - 1 - (first + n_steps - 1) if REVERSE else first + n_steps - 1
+        _epilogue(o, o_s, p_s, o_desc, bars.index(NS), n_steps - 1, v_row + cl * C, col_v, n_steps, REVERSE,
                   ACCUMULATE, mma)  # fmt: skip
         tma.store_wait(pendings=0)
         for st in gl.static_range(NS + 1):
@@ -238,6 +253,21 @@ def supported(query: torch.Tensor, value: torch.Tensor, chunk: int, widest: int 
     return token_rows(query) is not None and token_rows(value) is not None
 
 
+class States:
+    """The block states a pass starts its blocks from: ``h`` ``[B, n_blocks, H, K, V]`` as retention_triton's state
+    passes store them (in the G convention), read as ``[K, V]`` (the query's key rows) or, ``transposed``, as
+    ``[V, K]``; and how many chunks a block holds."""
+
+    def __init__(self, h: torch.Tensor, transposed: bool, chunks_per_block: int) -> None:
+        if not h.is_contiguous():
+            raise ValueError("retention_hopper: block states must be contiguous")
+        self.h, self.transposed, self.chunks_per_block = h, transposed, chunks_per_block
+
+    def view(self) -> torch.Tensor:
+        """``[B, n_blocks, H, query width, value width]``: the states as this pass's key rows and value columns."""
+        return self.h.transpose(-1, -2) if self.transposed else self.h
+
+
 def launches(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -250,11 +280,13 @@ def launches(
     kv_scale: float,
     reverse: bool,
     accumulate: bool,
+    states: States | None = None,
     stages: int = STAGES,
     widest: int = PIECES[0],
-) -> list[tuple[tuple[int, int], tuple, dict]]:
+) -> list[tuple[tuple[int, int, int], tuple, dict]]:
     """``(grid, arguments, compile-time constants)`` of each kernel launch of an output pass: one a query piece."""
     B, T, H, DQ = query.shape
+    n_chunks = T // CHUNK
     width = piece_width(DQ, widest)
     q_rows, v_rows = token_rows(query), token_rows(value)
     if not (width and q_rows and v_rows and key.stride() == query.stride() and out.stride() == value.stride()):
@@ -269,13 +301,25 @@ def launches(
     a_layout = gl.NVMMASharedLayout.get_default_for([CHUNK, CHUNK], elem)
     a_desc = TensorDescriptor(a, list(a.shape), [CHUNK, 1], [CHUNK, CHUNK], a_layout)
     o_desc = _descriptor(out, v_rows, [CHUNK, VALUE_BLOCK])
-    grid = (value.shape[-1] // VALUE_BLOCK, B * H)
+    if states is None:
+        per_block, h_strides = n_chunks, (0, 0, 0)
+    else:
+        view = states.view()
+        per_block, h_strides = states.chunks_per_block, (view.stride(2), view.stride(3), view.stride(4))
+        expected = (B, -(-n_chunks // per_block), H, DQ, value.shape[-1])
+        if tuple(view.shape) != expected:
+            raise ValueError(f"retention_hopper: block states of shape {tuple(view.shape)}, {expected} expected")
+    grid = (value.shape[-1] // VALUE_BLOCK, -(-n_chunks // per_block), B * H)
     runs = []
     for lo in range(0, DQ, width):
-        args = (*descs, a_desc, o_desc, log_gamma, state_scale, kv_scale, T // CHUNK, *q_rows, lo, *v_rows)
+        # the states from this piece's first key row (any tensor stands in for them without states)
+        h = value if states is None else states.h.view(-1)[lo * h_strides[1] :]
+        args = (*descs, a_desc, o_desc, log_gamma, h, state_scale, kv_scale, n_chunks, *q_rows, lo, *v_rows)
+        args += (*h_strides, per_block)
         constants = dict(
             H=H, BK=width, BV=VALUE_BLOCK, C=CHUNK, NS=stages, REVERSE=reverse,
-            SCORES=scores is not None and lo == 0, ACCUMULATE=accumulate or lo > 0, num_warps=WARPS,
+            SCORES=scores is not None and lo == 0, ACCUMULATE=accumulate or lo > 0, HAS_STATE=states is not None,
+            num_warps=WARPS,
         )  # fmt: skip
         runs.append((grid, args, constants))
     return runs
@@ -292,19 +336,21 @@ def output_pass(
     kv_scale: float,
     reverse: bool,
     out: torch.Tensor | None = None,
+    states: States | None = None,
     stages: int = STAGES,
     widest: int = PIECES[0],
 ) -> torch.Tensor:
     """One output pass (see the module docstring) over the whole query width, in pieces that add up.
 
     ``scores``: ``[B, H, n_chunks, C, C]`` as ``retention_triton._chunk_scores`` made them in forward time (read
-    transposed when ``reverse``), or None to leave the intra-chunk term out. ``out``: added into. ``stages``: chunks
-    whose copies are in flight; ``widest``: the widest query piece a launch takes.
+    transposed when ``reverse``), or None to leave the intra-chunk term out. ``out``: added into. ``states``: each
+    block's starting state (None: one block per sequence, from zero). ``stages``: chunks whose copies are in flight;
+    ``widest``: the widest query piece a launch takes.
     """
     accumulate = out is not None
     out = torch.empty_like(value) if out is None else out
     roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse, accumulate=accumulate)
-    roles |= dict(stages=stages, widest=widest)
+    roles |= dict(states=states, stages=stages, widest=widest)
     for grid, args, constants in launches(query, key, value, scores, log_gamma, out, **roles):
         _output_kernel[grid](*args, **constants)
     return out
@@ -321,23 +367,29 @@ def output_pass_reference(
     kv_scale: float,
     reverse: bool,
     out: torch.Tensor | None = None,
+    states: States | None = None,
     stages: int = STAGES,
     widest: int = PIECES[0],
 ) -> torch.Tensor:
-    """``output_pass`` as a PyTorch loop over chunks, in float64: the same roles, decays and chunk order, so the CPU
-    tests check what the kernel is asked to compute against the retention reference's gradients."""
+    """``output_pass`` as a PyTorch loop over chunks, in float64: the same roles, decays, chunk order and block
+    states, so the CPU tests check what the kernel is asked to compute against the retention reference's gradients."""
     B, T, H, _ = query.shape
     C = CHUNK
+    n_chunks = T // C
     q, k, v = (x.double().transpose(1, 2) for x in (query, key, value))  # [B, H, T, D]
     lg = log_gamma.double().view(1, H, 1)
     i = torch.arange(C, dtype=torch.float64, device=q.device)
-    row_decay = torch.exp(lg * ((C - i) if reverse else i)) * state_scale  # [1, H, C]
-    key_decay = torch.exp(lg * (i if reverse else (C - i))) * kv_scale
+    row_decay = torch.exp(lg * ((C - 1 - i) if reverse else i)) * state_scale  # [1, H, C]
+    key_decay = torch.exp(lg * ((i + 1) if reverse else (C - i))) * kv_scale
     chunk_decay = torch.exp(lg * C).unsqueeze(-1)
-    g = q.new_zeros(B, H, q.shape[-1], v.shape[-1])
+    per_block = n_chunks if states is None else states.chunks_per_block
+    assert states is None or states.view().shape[-2] == q.shape[-1], "the twin takes whole-width calls with states"
     o = torch.zeros_like(v)
-    chunks = range(T // C - 1, -1, -1) if reverse else range(T // C)
-    for c in chunks:
+    for step in range(n_chunks):
+        if step % per_block == 0:  # a block starts: from its stored state, or from zero
+            blk = step // per_block
+            g = q.new_zeros(B, H, q.shape[-1], v.shape[-1]) if states is None else states.view()[:, blk].double()
+        c = n_chunks - 1 - step if reverse else step
         rows = slice(c * C, (c + 1) * C)
         qc, kc, vc = q[:, :, rows], k[:, :, rows], v[:, :, rows]
         oc = row_decay.unsqueeze(-1) * (qc @ g)

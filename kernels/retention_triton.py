@@ -912,7 +912,7 @@ def _chunk_output_pieces(
     exact up to rounding. ``transposed``: the state is stored [value, key] (the backward's dq and dk use the
     [K, V] states with V as their key dim), so a piece is an offset along the contiguous axis.
     """
-    hopper = _hopper_pass(query, key, value, h, log_gamma, plan, **kw)
+    hopper = _hopper_pass(query, key, value, h, transposed, log_gamma, plan, **kw)
     if hopper is not None:
         return hopper
     width = query.shape[-1]
@@ -933,6 +933,7 @@ def _hopper_pass(
     key: torch.Tensor,
     value: torch.Tensor,
     h: torch.Tensor | None,
+    transposed: bool,
     log_gamma: torch.Tensor,
     plan: _Plan,
     *,
@@ -944,15 +945,16 @@ def _hopper_pass(
 ) -> torch.Tensor | None:
     """The pass on ``retention_hopper``'s kernel where the plan asks for it and the call is in its scope, else None.
 
-    Its scope: one block per sequence (no block states), the chunk scores stored in forward time (read as stored,
-    or mirrored by a reversed pass), and the layouts and widths ``retention_hopper.supported`` takes."""
-    if not plan.hopper or h is not None or scores is None or scores.mode != (FLIPPED if reverse else LOAD):
+    Its scope: the chunk scores stored in forward time (read as stored, or mirrored by a reversed pass), the layouts
+    and widths ``retention_hopper.supported`` takes, and block states (if any) as this module stores them."""
+    if not plan.hopper or scores is None or scores.mode != (FLIPPED if reverse else LOAD):
         return None
     from arch_zoo.kernels import retention_hopper  # Gluon is imported only where it is used
 
     if not retention_hopper.supported(query, value, plan.chunk, plan.key_piece):
         return None
-    roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse)
+    states = None if h is None else retention_hopper.States(h, transposed, plan.nc)
+    roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse, states=states)
     return retention_hopper.output_pass(
         query, key, value, scores.a, log_gamma, **roles, stages=plan.hopper, widest=plan.key_piece
     )

@@ -103,6 +103,16 @@ def test_a_wrong_role_is_caught_by_the_twin_check():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# the plans routed: one block per sequence (no states), blocks of one and of two chunks (each starting from the block
+# states the Triton state passes store, read transposed by dq and dk), and one block continuing from an initial state
+ROUTES = {
+    "single": ({"single_block": 1}, 2, False),
+    "blocks1": ({"single_block": 0, "nc": 1}, 3, False),
+    "blocks2": ({"single_block": 0, "nc": 2}, 3, False),
+    "state": ({"single_block": 1}, 2, True),
+}
+
+
 def routing_checks() -> dict[str, float]:
     """Forward and backward through ``retention_triton`` with the Hopper pass forced in scope and the twin standing in
     for the kernel (the interpreter cannot run Gluon): the passes it routes there, and the results against float64.
@@ -111,31 +121,35 @@ def routing_checks() -> dict[str, float]:
 
     calls = []
 
-    def twin(query, key, value, scores, log_gamma, *, stages, widest, **roles):
+    def twin(query, key, value, scores, log_gamma, *, stages, widest, states, **roles):
         calls.append((query.shape[-1], value.shape[-1], roles["reverse"], scores is not None, stages, widest))
-        return rh.output_pass_reference(query, key, value, scores, log_gamma, **roles)
+        calls[-1] += (None if states is None else (states.transposed, states.chunks_per_block),)
+        return rh.output_pass_reference(query, key, value, scores, log_gamma, states=states, **roles)
 
     rh.supported = lambda query, value, chunk, widest: chunk == C and query.shape[1] % C == 0
     rh.output_pass = twin
     results = {}
-    B, T, H, K, V = 2, 2 * C, 2, 16, 40
-    q, k, v, _ = inputs(B, T, H, K, V, dtype=torch.float32, seed=7)
+    H, K, V = 2, 16, 40
     lg, scale = decays(H).float(), K**-0.5
-    for hopper in (0, 2):
-        calls.clear()
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        tiles = {"hopper": hopper, "key_piece": 128, "single_block": 1, "shared_scores": 1, "fused_dkv": 0}
-        with rt.pinned_tiles(tiles):
-            o, _ = rt.retention_triton(*leaves, lg, scale)
-        ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
-        o_ref = retention_parallel_reference(*ref, lg.double(), scale)[0]
-        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
-        o.backward(do)
-        o_ref.backward(do.double())
-        results[f"hopper{hopper}/o"] = rel(o, o_ref)
-        for name, a, b in zip(["dq", "dk", "dv"], leaves, ref):
-            results[f"hopper{hopper}/{name}"] = rel(a.grad, b.grad)
-        results[f"hopper{hopper}/calls"] = sorted(calls)
+    for route, (plan, n_chunks, with_state) in ROUTES.items():
+        B, T = 2, n_chunks * C
+        q, k, v, s0 = inputs(B, T, H, K, V, dtype=torch.float32, seed=7 + n_chunks)
+        for hopper in (0, 2):
+            calls.clear()
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)][: 3 + with_state]
+            tiles = {"hopper": hopper, "key_piece": 128, "shared_scores": 1, "fused_dkv": 0, **plan}
+            with rt.pinned_tiles(tiles):
+                o, _ = rt.retention_triton(*leaves[:3], lg, scale, leaves[3] if with_state else None)
+            ref = [x.detach().double().requires_grad_() for x in leaves]
+            o_ref = retention_parallel_reference(*ref[:3], lg.double(), scale, ref[3] if with_state else None)[0]
+            do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
+            o.backward(do)
+            o_ref.backward(do.double())
+            prefix = f"{route}/hopper{hopper}"
+            results[f"{prefix}/o"] = rel(o, o_ref)
+            for name, a, b in zip(["dq", "dk", "dv", "ds0"], leaves, ref):
+                results[f"{prefix}/{name}"] = rel(a.grad, b.grad)
+            results[f"{prefix}/calls"] = list(calls)
     return results
 
 
@@ -144,15 +158,26 @@ def routing() -> dict:
     return checks_in_interpreter(__file__, "--routing-checks")
 
 
-def test_the_plan_routes_all_four_output_passes_to_the_hopper_kernel_and_they_give_the_gradients(routing):
-    # (query width, value width, reversed, with scores, stages, widest piece): o, dq (query do), dv (query k), dk
-    # (query v), with the plan's stages (its hopper tile) and key piece
-    expected = [[16, 40, False, True], [40, 16, False, True], [16, 40, True, True], [40, 16, True, True]]
-    assert routing["hopper2/calls"] == sorted(call + [2, 128] for call in expected)
-    assert routing["hopper0/calls"] == []
-    for name in ("o", "dq", "dk", "dv"):
-        assert routing[f"hopper2/{name}"] < 1e-5, name
-        assert routing[f"hopper0/{name}"] < 1e-5, name
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_the_plan_routes_all_four_output_passes_to_the_hopper_kernel_and_they_give_the_gradients(routing, route):
+    """(query width, value width, reversed, with scores, stages, widest piece, block states): o, dq (query do), dv
+    (query k) and dk (query v), with the plan's stages (its hopper tile) and key piece; where the plan keeps block
+    states, each pass starts its blocks from them (dq and dk reading them transposed), and all four give float64's
+    gradients, as the Triton kernels do with the tile off."""
+    plan, n_chunks, with_state = ROUTES[route]
+    per_block = plan.get("nc", n_chunks)
+    expected = []
+    for width, value, reverse, transposed in [(16, 40, False, False), (40, 16, False, True), (16, 40, True, False),
+                                              (40, 16, True, True)]:  # fmt: skip
+        # blocks: every pass starts from stored states; an initial state: the forward's (o, and dq reading them)
+        stored = plan["single_block"] == 0 or (with_state and not reverse)
+        expected.append([width, value, reverse, True, 2, 128, [transposed, per_block] if stored else None])
+    assert sorted(map(json.dumps, routing[f"{route}/hopper2/calls"])) == sorted(map(json.dumps, expected))
+    assert routing[f"{route}/hopper0/calls"] == []
+    names = ("o", "dq", "dk", "dv", "ds0") if with_state else ("o", "dq", "dk", "dv")
+    for hopper in (0, 2):
+        for name in names:
+            assert routing[f"{route}/hopper{hopper}/{name}"] < 1e-5, (route, hopper, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +200,13 @@ TWO_PER_SM = {"o": dict(width=256, value=512, reverse=False), "dk": dict(width=5
 
 
 def build_for_sm90(
-    width: int, value: int, reverse: bool, stages: int = rh.STAGES, widest: int = 256, dtype=torch.bfloat16
+    width: int,
+    value: int,
+    reverse: bool,
+    stages: int = rh.STAGES,
+    widest: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+    states: bool = False,
 ) -> list[dict]:
     """Compile each launch of one output pass for sm_90a (CPU tensors stand in for the data: nothing runs)."""
     triton = pytest.importorskip("triton")
@@ -192,6 +223,10 @@ def build_for_sm90(
     a = torch.zeros(B, H, T // C, C, C, dtype=dtype)
     out = torch.empty_like(val)
     roles = dict(state_scale=1.0, kv_scale=0.0625, reverse=reverse, accumulate=False, stages=stages, widest=widest)
+    if states:  # blocks of one chunk from stored states; a 512-wide query reads them transposed, as dq and dk do
+        transposed = width > value
+        shape = (B, T // C, H, value, width) if transposed else (B, T // C, H, width, value)
+        roles["states"] = rh.States(torch.zeros(shape, dtype=dtype), transposed, 1)
     built = []
     for _, args, constants in rh.launches(query, query, val, a, torch.zeros(H), out, **roles):
         signature, consts = {}, {}
@@ -222,14 +257,17 @@ def build_for_sm90(
     return built
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+BUILDS = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "states": (torch.bfloat16, True)}
+
+
+@pytest.mark.parametrize("dtype,states", BUILDS.values(), ids=BUILDS.keys())
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_the_hopper_kernel_builds_for_an_h100_within_its_registers_and_shared_memory(variant, dtype):
+def test_the_hopper_kernel_builds_for_an_h100_within_its_registers_and_shared_memory(variant, dtype, states):
     """What the design rests on, checked in the compiled kernel: no spills with the [256, 64] state split over two
     warp groups (64 registers a thread of it), the stages within one SM's shared memory, and one wait a chunk for
     all its products (ptxas inserts none of its own)."""
     spec = VARIANTS[variant]
-    built = build_for_sm90(**spec, dtype=dtype)
+    built = build_for_sm90(**spec, dtype=dtype, states=states)
     assert len(built) == spec["width"] // 256  # a 512-wide query runs as two pieces of 256
     for piece, b in enumerate(built):
         assert b["spilled"] == 0, b
@@ -280,9 +318,9 @@ def test_each_tile_the_kernel_copies_is_the_chunk_it_means(layout):
 
     for grid, args, constants in runs:
         q_d, k_d, v_d, a_d, o_d = args[:5]
-        n_chunks, (q_rb, q_rh, q_ch, lo, v_rb, v_rh, v_ch) = args[8], args[9:16]
+        n_chunks, (q_rb, q_rh, q_ch, lo, v_rb, v_rh, v_ch) = args[9], args[10:17]
         BK, BV = constants["BK"], constants["BV"]
-        assert grid == (V // BV, B * H) and n_chunks == T // C
+        assert grid == (V // BV, 1, B * H) and n_chunks == T // C  # one block per sequence: no states
         assert q_d.block_shape == k_d.block_shape == [C, BK] and v_d.block_shape == o_d.block_shape == [C, BV]
         for b in range(B):
             for h in range(H):
@@ -313,30 +351,42 @@ def test_calls_outside_the_kernels_scope_stay_on_the_triton_kernels():
     assert rh.token_rows(gapped) is None  # two sequences with a gap between them: not one run of rows
 
 
+# (tiles, with an initial state): one block per sequence, two stages or the narrow variant; blocks of four chunks
+# from the stored block states; one block continuing from an initial state (the forward and dq read its states)
+GPU_CALLS = {
+    "2stages": ({"hopper": 2, "single_block": 1}, False),
+    "narrow": ({"hopper": 1, "key_piece": 128, "single_block": 1}, False),
+    "blocks": ({"hopper": 2, "single_block": 0, "nc": 4}, False),
+    "state": ({"hopper": 2, "single_block": 1}, True),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [{"hopper": 2}, {"hopper": 1, "key_piece": 128}], ids=["2stages", "narrow"])
-def test_the_hopper_kernel_on_an_h100_against_float64_and_the_triton_kernels(monkeypatch, tiles):
+@pytest.mark.parametrize("case", list(GPU_CALLS))
+def test_the_hopper_kernel_on_an_h100_against_float64_and_the_triton_kernels(monkeypatch, case):
     """The paper's 256 x 512 heads in bf16, forward and backward, with all four passes on the kernel (counted)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
         pytest.skip("needs an sm_90 GPU and Triton with Gluon")
     from arch_zoo.kernels import retention_triton as rt
 
+    tiles, with_state = GPU_CALLS[case]
     calls = []
     run = rh.output_pass
     monkeypatch.setattr(rh, "output_pass", lambda *a, **kw: calls.append(kw["reverse"]) or run(*a, **kw))
     B, T, H, K, V = 2, 1024, 4, 256, 512
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    q, k, v, _ = inputs(B, T, H, K, V, dtype=torch.bfloat16, device="cuda", seed=seed)
+    q, k, v, s0 = inputs(B, T, H, K, V, dtype=torch.bfloat16, device="cuda", seed=seed)
+    s0 = s0.float() if with_state else None
     lg, scale = decays(H).cuda(), K**-0.5
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    o_ref = retention_parallel_reference(*ref, lg, scale)[0]
+    o_ref = retention_parallel_reference(*ref, lg, scale, None if s0 is None else s0.double())[0]
     do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     o_ref.backward(do.double())
     errors = {}
     for hopper in (1, 0):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        with rt.pinned_tiles({"single_block": 1, **tiles} if hopper else {}):  # 2 x 4 heads: few for one block
-            o, _ = rt.retention_triton(*leaves, lg.float(), scale)
+        with rt.pinned_tiles(tiles if hopper else {}):
+            o, _ = rt.retention_triton(*leaves, lg.float(), scale, s0)
         o.backward(do)
         errors[hopper] = {"o": rel(o, o_ref)} | {
             name: rel(a.grad, b.grad) for name, a, b in zip(["dq", "dk", "dv"], leaves, ref)
