@@ -338,6 +338,38 @@ def test_each_tile_the_kernel_copies_is_the_chunk_it_means(layout):
                     assert torch.equal(view(a_d)[r_a : r_a + C], a[b, h, c])
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["kv", "vk"])
+def test_each_block_starts_from_the_state_it_means(transposed):
+    """The state a program loads, emulated: at the kernel's addresses (``h_ptr`` at the piece's first key row, then
+    ``((b * n_blocks + blk) * H + h) * h_block + row * h_key + column * h_value``) each program finds its block's
+    state, as this pass reads it (transposed for dq and dk), for every key piece and value block."""
+    if not rh.AVAILABLE:
+        pytest.skip("Triton with Gluon is needed to build the descriptors")
+    B, T, H, K, V, per_block = 2, 5 * C, 2, 512, 128, 2
+    g = torch.Generator().manual_seed(1)
+    query, value = torch.randn(B, T, H, K, generator=g).bfloat16(), torch.randn(B, T, H, V, generator=g).bfloat16()
+    n_blocks = 3  # 5 chunks in blocks of 2
+    h = torch.randn((B, n_blocks, H, V, K) if transposed else (B, n_blocks, H, K, V), generator=g).bfloat16()
+    states = rh.States(h, transposed, per_block)
+    roles = dict(state_scale=1.0, kv_scale=1.0, reverse=False, accumulate=False, states=states)
+    runs = rh.launches(query, query, value, None, torch.zeros(H), torch.empty_like(value), **roles)
+    for grid, args, constants in runs:
+        h_ptr, (h_block, h_key, h_value, nc), lo = args[6], args[17:21], args[13]
+        BK, BV = constants["BK"], constants["BV"]
+        assert grid == (V // BV, n_blocks, B * H) and nc == per_block and constants["HAS_STATE"]
+        assert h_ptr.data_ptr() == h.data_ptr() + lo * h_key * h.element_size()
+        flat = h.view(-1)[lo * h_key :]
+        rows, cols = torch.arange(BK)[:, None], torch.arange(BV)[None, :]
+        for b in range(B):
+            for blk in range(n_blocks):
+                for head in range(H):
+                    for i_v in range(V // BV):
+                        base = ((b * n_blocks + blk) * H + head) * h_block
+                        loaded = flat[base + rows * h_key + (i_v * BV + cols) * h_value]
+                        want = states.view()[b, blk, head, lo : lo + BK, i_v * BV : (i_v + 1) * BV]
+                        assert torch.equal(loaded, want)
+
+
 def test_calls_outside_the_kernels_scope_stay_on_the_triton_kernels():
     """On a machine without an sm_90 GPU (this one), or outside the shapes it takes, nothing is routed there."""
     x = torch.zeros(1, 2 * C, 2, 256, dtype=torch.bfloat16)
