@@ -77,14 +77,14 @@ if AVAILABLE:
             _tma_load(a_desc, [a_row, 0], bar, a_b.index(s))
 
     @gluon.jit
-    def _epilogue(o, o_s, p_s, o_desc, bar, step, row, col, n_chunks, REVERSE: gl.constexpr,
+    def _epilogue(o, o_s, p_s, o_desc, bar, step, row, col, n_steps, REVERSE: gl.constexpr,
                   ACCUMULATE: gl.constexpr, layout: gl.constexpr):  # fmt: skip
-        """Store chunk ``step``'s output (plus what an earlier call wrote there, read back into ``p_s``), and start
-        reading back the next chunk's."""
+        """Store the output of the block's chunk ``step`` (of ``n_steps``; plus what an earlier call wrote there, read
+        back into ``p_s``), and start reading back the next chunk's."""
         if ACCUMULATE:
             mbarrier.wait(bar, step & 1)
             o += p_s.load(layout).to(gl.float32)
-            if step + 1 < n_chunks:
+            if step + 1 < n_steps:
                 rn = row - o_desc.block_type.shape[0] if REVERSE else row + o_desc.block_type.shape[0]
                 mbarrier.expect(bar, o_desc.block_type.nbytes)
                 _tma_load(o_desc, [rn, col], bar, p_s)
