@@ -77,6 +77,13 @@ if AVAILABLE:
             _tma_load(a_desc, [a_row, 0], bar, a_b.index(s))
 
     @gluon.jit
+    def _chunk(p, n_chunks, REVERSE: gl.constexpr):
+        """The chunk processed ``p``-th: counted from the last in a reversed pass."""
+        if REVERSE:
+            return n_chunks - 1 - p
+        return p
+
+    @gluon.jit
     def _epilogue(o, o_s, p_s, o_desc, bar, step, row, col, n_steps, REVERSE: gl.constexpr,
                   ACCUMULATE: gl.constexpr, layout: gl.constexpr):  # fmt: skip
         """Store the output of the block's chunk ``step`` (of ``n_steps``; plus what an earlier call wrote there, read
@@ -150,7 +157,7 @@ if AVAILABLE:
         n_steps = gl.minimum(NC, n_chunks - first)
         for st in gl.static_range(NS):
             if st < n_steps:
-                c0 = n_chunks - 1 - (first + st) if REVERSE else first + st
+                c0 = _chunk(first + st, n_chunks, REVERSE)
                 _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(st), st,
                             q_row + c0 * C, col_q, col_v, a_row + c0 * C, SCORES)  # fmt: skip
 
@@ -164,11 +171,11 @@ if AVAILABLE:
         zero = gl.zeros([C, BV], gl.float32, mma)
         o = zero
         if ACCUMULATE:  # the first chunk's earlier output, read back while the first products run
-            c0 = n_chunks - 1 - first if REVERSE else first
+            c0 = _chunk(first, n_chunks, REVERSE)
             mbarrier.expect(bars.index(NS), o_desc.block_type.nbytes)
             _tma_load(o_desc, [v_row + c0 * C, col_v], bars.index(NS), p_s)
         for step in range(n_steps):
-            c = n_chunks - 1 - (first + step) if REVERSE else first + step
+            c = _chunk(first + step, n_chunks, REVERSE)
             s = step % NS
             mbarrier.wait(bars.index(s), (step // NS) & 1)
             qs = q_b.index(s)
@@ -198,10 +205,10 @@ if AVAILABLE:
                 o = o1 * row_decay[:, None]
             nxt = step + NS  # this stage is free again: start the copies of the chunk NS steps on
             if nxt < n_steps:
-                cn = n_chunks - 1 - (first + nxt) if REVERSE else first + nxt
+                cn = _chunk(first + nxt, n_chunks, REVERSE)
                 _load_chunk(q_desc, k_desc, v_desc, a_desc, q_b, k_b, v_b, a_b, bars.index(s), s,
                             q_row + cn * C, col_q, col_v, a_row + cn * C, SCORES)  # fmt: skip
-        cl = n_chunks - 1 - (first + n_steps - 1) if REVERSE else first + n_steps - 1
+        cl = _chunk(first + n_steps - 1, n_chunks, REVERSE)
         _epilogue(o, o_s, p_s, o_desc, bars.index(NS), n_steps - 1, v_row + cl * C, col_v, n_steps, REVERSE,
                   ACCUMULATE, mma)  # fmt: skip
         tma.store_wait(pendings=0)
@@ -230,8 +237,12 @@ def _descriptor(x: torch.Tensor, rows: tuple[int, int, int], block: list[int]) -
     B, T, H, D = x.shape
     _, rh, _ = rows
     shape = [B * T, H * D] if rh == 0 else [B * H * T, D]
-    elem = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor(x, shape, [x.stride(1), 1], block, gl.NVMMASharedLayout.get_default_for(block, elem))
+    return TensorDescriptor(x, shape, [x.stride(1), 1], block, _tile_layout(block, x.dtype))
+
+
+def _tile_layout(block: list[int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The shared-memory layout a TMA copy of a ``block`` tile lands in, as the tensor cores read it."""
+    return gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def piece_width(width: int, widest: int = PIECES[0]) -> int | None:
@@ -297,9 +308,7 @@ def launches(
         _descriptor(value, v_rows, [CHUNK, VALUE_BLOCK]),
     )
     a = (scores if scores is not None else value.new_empty(1, CHUNK, CHUNK)).view(-1, CHUNK)
-    elem = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-    a_layout = gl.NVMMASharedLayout.get_default_for([CHUNK, CHUNK], elem)
-    a_desc = TensorDescriptor(a, list(a.shape), [CHUNK, 1], [CHUNK, CHUNK], a_layout)
+    a_desc = TensorDescriptor(a, list(a.shape), [CHUNK, 1], [CHUNK, CHUNK], _tile_layout([CHUNK, CHUNK], a.dtype))
     o_desc = _descriptor(out, v_rows, [CHUNK, VALUE_BLOCK])
     if states is None:
         per_block, h_strides = n_chunks, (0, 0, 0)
@@ -349,9 +358,10 @@ def output_pass(
     """
     accumulate = out is not None
     out = torch.empty_like(value) if out is None else out
-    roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse, accumulate=accumulate)
-    roles |= dict(states=states, stages=stages, widest=widest)
-    for grid, args, constants in launches(query, key, value, scores, log_gamma, out, **roles):
+    roles = dict(state_scale=state_scale, kv_scale=kv_scale, reverse=reverse, accumulate=accumulate, states=states)
+    for grid, args, constants in launches(
+        query, key, value, scores, log_gamma, out, **roles, stages=stages, widest=widest
+    ):
         _output_kernel[grid](*args, **constants)
     return out
 
@@ -368,11 +378,10 @@ def output_pass_reference(
     reverse: bool,
     out: torch.Tensor | None = None,
     states: States | None = None,
-    stages: int = STAGES,
-    widest: int = PIECES[0],
 ) -> torch.Tensor:
     """``output_pass`` as a PyTorch loop over chunks, in float64: the same roles, decays, chunk order and block
-    states, so the CPU tests check what the kernel is asked to compute against the retention reference's gradients."""
+    states, so the CPU tests check what the kernel is asked to compute against the retention reference's gradients.
+    (How the kernel runs, its stages and pieces, is not part of what it computes.)"""
     B, T, H, _ = query.shape
     C = CHUNK
     n_chunks = T // C

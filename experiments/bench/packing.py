@@ -99,11 +99,10 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        steady = r.get("steady_tokens_per_s", float("nan"))
         lines.append(
             f"| {r['jobs']} | {r['finished']}/{r['jobs']} | {r['train_tokens_per_s']:,.0f} | "
             f"{r['train_tokens_per_s'] / base['train_tokens_per_s']:.2f}x | {r['per_run_tokens_per_s']:,.0f} | "
-            f"{steady:,.0f} | {steady / base.get('steady_tokens_per_s', float('nan')):.2f}x | "
+            f"{r['steady_tokens_per_s']:,.0f} | {r['steady_tokens_per_s'] / base['steady_tokens_per_s']:.2f}x | "
             f"{r['wall_tokens_per_s']:,.0f} | {r['wall_tokens_per_s'] / base['wall_tokens_per_s']:.2f}x | "
             f"{r['wall_s']:.0f} |"
         )
