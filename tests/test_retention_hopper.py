@@ -383,6 +383,12 @@ def test_calls_outside_the_kernels_scope_stay_on_the_triton_kernels():
     assert rh.token_rows(gapped) is None  # two sequences with a gap between them: not one run of rows
 
 
+def skip_without_hopper() -> None:
+    """The GPU tests run the kernel itself: an sm_90 GPU and a Triton with Gluon."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
+        pytest.skip("needs an sm_90 GPU and Triton with Gluon")
+
+
 # (tiles, with an initial state): one block per sequence, two stages or the narrow variant; blocks of four chunks
 # from the stored block states; one block continuing from an initial state (the forward and dq read its states)
 GPU_CALLS = {
@@ -397,8 +403,7 @@ GPU_CALLS = {
 @pytest.mark.parametrize("case", list(GPU_CALLS))
 def test_the_hopper_kernel_on_an_h100_against_float64_and_the_triton_kernels(monkeypatch, case):
     """The paper's 256 x 512 heads in bf16, forward and backward, with all four passes on the kernel (counted)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
-        pytest.skip("needs an sm_90 GPU and Triton with Gluon")
+    skip_without_hopper()
     from arch_zoo.kernels import retention_triton as rt
 
     tiles, with_state = GPU_CALLS[case]
@@ -437,8 +442,7 @@ def test_the_hopper_kernel_on_an_h100_against_float64_and_the_triton_kernels(mon
 def test_each_pass_of_the_hopper_kernel_on_an_h100_equals_its_twin(name, T, layout, tiles):
     """One pass at a time, so a failure names the pass: one chunk, the stages' depth, and refilled stages; both
     layouts the kernels take; the paper's head dims (the 512-wide queries of dq and dk run as pieces)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
-        pytest.skip("needs an sm_90 GPU and Triton with Gluon")
+    skip_without_hopper()
     B, H, K, V = 2, 4, 256, 512
     g = torch.Generator(device="cuda").manual_seed(T)
 
@@ -462,8 +466,7 @@ def test_a_retnet_layer_at_the_papers_dims_runs_its_core_on_the_hopper_kernel(mo
     """The model's own path: a RetNet layer (d 1024, 4 heads of 256 x 512) under bf16 autocast hands its core to the
     kernel when the tile is pinned (all four passes, counted: the layouts it hands over are in scope), and trains as
     on the Triton kernels."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not rh.AVAILABLE:
-        pytest.skip("needs an sm_90 GPU and Triton with Gluon")
+    skip_without_hopper()
     from arch_zoo.kernels import retention_triton as rt
     from arch_zoo.mixers.retnet import RetNet, RetNetConfig
 
